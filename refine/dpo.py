@@ -1,0 +1,187 @@
+"""Preference optimisation of the student: DPO plus a likelihood term, against a frozen reference.
+
+The maths is two pure functions of log-prob tensors (:func:`dpo_loss`, :func:`nll_per_token`).
+:func:`update` is one round of training: it takes the student as it stood at the start of the round,
+uses it (frozen) as the reference, and returns a new, trained student. Its input is not modified.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from refine.pairs import PreferencePair
+from refine.student import CaptionScorer, Student, autocast, resolve_precision, sequence_logps
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss, Rafailov et al. 2023, Eq. 7.
+
+        loss = -log σ(β · [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])
+
+    Args: four ``[B]`` tensors of summed sequence log-probs; ``beta`` is the KL strength (the paper
+    uses 0.1-0.5; smaller lets the policy drift further from the reference).
+
+    Returns: ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``. Rewards are the implicit
+    ``β · log π/π_ref`` and carry no gradient; gradients reach only the policy inputs. When policy == reference every loss is ln 2.
+    """
+    # The reference is a constant of the objective: detach so no gradient can ever reach it.
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps.detach()
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps.detach()
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def nll_per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``-logps / lengths``, ``[B]``. Keeps the chosen caption likely.
+
+    Pure DPO can lower the chosen caption's likelihood as long as the rejected one falls faster; the
+    likelihood term (as in RPO, Pang et al. 2024) anchors it. Per token, so long captions are not favoured.
+    """
+    return -logps / lengths.to(logps.dtype)
+
+
+@dataclass
+class UpdateConfig:
+    beta: float = 0.1
+    nll_weight: float = 0.5  # weight of the per-token NLL on the chosen caption
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 8  # pairs per optimizer step
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU
+    freeze_encoder: bool = False  # train only the decoder (and cross-attention)
+    seed: int = 0
+
+
+def _batches(n: int, batch_size: int, rng: random.Random | None) -> list[list[int]]:
+    order = list(range(n))
+    if rng is not None:
+        rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class _PairBatch:
+    """Pairs of one minibatch as tensors: each distinct image once, chosen then rejected captions."""
+
+    def __init__(self, student: Student, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image]):
+        ids = list(dict.fromkeys(p.image_id for p in pairs))
+        row = {image_id: i for i, image_id in enumerate(ids)}
+        self.n = len(pairs)
+        self.pixel_values = student.pixel_values([images[i] for i in ids])
+        self.captions = student.tokenize([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        index = [row[p.image_id] for p in pairs]
+        self.image_index = torch.tensor(index + index, device=student.device)
+
+
+@torch.no_grad()
+def reference_logps(
+    reference: Student,
+    pairs: Sequence[PreferencePair],
+    images: Mapping[str, Image.Image],
+    batch_size: int = 16,
+    precision: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected)`` log-probs under the frozen reference, ``[N]`` each, computed once per round."""
+    precision = precision or reference.precision
+    reference.model.eval()
+    chosen, rejected = [], []
+    for idx in _batches(len(pairs), batch_size, rng=None):
+        batch = _PairBatch(reference, [pairs[i] for i in idx], images)
+        with autocast(reference.device, precision):
+            logps = sequence_logps(reference.model, batch.pixel_values, batch.captions, batch.image_index)
+        chosen.append(logps[: batch.n].float())
+        rejected.append(logps[batch.n :].float())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def update(
+    student: Student,
+    pairs: Sequence[PreferencePair],
+    images: Mapping[str, Image.Image],
+    config: UpdateConfig,
+    accelerator=None,
+) -> tuple[Student, list[dict[str, float]]]:
+    """One round of DPO + NLL. Returns ``(trained copy of student, per-step metrics)``.
+
+    ``student`` becomes the frozen reference for this round and is not modified. Metric names follow
+    TRL: ``loss``, ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
+    Pass an ``accelerate.Accelerator`` to shard pairs across processes (``accelerate launch``).
+    """
+    if not pairs:
+        return student, []
+    missing = {p.image_id for p in pairs} - set(images)
+    if missing:
+        raise KeyError(f"update(): no image for pair image_id(s) {sorted(missing)[:5]}")
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=student.device.type == "cpu")
+    pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]
+    torch.manual_seed(config.seed)
+
+    policy = student.copy()
+    policy.precision = resolve_precision(config.precision, policy.device)
+    reference = student
+    ref_chosen, ref_rejected = reference_logps(reference, pairs, images, config.batch_size, policy.precision)
+
+    model = policy.model.train()
+    model.requires_grad_(True)
+    # As TRL does by default: dropout would make policy != reference at step 0 and add noise to the
+    # log-ratios that DPO compares.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if config.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.RAdam(params, lr=config.lr)
+    scorer, optimizer = accelerator.prepare(CaptionScorer(model), optimizer)
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.precision == "fp16")
+
+    rng = random.Random(config.seed)
+    history = []
+    for _ in range(config.epochs):
+        for idx in _batches(len(pairs), config.batch_size, rng):
+            batch = _PairBatch(policy, [pairs[i] for i in idx], images)
+            with autocast(policy.device, policy.precision):
+                logps = scorer(batch.pixel_values, batch.captions, batch.image_index).float()
+            policy_chosen, policy_rejected = logps[: batch.n], logps[batch.n :]
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta
+            )
+            nll = nll_per_token(policy_chosen, batch.captions.lengths[: batch.n])
+            loss = losses.mean() + config.nll_weight * nll.mean()
+
+            accelerator.backward(scaler.scale(loss))
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            history.append({
+                "loss": loss.item(),
+                "dpo_loss": losses.mean().item(),
+                "nll": nll.mean().item(),
+                "rewards/chosen": chosen_rewards.mean().item(),
+                "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "logps/chosen": policy_chosen.detach().mean().item(),
+                "logps/rejected": policy_rejected.detach().mean().item(),
+                "grad_norm": float(grad_norm),
+            })
+    policy.model = accelerator.unwrap_model(scorer).model.eval()
+    return policy, history

@@ -1,0 +1,257 @@
+"""The student: a Hugging Face ``VisionEncoderDecoderModel`` captioner.
+
+Owns loading (hub id or local dir), batched captioning, per-caption log-probabilities and saving.
+
+Token layout used for scoring a caption ``c`` (GPT-2 decoders: BOS = EOS = PAD = 50256)::
+
+    decoder input : [start] c_1 c_2 ... c_n
+    targets       :  c_1    c_2 ... c_n  [eos]
+
+A caption's log-probability is the sum over its ``n + 1`` targets. EOS is included because "stop
+here" is part of what a caption says: without it, "a dog" would score at least as well as "a dog and
+a cat" whenever the model wanted to continue. Padding is masked by length, never by token id, since
+GPT-2 pads with the EOS id.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+DEFAULT_STUDENT = "nlpconnect/vit-gpt2-image-captioning"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``None`` or ``"auto"`` means CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is fp16 autocast on CUDA and fp32 on CPU.
+
+    CPU autocast works but is very slow on small machines: one real-size bf16 DPO step took ~272 s
+    against 7.4 s in fp32 on our 2-core CI box, so mixed precision is only a GPU default.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclass
+class TokenizedCaptions:
+    """Captions ready for teacher forcing. Shapes: ``[B, T]``; ``lengths[B]`` counts targets incl. EOS."""
+
+    decoder_input_ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+def sequence_logps(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    captions: TokenizedCaptions,
+    image_index: torch.Tensor,
+) -> torch.Tensor:
+    """Summed log p(caption | image) for each caption, running the encoder once per image.
+
+    Args:
+        pixel_values: ``[N, 3, H, W]``, one row per distinct image.
+        captions: ``B`` tokenized captions.
+        image_index: ``[B]`` long, the row of ``pixel_values`` each caption describes.
+
+    Returns: ``[B]`` float32 summed log-probabilities over the targets (EOS included, padding masked).
+    """
+    encoder_states = model.encoder(pixel_values=pixel_values).last_hidden_state  # [N, S, C]
+    encoder_states = encoder_states.index_select(0, image_index)  # [B, S, C]; grads sum back per image
+    out = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+        decoder_input_ids=captions.decoder_input_ids,
+        decoder_attention_mask=captions.mask,
+    )
+    logps = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
+    token_logps = logps.gather(-1, captions.labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return (token_logps * captions.mask).sum(-1)
+
+
+class CaptionScorer(nn.Module):
+    """``sequence_logps`` as a module, so DDP / accelerate can wrap the whole scoring forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, captions: TokenizedCaptions, image_index):
+        return sequence_logps(self.model, pixel_values, captions, image_index)
+
+
+@dataclass
+class Student:
+    """A captioner plus the processor and tokenizer it needs. Construct with :func:`load_student`."""
+
+    model: nn.Module
+    image_processor: object
+    tokenizer: object
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+
+    # -- inputs --------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
+        pixels = self.image_processor(images=rgb, return_tensors="pt").pixel_values
+        return pixels.to(self.device)
+
+    def tokenize(self, captions: Sequence[str], max_tokens: int = 64) -> TokenizedCaptions:
+        """Tokenize for teacher forcing (see the module docstring for the layout)."""
+        cfg = self.model.config
+        start, eos = cfg.decoder_start_token_id, self.tokenizer.eos_token_id
+        ids = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids[:max_tokens] for c in captions]
+        T = max(len(x) for x in ids) + 1
+        B = len(ids)
+        dec = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, x in enumerate(ids):
+            n = len(x)
+            dec[i, : n + 1] = torch.tensor([start, *x])
+            labels[i, : n + 1] = torch.tensor([*x, eos])
+            mask[i, : n + 1] = 1
+        return TokenizedCaptions(dec.to(self.device), labels.to(self.device), mask.to(self.device), mask.sum(1).to(self.device))
+
+    # -- captioning ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        n: int = 1,
+        sample: bool = False,
+        num_beams: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 20,
+        min_new_tokens: int = 0,
+        batch_size: int = 16,
+    ) -> list[list[str]]:
+        """Caption each image ``n`` times: greedy (``n=1``), beam search, or ``n`` samples.
+
+        Returns one list of ``n`` captions per image, in input order.
+        """
+        if n > 1 and not sample and num_beams < n:
+            raise ValueError(f"n={n} distinct captions need sample=True or num_beams >= n (got num_beams={num_beams})")
+        self.model.eval()
+        kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=n, num_beams=num_beams)
+        if sample:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        out: list[list[str]] = []
+        for i in range(0, len(images), batch_size):
+            pixels = self.pixel_values(images[i : i + batch_size])
+            with autocast(self.device, self.precision):
+                ids = self.model.generate(pixel_values=pixels, **kwargs)
+            text = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            out.extend(text[j : j + n] for j in range(0, len(text), n))
+        return out
+
+    # -- scoring -------------------------------------------------------------------------------
+    def logps(
+        self,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        image_index: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Summed log p(caption_b | images[image_index[b]]), shape ``[B]``; differentiable.
+
+        ``image_index`` defaults to ``range(len(captions))`` (one caption per image).
+        """
+        index = torch.arange(len(captions)) if image_index is None else torch.as_tensor(list(image_index))
+        tokens = self.tokenize(captions)
+        with autocast(self.device, self.precision):
+            return sequence_logps(self.model, self.pixel_values(images), tokens, index.to(self.device))
+
+    # -- state ---------------------------------------------------------------------------------
+    def copy(self) -> Student:
+        """A deep copy of the model sharing the (stateless) processor and tokenizer."""
+        return Student(copy.deepcopy(self.model), self.image_processor, self.tokenizer, self.device, self.precision)
+
+    def frozen(self) -> Student:
+        """This student as a frozen reference: eval mode, no grads (modifies and returns self)."""
+        self.model.eval().requires_grad_(False)
+        return self
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write a dir loadable by ``VisionEncoderDecoderModel.from_pretrained`` and ``pipeline``.
+
+        transformers 5 removed the ``image-to-text`` pipeline; the name now maps to
+        ``image-text-to-text``, which needs a ``ProcessorMixin`` that returns ``pixel_values`` and
+        ``input_ids``. ``GitProcessor`` is exactly "an image processor plus a tokenizer", so we save one.
+        The pipeline then wants a text prompt: pass the decoder-start token, e.g.
+        ``pipe(image, text=tokenizer.bos_token, return_full_text=False)``.
+        """
+        from transformers import GitProcessor
+
+        self.model.save_pretrained(out_dir)
+        GitProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer).save_pretrained(out_dir)
+
+
+def _fix_special_tokens(model, tokenizer) -> None:
+    """GPT-2 has no pad token and no decoder-start token; use EOS for both, as ViT-GPT2 does."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cfg = model.config
+    if cfg.decoder_start_token_id is None:
+        cfg.decoder_start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = tokenizer.pad_token_id
+    if getattr(cfg, "eos_token_id", None) is None:
+        cfg.eos_token_id = tokenizer.eos_token_id
+    gen = model.generation_config
+    gen.decoder_start_token_id = cfg.decoder_start_token_id
+    gen.pad_token_id = cfg.pad_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.bos_token_id = cfg.decoder_start_token_id
+
+
+def load_student(
+    name_or_dir: str | os.PathLike = DEFAULT_STUDENT,
+    device: str | None = None,
+    precision: str = "auto",
+) -> Student:
+    """Load model, image processor and tokenizer from a hub id or a local directory.
+
+    Weights stay in fp32 (they are the optimizer's master copy); ``precision`` sets autocast.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    name = str(name_or_dir)
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(name)
+        image_processor = AutoImageProcessor.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise OSError(
+            f"could not load the student {name!r}: {e}\n"
+            "Pass a local directory saved with `Student.save` / `save_pretrained`, or a hub id on a machine "
+            "with internet (offline runs need the model in the HF cache)."
+        ) from e
+    _fix_special_tokens(model, tokenizer)
+    dev = pick_device(device)
+    return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev))

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from refine.dpo import UpdateConfig, dpo_loss, nll_per_token, update
+from refine.pairs import PreferencePair
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    # pair 0: chosen log-ratio (-1) - (-2) = 1, rejected log-ratio (-3) - (-2.5) = -0.5, beta 0.5
+    #   z = 0.5 * (1 - (-0.5)) = 0.75, loss = -log(sigmoid(0.75)) = log(1 + e^-0.75)
+    # pair 1: chosen log-ratio -2, rejected 0, z = 0.5 * -2 = -1, loss = log(1 + e^1)
+    pc = torch.tensor([-1.0, -4.0])
+    pr = torch.tensor([-3.0, -1.0])
+    rc = torch.tensor([-2.0, -2.0])
+    rr = torch.tensor([-2.5, -1.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.75)), math.log(1 + math.e)], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.5, -1.0])
+    assert rejected_rewards.tolist() == pytest.approx([-0.25, 0.0])
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -10.0, -0.5])
+    other = torch.tensor([-7.0, -1.0, -2.5])
+    losses, cr, rr = dpo_loss(logps, other, logps.clone(), other.clone(), beta=0.1)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 3, abs=1e-7)
+    assert cr.abs().max() == 0 and rr.abs().max() == 0
+
+
+def test_dpo_gradient_reaches_only_policy_terms():
+    pc, pr, rc, rr = (torch.tensor([-1.0, -2.0], requires_grad=True) for _ in range(4))
+    losses, cr, rr_rewards = dpo_loss(pc, pr, rc, rr, beta=0.2)
+    assert not cr.requires_grad and not rr_rewards.requires_grad
+    losses.sum().backward()
+    assert rc.grad is None and rr.grad is None
+    assert (pc.grad < 0).all(), "raising the chosen log-prob must lower the loss"
+    assert (pr.grad > 0).all(), "raising the rejected log-prob must raise the loss"
+    # At policy == reference, d loss / d pc = -beta * sigmoid(0) = -beta / 2.
+    assert pc.grad.tolist() == pytest.approx([-0.1, -0.1])
+
+
+def test_nll_per_token():
+    assert nll_per_token(torch.tensor([-6.0, -1.0]), torch.tensor([3, 4])).tolist() == pytest.approx([2.0, 0.25])
+
+
+@pytest.fixture
+def four_pairs(drawn_images):
+    images = {k: v for k, v in drawn_images.items()}
+    pairs = [
+        PreferencePair("red-circle", "a red circle", "a blue square and a red circle", "refined"),
+        PreferencePair("blue-square", "a blue square", "two blue squares", "refined"),
+        PreferencePair("both", "a red circle and a blue square", "a red circle", "refined"),
+        PreferencePair("gray", "an empty gray picture", "a dog on a bed", "ranked"),
+    ]
+    return pairs, images
+
+
+def _decoder_params(student):
+    return {n: p.detach().clone() for n, p in student.model.decoder.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_update_learns_four_pairs(tiny_student, four_pairs, precision):
+    pairs, images = four_pairs
+    before = _decoder_params(tiny_student)
+    config = UpdateConfig(beta=0.5, nll_weight=0.1, lr=3e-3, epochs=30, batch_size=4, precision=precision)
+    policy, history = update(tiny_student, pairs, images, config)
+
+    assert history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3 if precision == "fp32" else 2e-2)
+    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["dpo_loss"] < 0.3
+    # Every pair's margin is positive under the trained policy against the untouched reference.
+    with torch.no_grad():
+        idx = [p.image_id for p in pairs]
+        ims = [images[i] for i in idx]
+        margin = (policy.logps(ims, [p.chosen for p in pairs]) - tiny_student.logps(ims, [p.chosen for p in pairs])) - (
+            policy.logps(ims, [p.rejected for p in pairs]) - tiny_student.logps(ims, [p.rejected for p in pairs])
+        )
+    assert (margin > 0).all(), margin
+    # The input student is the reference: unchanged. The policy's every trainable decoder param moved.
+    assert all(torch.equal(before[n], p) for n, p in tiny_student.model.decoder.named_parameters())
+    changed = {n: not torch.equal(before[n], p) for n, p in policy.model.decoder.named_parameters()}
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    assert policy.precision == precision
+
+
+def test_update_can_freeze_the_encoder(tiny_student, four_pairs):
+    pairs, images = four_pairs
+    config = UpdateConfig(lr=1e-3, epochs=2, batch_size=4, freeze_encoder=True)
+    policy, _ = update(tiny_student, pairs, images, config)
+    for (name, p0), p1 in zip(tiny_student.model.encoder.named_parameters(), policy.model.encoder.parameters()):
+        assert torch.equal(p0, p1), name
+    assert not torch.equal(tiny_student.model.decoder.lm_head.weight, policy.model.decoder.lm_head.weight)
+
+
+def test_update_names_missing_images(tiny_student):
+    with pytest.raises(KeyError, match="nowhere"):
+        update(tiny_student, [PreferencePair("nowhere", "a", "b", "refined")], {}, UpdateConfig())

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from refine.student import load_student, pick_device, resolve_precision
+
+
+def test_logps_equal_an_independent_token_sum(tiny_student, photos):
+    """Sum of log-softmax over [caption tokens, EOS], computed here without Student's helpers."""
+    s = tiny_student
+    images = [photos["bus"], photos["zidane"]]
+    captions = ["a bus on a street", "two men", "a man in a tie"]
+    image_index = [0, 1, 1]
+    got = s.logps(images, captions, image_index)
+
+    start, eos = s.model.config.decoder_start_token_id, s.tokenizer.eos_token_id
+    expected = []
+    with torch.no_grad():
+        for caption, i in zip(captions, image_index):
+            ids = s.tokenizer(caption).input_ids
+            pixels = s.image_processor(images=[images[i]], return_tensors="pt").pixel_values
+            logits = s.model(pixel_values=pixels, decoder_input_ids=torch.tensor([[start, *ids]])).logits[0]
+            logp = torch.log_softmax(logits, -1)
+            targets = [*ids, eos]
+            expected.append(sum(logp[t, tok].item() for t, tok in enumerate(targets)))
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+    assert got.requires_grad
+
+
+def test_logps_run_the_encoder_once_per_image(tiny_student, photos):
+    calls = []
+    handle = tiny_student.model.encoder.register_forward_hook(lambda m, i, o: calls.append(i))
+    try:
+        tiny_student.logps([photos["bus"]], ["a", "b c", "d e f", "g"], [0, 0, 0, 0])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_padding_does_not_change_a_caption_logp(tiny_student, photos):
+    alone = tiny_student.logps([photos["bus"]], ["a bus"])
+    padded = tiny_student.logps([photos["bus"]], ["a bus", "a much longer caption about a big red bus"], [0, 0])
+    assert padded[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
+def test_caption_modes(tiny_student, photos, drawn_images):
+    images = [photos["bus"], drawn_images["gray"]]
+    greedy = tiny_student.caption(images, min_new_tokens=3, max_new_tokens=6)
+    assert [len(c) for c in greedy] == [1, 1] and all(c[0] for c in greedy)
+    assert tiny_student.caption(images, min_new_tokens=3, max_new_tokens=6) == greedy  # deterministic
+    sampled = tiny_student.caption(images, n=3, sample=True, temperature=1.5, min_new_tokens=3, max_new_tokens=6)
+    assert [len(c) for c in sampled] == [3, 3]
+    assert len(set(sampled[0])) > 1  # 3 samples at T=1.5 from a 50k vocab are not all equal
+    beams = tiny_student.caption(images, n=2, num_beams=4, min_new_tokens=3, max_new_tokens=6)
+    assert [len(c) for c in beams] == [2, 2]
+    with pytest.raises(ValueError, match="n=3"):
+        tiny_student.caption(images, n=3)
+
+
+def test_save_round_trips_and_loads_with_plain_transformers(tiny_student, tmp_path, bus_path):
+    from PIL import Image
+    from transformers import VisionEncoderDecoderModel, pipeline
+
+    tiny_student.save(tmp_path)
+    plain = VisionEncoderDecoderModel.from_pretrained(tmp_path)
+    image = Image.open(bus_path)
+    pixels = tiny_student.pixel_values([image])
+    dec = torch.tensor([[tiny_student.model.config.decoder_start_token_id, 64, 1049]])
+    with torch.no_grad():
+        assert torch.equal(tiny_student.model(pixel_values=pixels, decoder_input_ids=dec).logits,
+                           plain(pixel_values=pixels, decoder_input_ids=dec).logits)
+    reloaded = load_student(tmp_path, device="cpu")
+    assert reloaded.caption([image], min_new_tokens=4, max_new_tokens=4) == tiny_student.caption(
+        [image], min_new_tokens=4, max_new_tokens=4)
+
+    # transformers 5 maps "image-to-text" to this task (its deprecation warning itself crashes under
+    # pytest's log capture: a `warning_once(msg, UserWarning)` formatting bug), so name it directly.
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    out = pipe(image, text=tiny_student.tokenizer.bos_token, return_full_text=False,
+               generate_kwargs={"min_new_tokens": 4, "max_new_tokens": 4})
+    assert out[0]["generated_text"].strip() == tiny_student.caption([image], min_new_tokens=4, max_new_tokens=4)[0][0]
+
+
+def test_device_and_precision_choice():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_precision("fp8", cpu)
+    assert pick_device("cpu") == cpu
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_load_student_error_names_the_input(tmp_path):
+    with pytest.raises(OSError, match="no-such-model"):
+        load_student(tmp_path / "no-such-model")
