@@ -1,0 +1,36 @@
+"""Critic backends behind one protocol (see critics/base.py).
+
+- ``grounded``: offline and deterministic; objects from annotations or the regions stage.
+- ``openai``: GPT-4o or any OpenAI-compatible vision endpoint (vLLM, Ollama, ...).
+- ``florence2``: a local Florence-2 through transformers' native classes.
+"""
+
+from __future__ import annotations
+
+from critics.base import Critic, Critique, CritiqueRequest
+
+BACKENDS = ("grounded", "openai", "florence2")
+DEFAULT_MODELS = {"openai": "gpt-4o", "florence2": "florence-community/Florence-2-base"}
+
+__all__ = ["BACKENDS", "Critic", "Critique", "CritiqueRequest", "make_critic"]
+
+
+def make_critic(cfg, cache=None) -> Critic:
+    """Build the configured backend (``cfg`` is refine.config.CriticConfig). Models load here, not on import."""
+    if cfg.backend == "grounded":
+        from critics.grounded import GroundedCritic
+
+        return GroundedCritic()
+    if cfg.backend == "openai":
+        from critics.openai_vlm import OpenAIVLMCritic
+
+        return OpenAIVLMCritic(
+            model=cfg.model or DEFAULT_MODELS["openai"], base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+            max_retries=cfg.max_retries, timeout=cfg.timeout, temperature=cfg.temperature, max_views=cfg.max_views,
+            template=cfg.template, cache=cache,
+        )
+    if cfg.backend == "florence2":
+        from critics.florence2 import Florence2Critic, load_florence2
+
+        return Florence2Critic(*load_florence2(cfg.model or DEFAULT_MODELS["florence2"]), cache=cache)
+    raise ValueError(f"critic.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,160 @@
+"""The run directory: the only place the loop writes, and everything needed to explain a run.
+
+Layout of ``runs/<id>/``::
+
+    config.json                 resolved config, written first
+    events.jsonl                append-only: run_start, stage_done, round_done, budget_stop, run_done
+    rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
+    rounds/<k>/metrics.json     the round summary
+    student/last/, student/best/  checkpoints (from_pretrained-loadable) with refine_state.json
+
+Every file is written atomically (temp file + rename) or appended line by line, so a crash leaves
+either the whole stage output or none of it. ``stage()`` is what makes ``--resume`` work: a stage
+whose file exists is loaded, not recomputed, so resuming repeats no critic request and duplicates
+no record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "refine_state.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a torn last line (crash mid-append) is ignored."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class RunLog:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # -- creation ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, run_id: str, config: dict[str, Any]) -> RunLog:
+        root = Path(runs_dir) / run_id
+        if (root / "config.json").exists():
+            raise FileExistsError(f"run {root} already exists; pass --resume {run_id} to continue it, or another --loop.run_id")
+        log = cls(root)
+        write_json(root / "config.json", config)
+        log.event("run_start", run_id=run_id)
+        return log
+
+    @classmethod
+    def open(cls, run: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> RunLog:
+        """A run by id (under ``runs_dir``) or by path."""
+        for root in (Path(run), Path(runs_dir) / str(run)):
+            if (root / "config.json").is_file():
+                return cls(root)
+        raise FileNotFoundError(f"no run {run!r}: expected {Path(runs_dir) / str(run)}/config.json (see `python -m refine.runs list`)")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.root / "config.json").read_text())
+
+    # -- events --------------------------------------------------------------------------------
+    def event(self, kind: str, **fields: Any) -> None:
+        row = {"time": round(time.time(), 3), "event": kind, **fields}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "events.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.root / "events.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
+    # -- stages --------------------------------------------------------------------------------
+    def round_dir(self, k: int) -> Path:
+        return self.root / "rounds" / f"{k:03d}"
+
+    def stage_path(self, k: int, name: str) -> Path:
+        return self.round_dir(k) / f"{name}.jsonl"
+
+    def has_stage(self, k: int, name: str) -> bool:
+        return self.stage_path(k, name).exists()
+
+    def read_stage(self, k: int, name: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.stage_path(k, name))
+
+    def stage(self, k: int, name: str, compute: Callable[[], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
+        """Run ``compute`` once per (round, stage): later calls (a resume) load its recorded rows.
+
+        Returns ``(rows, resumed)``.
+        """
+        if self.has_stage(k, name):
+            return self.read_stage(k, name), True
+        start = time.perf_counter()
+        rows = compute()
+        write_jsonl(self.stage_path(k, name), rows)
+        self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
+        return rows, False
+
+    def write_metrics(self, k: int, metrics: dict[str, Any]) -> None:
+        write_json(self.round_dir(k) / "metrics.json", metrics)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every completed round's metrics, in round order."""
+        return [json.loads(p.read_text()) for p in sorted((self.root / "rounds").glob("*/metrics.json"))]
+
+    def completed_rounds(self) -> int:
+        return sum(1 for e in self.events() if e["event"] == "round_done")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_student(self, student, tag: str, state: dict[str, Any]) -> Path:
+        """Save atomically to ``student/<tag>``: write aside, then swap the directory in."""
+        final = self.root / "student" / tag
+        tmp = self.root / "student" / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save(tmp)
+        write_json(tmp / STATE_FILE, state)
+        old = self.root / "student" / f".{tag}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def student_state(self, tag: str) -> dict[str, Any] | None:
+        path = self.root / "student" / tag / STATE_FILE
+        if not path.exists():  # a crash between the two renames leaves the previous one as .old
+            path = self.root / "student" / f".{tag}.old" / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def student_dir(self, tag: str) -> Path:
+        final = self.root / "student" / tag
+        return final if final.exists() else self.root / "student" / f".{tag}.old"

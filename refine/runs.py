@@ -1,0 +1,190 @@
+"""``python -m refine.runs list | show RUN [--image ID] | diff RUN_A RUN_B``: read runs/, draw tables.
+
+This is the only module that draws tables. It needs nothing but the run directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from refine.runlog import RunLog
+
+console = Console()
+
+# What the per-round summary shows, in order: (metric key, column title).
+ROUND_COLUMNS = [
+    ("critic/mean_score", "score"), ("critic/failures", "fail"), ("critic/requests", "req"),
+    ("critic/cache_hits", "hits"), ("critic/tokens", "tokens"), ("pairs/total", "pairs"),
+    ("update/loss", "loss"), ("update/rewards/accuracies", "acc"), ("update/rewards/margins", "margin"),
+    ("train/CHAIR_s", "CHAIRs"), ("train/recall", "recall"),
+    ("eval/CHAIR_s", "eval CHAIRs"), ("eval/CHAIR_i", "eval CHAIRi"), ("eval/recall", "eval recall"),
+    ("eval/exact", "eval exact"),
+]
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def metrics_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    keys = [(k, t) for k, t in ROUND_COLUMNS if any(k in r for r in rows)]
+    table = Table(title=title, show_lines=False)
+    table.add_column("round", justify="right")
+    for _, t in keys:
+        table.add_column(t, justify="right")
+    time_keys = sorted({k for r in rows for k in r if k.startswith("time/")})
+    if time_keys:
+        table.add_column("time (s) " + " / ".join(k[5:] for k in time_keys), justify="right")
+    for r in rows:
+        cells = [str(r.get("round", "?"))] + [fmt(r.get(k)) for k, _ in keys]
+        if time_keys:
+            cells.append(" / ".join(f"{r.get(k, 0):.1f}" for k in time_keys))
+        table.add_row(*cells)
+    return table
+
+
+def render_round(metrics: dict[str, Any], out: Console | None = None) -> None:
+    """The summary the loop prints after each round."""
+    (out or Console(stderr=True)).print(metrics_table([metrics], title=f"round {metrics['round']}"))
+
+
+def _status(log: RunLog) -> str:
+    kinds = [e["event"] for e in log.events()]
+    if "run_done" in kinds:
+        return "done"
+    if kinds and kinds[-1] == "budget_stop":
+        return "budget stop (resumable)"
+    return "incomplete (resumable)"
+
+
+def cmd_list(runs_dir: Path) -> None:
+    table = Table(title=f"runs in {runs_dir}")
+    for col in ("run", "images", "critic", "rounds", "score first→last", "pairs", "status"):
+        table.add_column(col)
+    for root in sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()) if runs_dir.is_dir() else []:
+        log = RunLog(root)
+        cfg, metrics = log.config, log.metrics()
+        scores = [m.get("critic/mean_score") for m in metrics]
+        table.add_row(root.name, cfg["loop"]["images"], cfg["critic"]["backend"],
+                      f"{len(metrics)}/{cfg['loop']['rounds']}",
+                      f"{fmt(scores[0])} → {fmt(scores[-1])}" if scores else "–",
+                      str(sum(m.get("pairs/total", 0) for m in metrics)), _status(log))
+    console.print(table)
+
+
+def _critique_line(c: dict[str, Any]) -> str:
+    if c.get("error"):
+        return f"[red]critic failed:[/] {c['error']}"
+    parts = [f"score {c['score']:.2f}"]
+    if c.get("hallucinated"):
+        parts.append(f"hallucinated: {', '.join(c['hallucinated'])}")
+    if c.get("missing"):
+        parts.append(f"missing: {', '.join(c['missing'])}")
+    if c.get("count_errors"):
+        parts.append("counts: " + ", ".join(f"{k} {s}≠{t}" for k, (s, t) in c["count_errors"].items()))
+    return " · ".join(parts)
+
+
+def image_history(log: RunLog, image_id: str) -> Tree:
+    """How one image's caption changed round by round, and the critique that caused each change."""
+    tree = Tree(f"[bold]{image_id}[/]")
+    for rd in sorted((log.root / "rounds").glob("*")):
+        k = int(rd.name)
+        if not log.has_stage(k, "captions"):
+            continue
+        caption = next((r for r in log.read_stage(k, "captions") if r["image_id"] == image_id), None)
+        if caption is None:
+            continue
+        node = tree.add(f"round {k}: [cyan]{caption['caption']}[/]")
+        critiques = {r["caption"]: r["critique"] for r in log.read_stage(k, "critiques") if r["image_id"] == image_id} \
+            if log.has_stage(k, "critiques") else {}
+        c = critiques.get(caption["caption"])
+        if c:
+            node.add(_critique_line(c))
+            if c.get("feedback"):
+                node.add(f"[dim]feedback:[/] {c['feedback']}")
+        if log.has_stage(k, "refined"):
+            for r in log.read_stage(k, "refined"):
+                if r["image_id"] == image_id and r["original"] == caption["caption"]:
+                    node.add(f"refined → [green]{r['refined']}[/]")
+        if log.has_stage(k, "pairs"):
+            n = sum(1 for p in log.read_stage(k, "pairs") if p["image_id"] == image_id)
+            node.add(f"[dim]{n} preference pair(s)[/]")
+    return tree
+
+
+def cmd_show(log: RunLog, image: str | None) -> None:
+    cfg = log.config
+    console.print(f"[bold]{log.root.name}[/]  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
+                  f"critic={cfg['critic']['backend']}  status={_status(log)}")
+    metrics = log.metrics()
+    if metrics:
+        console.print(metrics_table(metrics, title="rounds"))
+    captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
+    ids = [image] if image else [r["image_id"] for r in captions][:8]
+    if image and image not in {r["image_id"] for r in captions}:
+        raise KeyError(f"image {image!r} is not in run {log.root.name}; known: {', '.join(r['image_id'] for r in captions[:10])}")
+    for image_id in ids:
+        console.print(image_history(log, image_id))
+    if not image and len(captions) > len(ids):
+        console.print(f"[dim]… {len(captions) - len(ids)} more images: use --image ID[/]")
+
+
+def cmd_diff(a: RunLog, b: RunLog) -> None:
+    ca, cb = a.config, b.config
+    table = Table(title=f"config: {a.root.name} vs {b.root.name}")
+    for col in ("key", a.root.name, b.root.name):
+        table.add_column(col)
+    for section in sorted(set(ca) | set(cb)):
+        for key in sorted(set(ca.get(section, {})) | set(cb.get(section, {}))):
+            va, vb = ca.get(section, {}).get(key), cb.get(section, {}).get(key)
+            if va != vb and key != "run_id":
+                table.add_row(f"{section}.{key}", json.dumps(va), json.dumps(vb))
+    console.print(table)
+    for log in (a, b):
+        if log.metrics():
+            console.print(metrics_table(log.metrics(), title=log.root.name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refine.runs", description="Inspect refine runs (reads runs/ only).")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs live (default: runs)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="one line per run: images, critic, rounds, score, status")
+    show = sub.add_parser("show", help="a run's rounds, and per image how its caption changed and why")
+    show.add_argument("run", help="run id (a folder of runs/) or a path")
+    show.add_argument("--image", help="only this image id")
+    diff = sub.add_parser("diff", help="config differences and metrics of two runs")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            cmd_list(args.runs_dir)
+        elif args.command == "show":
+            cmd_show(RunLog.open(args.run, args.runs_dir), args.image)
+        else:
+            cmd_diff(RunLog.open(args.run_a, args.runs_dir), RunLog.open(args.run_b, args.runs_dir))
+    except (FileNotFoundError, KeyError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
