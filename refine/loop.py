@@ -32,7 +32,7 @@ def _setup(config: Config, args) -> tuple[Config, RunLog]:
 
 def run(argv: list[str] | None = None) -> RunLog:
     from critics import make_critic
-    from refine import dpo, regions, step
+    from refine import dpo, regions
     from refine.evaluate import evaluate
     from refine.images import load_images
     from refine.runs import render_round
@@ -49,7 +49,7 @@ def run(argv: list[str] | None = None) -> RunLog:
 
     start, student = _resume_student(log, config, load_student)
     critic = make_critic(config.critic)
-    apply_many = step.make_applier(config.critic, config.step)
+    apply_many = stages.make_step(config.critic, config.step)
     detector = regions.load_detector(config.regions.model) if _wants_regions(loop, records) else None
     budget_used = sum(e.get("critic_calls", 0) for e in log.events())
 

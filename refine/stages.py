@@ -101,6 +101,23 @@ def refine_captions(
     return [{"image_id": image_id, "original": text, "refined": new} for (image_id, text), new in zip(todo, refined)]
 
 
+def make_step(critic_cfg, step_cfg) -> Callable[[list[tuple[str, Critique]]], list[str]]:
+    """The textual step for the configured critic: its own revisions, else textgrad via our chat engine."""
+    from refine import step
+
+    engine = None
+    if critic_cfg.backend == "openai":
+        engine = step.ChatEngine(critic_cfg.model or "gpt-4o", critic_cfg.base_url, critic_cfg.api_key_env,
+                                 timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
+
+    def apply_many(items: list[tuple[str, Critique]]) -> list[str]:
+        results = step.apply_many([c for c, _ in items], [k for _, k in items], engine,
+                                  max_words=step_cfg.max_words, max_concurrency=critic_cfg.max_concurrency)
+        return [r.caption for r in results]
+
+    return apply_many
+
+
 def build_pairs(captions: Rows, critiques: Rows, refined: Rows, sources: str, swap: bool = False) -> Rows:
     """Preference pairs: refined ≻ original, and best ≻ worst of the critic-scored captions."""
     table = critiques_by_caption(critiques)

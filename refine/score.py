@@ -1,0 +1,182 @@
+"""``python -m refine.score RUN``: per-round scores, the student's captions before and after the step.
+
+For every round ``k`` of a run, "before" is the student's main caption and "after" the refined one.
+Metrics (``--metrics``, default all that apply):
+
+- ``clipscore``: CLIP-S (Hessel et al. 2021): "A photo depicts " prefix, w = 2.5, clamped per sample
+- ``pickscore``: PickScore_v1, ``exp(logit_scale) * cos`` as in its reference snippet
+- ``chair``: CHAIR_i, CHAIR_s, recall, exact (images with known objects; the grounded critic's matcher)
+- ``cider`` / ``bleu``: CIDEr-D and BLEU-4 (images with reference captions)
+- ``diversity``: distinct-1/2, vocabulary size, mean length
+- ``winrate``: the last round's caption against round 0's, judged pairwise by the run's critic
+  (order randomised per image with a fixed seed; the judge's answers are cached)
+
+Writes ``runs/<id>/scores.json`` and prints a table. Images are re-read from the run's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from refine.runlog import RunLog, write_json
+
+METRICS = ("clipscore", "pickscore", "chair", "cider", "bleu", "diversity", "winrate")
+
+
+def _nanmean(values) -> float:
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def text_scores(captions: Sequence[str], records: Sequence, metrics: Sequence[str]) -> dict[str, float]:
+    """Scores that need only text and annotations."""
+    from refine import metrics as m
+    from refine.evaluate import object_metrics
+
+    out: dict[str, float] = {}
+    if "chair" in metrics:
+        known = [(c, r.objects) for c, r in zip(captions, records) if r.objects is not None]
+        if known:
+            out.update({f"chair/{k}": v for k, v in object_metrics([c for c, _ in known], [o for _, o in known]).items()})
+    with_refs = [(c, r.references) for c, r in zip(captions, records) if r.references]
+    if len(with_refs) >= 2 and "cider" in metrics:  # CIDEr-D's idf needs a corpus of 2+ images
+        out["cider_d"] = float(m.cider_d([c for c, _ in with_refs], [refs for _, refs in with_refs]).mean())
+    if with_refs and "bleu" in metrics:
+        out["bleu_4"] = m.corpus_bleu([c for c, _ in with_refs], [refs for _, refs in with_refs])
+    if "diversity" in metrics:
+        out.update({f"diversity/{k}": v for k, v in m.diversity(list(captions)).to_json().items()})
+    return out
+
+
+def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed: int = 0) -> dict[str, float]:
+    """Fraction of images where the critic prefers the last round's caption to round 0's (ties: half).
+
+    The grounded critic has no pairwise judge; it compares the two captions' critique scores.
+    """
+    from critics.base import CritiqueRequest
+
+    rng = random.Random(seed)
+    wins, n = 0.0, 0
+    for r in records:
+        a, b = first.get(r.id), last.get(r.id)
+        if a is None or b is None:
+            continue
+        if hasattr(critic, "judge_pair"):
+            flip = rng.random() < 0.5
+            winner, _ = critic.judge_pair(r, *((b, a) if flip else (a, b)))
+            if winner is None:
+                continue
+            last_won = (winner == 0) == flip
+            wins += 1.0 if last_won else 0.0
+        else:
+            ca, cb = critic.critique_many([CritiqueRequest(r.id, r.image, r.sha256, t, None, r.objects) for t in (a, b)])
+            if not (ca.ok and cb.ok):
+                continue
+            wins += 1.0 if cb.score > ca.score else 0.5 if cb.score == ca.score else 0.0
+        n += 1
+    return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n}
+
+
+def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: str, pick_processor: str,
+              device: str | None = None) -> dict[str, Any]:
+    from refine.images import load_images
+
+    cfg = log.config
+    records = load_images(cfg["loop"]["images"], cfg["loop"].get("coco_root") or None)[0]
+    by_id = {r.id: r for r in records}
+    clip = pick = None
+    if "clipscore" in metrics:
+        from refine.metrics import load_clip_scorer
+
+        clip = load_clip_scorer(clip_model, device=device)
+    if "pickscore" in metrics:
+        from refine.metrics import load_pick_scorer
+
+        pick = load_pick_scorer(pick_model, pick_processor, device=device)
+
+    rounds: list[dict[str, Any]] = []
+    main_by_round: list[dict[str, str]] = []
+    k = 0
+    while log.has_stage(k, "captions"):
+        main = {r["image_id"]: r["caption"] for r in log.read_stage(k, "captions")}
+        refined = {r["image_id"]: r["refined"] for r in log.read_stage(k, "refined")
+                   if r["original"] == main.get(r["image_id"])} if log.has_stage(k, "refined") else {}
+        main_by_round.append(main)
+        row: dict[str, Any] = {"round": k}
+        for side, captions in (("before", main), ("after", {**main, **refined})):
+            recs = [by_id[i] for i in captions if i in by_id]
+            texts = [captions[r.id] for r in recs]
+            scores = text_scores(texts, recs, metrics)
+            if clip is not None:
+                scores["clipscore"] = _nanmean(clip.score([r.image for r in recs], texts).tolist())
+            if pick is not None:
+                scores["pickscore"] = _nanmean(pick.score([r.image for r in recs], texts).tolist())
+            row[side] = scores
+        rounds.append(row)
+        k += 1
+    result: dict[str, Any] = {"run": log.root.name, "metrics": list(metrics), "rounds": rounds}
+    if "winrate" in metrics and len(main_by_round) > 1:
+        from critics import make_critic
+        from refine.config import Config, apply_dict
+
+        critic = make_critic(apply_dict(Config(), cfg).critic)
+        result.update(win_rate(critic, records, main_by_round[0], main_by_round[-1]))
+    return result
+
+
+def render(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from refine.runs import fmt
+
+    keys = sorted({k for row in result["rounds"] for side in ("before", "after") for k in row[side]})
+    table = Table(title=f"scores: {result['run']}  (before = student caption, after = refined)")
+    table.add_column("metric")
+    for row in result["rounds"]:
+        table.add_column(f"r{row['round']} before", justify="right")
+        table.add_column(f"r{row['round']} after", justify="right")
+    for key in keys:
+        table.add_row(key, *[fmt(row[side].get(key)) for row in result["rounds"] for side in ("before", "after")])
+    console = Console()
+    console.print(table)
+    if "winrate/last_vs_first" in result:
+        console.print(f"critic win rate, last round vs round 0: {fmt(result['winrate/last_vs_first'])} "
+                      f"over {result['winrate/judged']} images")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from refine.metrics import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR
+
+    parser = argparse.ArgumentParser(prog="python -m refine.score", description=__doc__.split("\n\n")[0],
+                                     epilog="Writes runs/<id>/scores.json.")
+    parser.add_argument("run", help="run id (a folder of runs/) or a path")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIPScore model (hub id or dir)")
+    parser.add_argument("--pick-model", default=DEFAULT_PICKSCORE_MODEL, help="PickScore model (hub id or dir)")
+    parser.add_argument("--pick-processor", default=DEFAULT_PICKSCORE_PROCESSOR, help="PickScore processor")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    try:
+        log = RunLog.open(args.run, args.runs_dir)
+        result = score_run(log, metrics, args.clip_model, args.pick_model, args.pick_processor, args.device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(log.root / "scores.json", result)
+    render(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
