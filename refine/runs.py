@@ -20,14 +20,16 @@ from refine.runlog import RunLog
 
 console = Console()
 
-# What the per-round summary shows, in order: (metric key, column title).
+# What the per-round summary shows, in order: (metric key, row title).
 ROUND_COLUMNS = [
-    ("critic/mean_score", "score"), ("critic/failures", "fail"), ("critic/requests", "req"),
-    ("critic/cache_hits", "hits"), ("critic/tokens", "tokens"), ("pairs/total", "pairs"),
-    ("update/loss", "loss"), ("update/rewards/accuracies", "acc"), ("update/rewards/margins", "margin"),
-    ("train/CHAIR_s", "CHAIRs"), ("train/recall", "recall"),
-    ("eval/CHAIR_s", "eval CHAIRs"), ("eval/CHAIR_i", "eval CHAIRi"), ("eval/recall", "eval recall"),
-    ("eval/exact", "eval exact"),
+    ("critic/mean_score", "critic mean score"), ("critic/failures", "critic failures"),
+    ("critic/requests", "critic requests"), ("critic/cache_hits", "cache hits"), ("critic/tokens", "tokens"),
+    ("step/changed", "captions changed by step"), ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
+    ("pairs/ranked", "pairs best≻worst"), ("update/loss", "loss"), ("update/dpo_loss", "DPO loss"),
+    ("update/nll", "NLL"), ("update/rewards/accuracies", "reward accuracy"), ("update/rewards/margins", "reward margin"),
+    ("train/CHAIR_s", "train CHAIR_s"), ("train/CHAIR_i", "train CHAIR_i"), ("train/recall", "train recall"),
+    ("eval/CHAIR_s", "eval CHAIR_s"), ("eval/CHAIR_i", "eval CHAIR_i"), ("eval/recall", "eval recall"),
+    ("eval/exact", "eval exact"), ("eval/mean_len", "eval mean length"),
 ]
 
 
@@ -42,19 +44,15 @@ def fmt(value: Any) -> str:
 
 
 def metrics_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    """Metrics down, rounds across: stays readable in 80 columns for a handful of rounds."""
     keys = [(k, t) for k, t in ROUND_COLUMNS if any(k in r for r in rows)]
-    table = Table(title=title, show_lines=False)
-    table.add_column("round", justify="right")
-    for _, t in keys:
-        table.add_column(t, justify="right")
-    time_keys = sorted({k for r in rows for k in r if k.startswith("time/")})
-    if time_keys:
-        table.add_column("time (s) " + " / ".join(k[5:] for k in time_keys), justify="right")
+    keys += [(k, k) for k in sorted({k for r in rows for k in r if k.startswith("time/")})]
+    table = Table(title=title)
+    table.add_column("metric")
     for r in rows:
-        cells = [str(r.get("round", "?"))] + [fmt(r.get(k)) for k, _ in keys]
-        if time_keys:
-            cells.append(" / ".join(f"{r.get(k, 0):.1f}" for k in time_keys))
-        table.add_row(*cells)
+        table.add_column(f"round {r.get('round', '?')}", justify="right")
+    for key, name in keys:
+        table.add_row(name, *[fmt(r.get(key)) for r in rows])
     return table
 
 

@@ -180,7 +180,7 @@ def summarize_round(
     known = [r for r in records if r.objects is not None]
     if known:
         main = {row["image_id"]: row["caption"] for row in captions}
-        metrics.update({f"train/{key}": v for key, v in object_metrics([main[r.id] for r in known], known).items()})
+        metrics.update({f"train/{key}": v for key, v in object_metrics([main[r.id] for r in known], [r.objects for r in known]).items()})
     if evaluation:
         metrics.update({f"eval/{key}": v for key, v in metrics_of_rows(evaluation).items()})
     return metrics
