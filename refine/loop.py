@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from refine import stages
+from refine.cache import DiskCache
 from refine.config import Config, apply_dict, load_config
 from refine.progress import RoundTimer, console, progress_bar
 from refine.runlog import RunLog
@@ -51,6 +52,7 @@ def run(argv: list[str] | None = None) -> RunLog:
     critic = make_critic(config.critic)
     apply_many = stages.make_step(config.critic, config.step)
     detector = regions.load_detector(config.regions.model) if _wants_regions(loop, records) else None
+    region_cache = DiskCache(namespace="regions")
     budget_used = sum(e.get("critic_calls", 0) for e in log.events())
 
     for k in range(start, loop.rounds):
@@ -60,7 +62,7 @@ def run(argv: list[str] | None = None) -> RunLog:
         with timer("caption"), progress_bar("caption", len(records)) as advance:
             captions, _ = log.stage(k, "captions", lambda: stages.caption(student, records, config.student, advance))
         with timer("regions"):
-            found = {r.image_id: r for r in regions.find(records, detector, config.regions)} if detector else {}
+            found = {r.image_id: r for r in regions.find(records, detector, config.regions, region_cache)} if detector else {}
         with timer("critique"), progress_bar("critique", len(records) * (1 + config.student.n_samples)) as advance:
             budget = loop.max_critic_calls - budget_used if loop.max_critic_calls else None
             try:

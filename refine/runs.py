@@ -27,8 +27,8 @@ ROUND_COLUMNS = [
     ("step/changed", "captions changed by step"), ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
     ("pairs/ranked", "pairs best≻worst"), ("update/loss", "loss"), ("update/dpo_loss", "DPO loss"),
     ("update/nll", "NLL"), ("update/rewards/accuracies", "reward accuracy"), ("update/rewards/margins", "reward margin"),
-    ("train/CHAIR_s", "train CHAIR_s"), ("train/CHAIR_i", "train CHAIR_i"), ("train/recall", "train recall"),
-    ("eval/CHAIR_s", "eval CHAIR_s"), ("eval/CHAIR_i", "eval CHAIR_i"), ("eval/recall", "eval recall"),
+    ("train/chair_s", "train CHAIR_s"), ("train/chair_i", "train CHAIR_i"), ("train/recall", "train recall"),
+    ("eval/chair_s", "eval CHAIR_s"), ("eval/chair_i", "eval CHAIR_i"), ("eval/recall", "eval recall"),
     ("eval/exact", "eval exact"), ("eval/mean_len", "eval mean length"),
 ]
 

@@ -1,0 +1,132 @@
+"""The loop end to end: tiny student, grounded critic, 2 rounds on 4 images; resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from refine import loop, runs
+from refine.runlog import RunLog, read_jsonl
+from refine.student import load_student
+
+STAGES = ("captions", "critiques", "refined", "pairs", "update")
+
+
+@pytest.fixture
+def manifest(tmp_path, photos, drawn_images):
+    """4 images with COCO annotations, one a drawn one, as a JSONL manifest."""
+    rows = []
+    for name, image, objects in [
+        ("bus", photos["bus"], {"bus": 1, "person": 4}),
+        ("zidane", photos["zidane"], {"person": 2, "tie": 1}),
+        ("grace_hopper", photos["grace_hopper"], {"person": 1, "tie": 1}),
+        ("drawn", drawn_images["both"], {"sports ball": 1}),
+    ]:
+        path = tmp_path / f"{name}.png"
+        image.save(path)
+        rows.append(json.dumps({"path": path.name, "objects": objects, "references": [f"a photo of {name}"]}))
+    path = tmp_path / "images.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _args(manifest, student_dir, runs_dir, *extra):
+    return ["--images", str(manifest), "--rounds", "2", f"--student.model={student_dir}",
+            f"--loop.runs_dir={runs_dir}", "--loop.run_id=e2e", "--student.n_samples=1",
+            "--student.max_new_tokens=6", "--update.lr=3e-3", "--update.epochs=2", "--regions.model=yolov8n.yaml",
+            "--regions.imgsz=64", *extra]
+
+
+def test_two_rounds_end_to_end(manifest, tiny_student_dir, tmp_path, capsys):
+    log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs"))
+    root = log.root
+    assert json.loads((root / "config.json").read_text())["loop"]["rounds"] == 2
+    for k in range(2):
+        for stage in STAGES:
+            assert log.has_stage(k, stage), (k, stage)
+        captions = log.read_stage(k, "captions")
+        assert sorted(r["image_id"] for r in captions) == ["bus", "drawn", "grace_hopper", "zidane"]
+        critiques = log.read_stage(k, "critiques")
+        assert all(r["critique"]["error"] is None for r in critiques)
+        assert log.read_stage(k, "pairs"), "the grounded critic's revisions must yield pairs"
+        metrics = json.loads((log.round_dir(k) / "metrics.json").read_text())
+        assert metrics["pairs/total"] == len(log.read_stage(k, "pairs"))
+        assert 0.0 <= metrics["train/chair_s"] <= 1.0
+    events = [e["event"] for e in log.events()]
+    assert events[0] == "run_start" and events[-1] == "run_done" and events.count("round_done") == 2
+
+    # The checkpoint loads with plain from_pretrained, and the student's parameters moved.
+    from transformers import VisionEncoderDecoderModel
+
+    trained = VisionEncoderDecoderModel.from_pretrained(root / "student" / "last")
+    start = load_student(tiny_student_dir).model
+    unchanged = [n for (n, p0), p1 in zip(start.decoder.named_parameters(), trained.decoder.parameters())
+                 if torch.equal(p0, p1)]
+    # Two rounds of a few steps: a LayerNorm gain whose gradient is ~1e-12 may not move in fp32 (1 + 1e-15 == 1);
+    # test_dpo checks that every decoder parameter moves under longer training.
+    assert len(unchanged) <= 0.1 * len(list(start.decoder.parameters())), unchanged
+    assert "transformer.wte.weight" not in unchanged
+    assert (root / "student" / "best" / "config.json").exists()
+
+    # refine.runs show renders every round's caption and critique for an image, from the run dir alone.
+    capsys.readouterr()
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", "bus"]) == 0
+    out = capsys.readouterr().out
+    assert "round 0" in out and "round 1" in out and "critic mean score" in out
+    assert "missing:" in out and "refined →" in out
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "list"]) == 0
+    assert "e2e" in capsys.readouterr().out
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "nope"]) == 2
+
+
+def test_existing_run_is_not_overwritten(manifest, tiny_student_dir, tmp_path):
+    args = _args(manifest, tiny_student_dir, tmp_path / "runs", "--loop.rounds=0")
+    loop.run(args)
+    with pytest.raises(FileExistsError, match="--resume"):
+        loop.run(args)
+
+
+def test_unknown_config_key_fails_loudly(manifest):
+    with pytest.raises(ValueError, match="did you mean 'update.beta'"):
+        loop.run(["--images", str(manifest), "--update.betta=0.3"])
+
+
+def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):
+    """SIGKILL the loop once round 1's captions are recorded; --resume finishes with no duplicates."""
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+    args = _args(manifest, tiny_student_dir, runs_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = runs_dir / "e2e" / "rounds" / "001" / "captions.jsonl"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the loop never reached round 1"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = RunLog(runs_dir / "e2e")
+    assert [e["event"] for e in log.events()].count("round_done") == 1
+    done_before = {(e["round"], e["stage"]) for e in log.events() if e["event"] == "stage_done"}
+
+    assert subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "e2e", f"--loop.runs_dir={runs_dir}"],
+                          env=env, capture_output=True).returncode == 0
+    events = log.events()
+    kinds = [e["event"] for e in events]
+    assert kinds.count("round_done") == 2 and kinds[-1] == "run_done" and "resume" in kinds
+    stage_done = [(e["round"], e["stage"]) for e in events if e["event"] == "stage_done"]
+    assert len(stage_done) == len(set(stage_done)), "a stage was recorded twice"
+    assert done_before <= set(stage_done)
+    for k in range(2):
+        ids = [r["image_id"] for r in read_jsonl(log.stage_path(k, "captions"))]
+        assert sorted(ids) == sorted(set(ids)) and len(ids) == 4
+    # Round 1's captions were recorded before the kill and must be the ones critiqued after it.
+    captions = {r["caption"] for r in read_jsonl(log.stage_path(1, "captions"))}
+    assert {r["caption"] for r in read_jsonl(log.stage_path(1, "critiques"))} >= captions
+    assert json.loads((log.student_dir("last") / "refine_state.json").read_text())["round"] == 1
