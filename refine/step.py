@@ -1,0 +1,336 @@
+"""The textual step: turn a caption and its critique into a refined caption.
+
+If the critic wrote its own corrected caption (``Critique.revision``: the grounded and Florence-2 critics
+do, and GPT-4o is asked to), that is the step, at no extra cost. Otherwise the critique's feedback is
+applied as a textual gradient with TextGrad (Yuksekgonul et al. 2024, "TextGrad: Automatic
+'Differentiation' via Text"): the caption is a ``textgrad.Variable``, the feedback is set as its
+gradient directly (the critic already did the backward pass, so no extra LLM call is spent on one),
+and one ``textgrad.TGD`` step with our constraints (``prompts/step.txt``) rewrites it. That makes
+critique + step at most 2 requests per image.
+
+TextGrad is used behind an adapter of ours (``load_textgrad_engine``): a subclass of its ``EngineLM``
+whose ``generate`` calls ``ChatEngine``, i.e. our OpenAI client and our ``DiskCache`` (TextGrad's own
+caches key on raw base64 or on Python's salted ``hash()``). TextGrad is sequential; ``apply_many`` runs
+steps in a thread pool. It is imported lazily, with its import-time side effects pointed away from the
+working directory (``TEXTGRAD_LOG_DIR``, ``LITELLM_LOCAL_MODEL_COST_MAP``).
+
+When the model omits the ``<IMPROVED_VARIABLE>`` tags, ``TGD.step`` raises ``IndexError``
+(textgrad/optimizer/optimizer.py); we recover the caption from the raw reply
+(``extract_improved``) and record ``tags_missing=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from critics.base import Critique
+from critics.openai_vlm import DEFAULT_API_KEY_ENV, DEFAULT_MODEL, ChatCallError, ChatResult, OpenAIChat
+from refine.cache import DiskCache, cache_key, default_cache_dir
+from refine.prompts import constraint_lines, load_template
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WORDS = 20
+CAPTION_ROLE = "a one-sentence caption of an image, used as the training target for a small image captioning model"
+IMPROVED_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")  # textgrad's default new_variable_tags
+
+
+# --- the chat backend the adapter calls --------------------------------------------------------------
+
+
+class ChatEngine:
+    """Text-only chat completions with our client and our cache; what the TextGrad adapter calls.
+
+    ``complete`` returns a ``ChatResult`` (content, usage, cache hit). Keys cover the engine id, model,
+    sampling parameters, the system prompt and the prompt. Failures raise ``ChatCallError``; nothing
+    is stored for them.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        base_url: str | None = None,
+        api_key_env: str = DEFAULT_API_KEY_ENV,
+        *,
+        temperature: float = 0.0,
+        max_tokens: int = 200,
+        seed: int | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        cache: DiskCache | None = None,
+        chat: OpenAIChat | None = None,
+    ):
+        self.model = model
+        self.id = f"chat:{model}"
+        self.chat = chat or OpenAIChat(model, base_url, api_key_env, timeout, max_retries)
+        self.cache = cache if cache is not None else DiskCache(namespace="llm")
+        self.sampling: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
+        if seed is not None:
+            self.sampling["seed"] = seed
+
+    def complete(self, prompt: str, system_prompt: str | None = None) -> ChatResult:
+        if not isinstance(prompt, str):
+            raise TypeError(f"ChatEngine takes text prompts only, got {type(prompt).__name__}")
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        key = cache_key(self.id, self.model, self.sampling, system_prompt or "", prompt)
+
+        def compute() -> dict[str, Any]:
+            result = self.chat.create(messages, **self.sampling)
+            return {"content": result.content, "usage": result.usage}
+
+        stored, hit = self.cache.get_or_compute(key, compute)
+        if hit:
+            return ChatResult(stored["content"], {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}, cache_hit=True)
+        return ChatResult(stored["content"], dict(stored["usage"]))
+
+
+# --- textgrad, lazily --------------------------------------------------------------------------------
+
+
+def import_textgrad():
+    """``import textgrad`` with its import-time side effects contained (logs dir, litellm cost-map fetch)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("TEXTGRAD_LOG_DIR", str(default_cache_dir() / "textgrad-logs"))
+    import textgrad
+
+    return textgrad
+
+
+@functools.cache
+def _adapter_class() -> type:
+    from textgrad.engine import EngineLM
+
+    class TextGradEngine(EngineLM):
+        """textgrad's ``EngineLM`` over a ``ChatEngine`` (or any object with ``generate``), recording
+        every call so a step can report usage and recover from a reply without the tags."""
+
+        def __init__(self, backend: Any):
+            self.backend = backend
+            self.model_string = getattr(backend, "model", getattr(backend, "model_string", "unknown"))
+            self.calls: list[tuple[str, ChatResult]] = []  # (system prompt + prompt, result)
+            self._lock = threading.Lock()
+
+        def generate(self, prompt, system_prompt=None, **kwargs):
+            if not isinstance(prompt, str):
+                raise TypeError("refine's textgrad adapter takes text prompts only (no multimodal content)")
+            if hasattr(self.backend, "complete"):
+                result = self.backend.complete(prompt, system_prompt=system_prompt)
+            else:
+                text = self.backend.generate(prompt, system_prompt=system_prompt, **kwargs)
+                result = ChatResult(text, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 1})
+            with self._lock:
+                self.calls.append(((system_prompt or "") + "\n" + prompt, result))
+            return result.content
+
+        def __call__(self, prompt, **kwargs):  # EngineLM.__call__ is a no-op `pass`
+            return self.generate(prompt, **kwargs)
+
+    return TextGradEngine
+
+
+def load_textgrad_engine(backend: Any):
+    """A textgrad ``EngineLM`` that calls ``backend`` (a ``ChatEngine``, or anything with ``generate``)."""
+    import_textgrad()
+    return _adapter_class()(backend)
+
+
+# --- pure helpers ------------------------------------------------------------------------------------
+
+
+def gradient_text(critique: Critique) -> str:
+    """The critique as one textual gradient: the feedback plus its structured findings."""
+    parts = [critique.feedback.strip()] if critique.feedback and critique.feedback.strip() else []
+    if critique.hallucinated:
+        parts.append("Named but not in the image: " + ", ".join(critique.hallucinated) + ".")
+    if critique.missing:
+        parts.append("In the image but not named: " + ", ".join(critique.missing) + ".")
+    if critique.count_errors:
+        wrong = "; ".join(f"{label}: said {said}, actually {true}" for label, (said, true) in critique.count_errors.items())
+        parts.append(f"Wrong counts: {wrong}.")
+    return " ".join(parts)
+
+
+_LABEL = re.compile(r"^(?:improved|refined|revised|new|corrected)?\s*(?:caption|variable)\s*:\s*", re.I)
+
+
+def clean_caption(text: str) -> str:
+    """One line of caption text: code fences, 'Caption:' labels, wrapping quotes and extra spaces removed."""
+    text = re.sub(r"```\w*", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = _LABEL.sub("", lines[0]) if lines else ""
+    line = line.strip().strip("\"'“”‘’`").strip()
+    return re.sub(r"\s+", " ", line)
+
+
+def extract_improved(response: str, tags: Sequence[str] = IMPROVED_TAGS) -> tuple[str, bool]:
+    """``(caption, tags_found)`` from an optimizer reply.
+
+    With both tags, the text between them (what ``TGD.step`` takes). Without them, the best guess: the
+    text after a lone opening tag, before a lone closing tag, or else the whole reply; then cleaned to
+    one line. An empty caption means nothing usable was in the reply.
+    """
+    start, end = tags
+    if start in response and end in response.split(start, 1)[1]:
+        return clean_caption(response.split(start, 1)[1].split(end, 1)[0]), True
+    if start in response:
+        text = response.split(start, 1)[1]
+    elif end in response:
+        text = response.split(end, 1)[0]
+    else:
+        text = response
+    return clean_caption(text), False
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    caption: str  # the refined caption; the original when nothing was applied
+    original: str
+    source: str  # "revision" | "textgrad" | "unchanged"
+    tags_missing: bool = False  # the optimizer reply had no <IMPROVED_VARIABLE> tags; caption recovered
+    error: str | None = None  # the step failed; caption is the original
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.caption != self.original
+
+
+def default_constraints(max_words: int = DEFAULT_MAX_WORDS) -> list[str]:
+    """The TGD constraints from ``prompts/step.txt``, one per non-empty line."""
+    return constraint_lines(load_template("step").render(max_words=max_words))
+
+
+def _no_engine_error() -> ValueError:
+    return ValueError(
+        "a critique has feedback but no revision, so the step needs a model: pass "
+        "engine=ChatEngine(model=..., base_url=...) (or any textgrad EngineLM)"
+    )
+
+
+def _needs_engine(critique: Critique) -> bool:
+    return critique.ok and not (critique.revision and critique.revision.strip()) and bool(gradient_text(critique))
+
+
+def apply_one(
+    caption: str,
+    critique: Critique,
+    engine: Any = None,
+    *,
+    constraints: Sequence[str] | None = None,
+    max_words: int = DEFAULT_MAX_WORDS,
+    role_description: str = CAPTION_ROLE,
+) -> StepResult:
+    """One textual step with its record. Raises only for setup errors (no engine when one is needed);
+    a failed call comes back as ``StepResult(error=...)`` with the original caption."""
+    if not critique.ok:
+        return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
+    if critique.revision and critique.revision.strip():
+        return StepResult(critique.revision.strip(), caption, "revision")
+    gradient = gradient_text(critique)
+    if not gradient:
+        return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no feedback"})
+    if engine is None:
+        raise _no_engine_error()
+    if constraints is None:
+        constraints = default_constraints(max_words)
+    tg = import_textgrad()
+    adapter = load_textgrad_engine(engine)
+    variable = tg.Variable(caption, requires_grad=True, role_description=role_description)
+    feedback = tg.Variable(gradient, requires_grad=False, role_description=f"feedback on {role_description}")
+    variable.gradients.add(feedback)
+    # With a context, TGD wraps the gradient in <FEEDBACK> tags, which its update prompt refers to.
+    variable.gradients_context[feedback] = {
+        "context": f"A vision-language critic compared the caption with the image. Caption: {caption}",
+        "response_desc": "a training target for a small image captioning model",
+        "variable_desc": "the caption",
+    }
+    optimizer = tg.TGD(parameters=[variable], engine=adapter, constraints=list(constraints))
+    result = StepResult(caption, caption, "textgrad", meta={"constraints": list(constraints)})
+    try:
+        optimizer.step()
+        new_caption, tags_found = clean_caption(variable.value), True
+    except IndexError:  # the reply lacked the tags: recover from what the adapter recorded
+        new_caption, tags_found = extract_improved(adapter.calls[-1][1].content, optimizer.new_variable_tags)
+        log.warning("optimizer reply had no %s tags; recovered %r", IMPROVED_TAGS[0], new_caption)
+    except ChatCallError as e:
+        result.error = str(e)
+        result.usage["requests"] = e.requests
+        return result
+    _record_calls(result, adapter.calls)
+    result.tags_missing = not tags_found
+    if new_caption:
+        result.caption = new_caption
+    else:
+        result.error = "the optimizer reply held no caption"
+    return result
+
+
+def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> None:
+    for _, call in calls:
+        for k, v in call.usage.items():
+            result.usage[k] = result.usage.get(k, 0) + v
+    if calls:
+        prompt, last = calls[-1]
+        result.meta["prompt_sha256"] = hashlib.sha256(prompt.encode()).hexdigest()
+        result.meta["cache_hit"] = last.cache_hit
+        result.meta["raw"] = last.content
+
+
+def apply(
+    caption: str,
+    critique: Critique,
+    engine: Any = None,
+    *,
+    constraints: Sequence[str] | None = None,
+    max_words: int = DEFAULT_MAX_WORDS,
+) -> str:
+    """The refined caption (see ``apply_one`` for the record and the failure behaviour)."""
+    return apply_one(caption, critique, engine, constraints=constraints, max_words=max_words).caption
+
+
+def apply_many(
+    captions: Sequence[str],
+    critiques: Sequence[Critique],
+    engine: Any = None,
+    *,
+    constraints: Sequence[str] | None = None,
+    max_words: int = DEFAULT_MAX_WORDS,
+    max_concurrency: int = 8,
+) -> list[StepResult]:
+    """``apply_one`` over pairs, ``max_concurrency`` at a time; a failing item is recorded, not raised."""
+    if len(captions) != len(critiques):
+        raise ValueError(f"{len(captions)} captions but {len(critiques)} critiques: pass one critique per caption")
+    if not captions:
+        return []
+    if constraints is None:
+        constraints = default_constraints(max_words)
+    if any(_needs_engine(c) for c in critiques):
+        if engine is None:
+            raise _no_engine_error()
+        import_textgrad()  # once, before the threads
+
+    def one(pair: tuple[str, Critique]) -> StepResult:
+        caption, critique = pair
+        try:
+            return apply_one(caption, critique, engine, constraints=constraints, max_words=max_words)
+        except Exception as e:  # one bad item must not kill the batch
+            log.exception("textual step failed for %r", caption)
+            return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(captions)))) as pool:
+        return list(pool.map(one, zip(captions, critiques, strict=True)))

@@ -1,0 +1,211 @@
+"""The textual step: the critic's own revision, or one textgrad TGD step through our engine adapter
+against refine.devserver (real openai client, real textgrad, real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from critics.base import Critique, CritiqueRequest
+from critics.openai_vlm import OpenAIVLMCritic
+from refine import step
+from refine.cache import DiskCache
+from refine.devserver import FakeOpenAIServer, Fault, request_text
+from refine.images import record_from_image
+
+FIXED = "two people stand next to a red bus"
+
+
+def variable_of(body) -> str:
+    """The caption TGD shows the optimizer: ``<VARIABLE> ... </VARIABLE>``."""
+    return request_text(body).split("<VARIABLE> ", 1)[1].split(" </VARIABLE>", 1)[0]
+
+
+def tagged(text: str) -> str:
+    return f"<IMPROVED_VARIABLE>{text}</IMPROVED_VARIABLE>"
+
+
+@pytest.fixture
+def make_engine(tmp_path):
+    def make(server: FakeOpenAIServer, **kwargs) -> step.ChatEngine:
+        kwargs.setdefault("cache", DiskCache(tmp_path / "cache", namespace="llm"))
+        return step.ChatEngine(model="fake-llm", base_url=server.base_url, **kwargs)
+
+    return make
+
+
+def feedback_only(feedback="There is no dog; two people stand by a red bus.", **kwargs) -> Critique:
+    return Critique(score=0.2, feedback=feedback, **kwargs)
+
+
+# --- pure helpers ---
+
+
+def test_extract_improved_recovers_from_missing_tags():
+    assert step.extract_improved(f"Sure. {tagged(' a bus ')} Done.") == ("a bus", True)
+    assert step.extract_improved('Improved caption: "A red bus on a street."') == ("A red bus on a street.", False)
+    assert step.extract_improved("<IMPROVED_VARIABLE> a bus parked\nwith notes") == ("a bus parked", False)
+    assert step.extract_improved("a bus by the curb</IMPROVED_VARIABLE>") == ("a bus by the curb", False)
+    assert step.extract_improved("```\ncaption: two  dogs\n```") == ("two dogs", False)
+    assert step.extract_improved("   ") == ("", False)
+
+
+def test_gradient_text_carries_the_structured_findings():
+    critique = feedback_only("Wrong animal.", hallucinated=["dog"], missing=["bus"], count_errors={"person": (1, 2)})
+    assert step.gradient_text(critique) == (
+        "Wrong animal. Named but not in the image: dog. In the image but not named: bus. "
+        "Wrong counts: person: said 1, actually 2."
+    )
+
+
+# --- no model needed ---
+
+
+def test_the_critics_revision_is_the_step():
+    critique = feedback_only(revision="  Two people by a bus. ")
+    assert step.apply("a dog", critique) == "Two people by a bus."
+    result = step.apply_one("a dog", critique)
+    assert (result.source, result.usage["requests"], result.changed) == ("revision", 0, True)
+
+
+def test_nothing_to_apply_leaves_the_caption():
+    failed = step.apply_one("a dog", Critique.failure("timeout"))
+    assert (failed.caption, failed.source) == ("a dog", "unchanged") and "timeout" in failed.meta["reason"]
+    empty = step.apply_one("a dog", Critique(score=1.0, feedback=""))
+    assert (empty.caption, empty.source) == ("a dog", "unchanged")
+
+
+def test_feedback_without_an_engine_is_a_clear_error():
+    with pytest.raises(ValueError, match="engine=ChatEngine"):
+        step.apply("a dog", feedback_only())
+    with pytest.raises(ValueError, match="engine=ChatEngine"):
+        step.apply_many(["a dog", "a cat"], [feedback_only(revision="x"), feedback_only()])
+
+
+# --- textgrad against the local server ---
+
+
+def test_textgrad_step_sends_feedback_and_constraints_and_returns_the_caption(make_engine):
+    with FakeOpenAIServer(reply=lambda body: "Here it is:\n" + tagged(FIXED)) as server:
+        result = step.apply_one("a dog on a street", feedback_only(missing=["bus"]), make_engine(server), max_words=12)
+    assert (result.caption, result.source, result.tags_missing, result.error) == (FIXED, "textgrad", False, None)
+    assert server.request_count == 1 and result.usage["requests"] == 1
+    assert result.usage["completion_tokens"] == server.responses[0]["usage"]["completion_tokens"]
+    body = server.requests[0]
+    assert body["model"] == "fake-llm" and "response_format" not in body
+    system, user = body["messages"]
+    assert system["role"] == "system" and "<IMPROVED_VARIABLE>" in system["content"]
+    assert variable_of(body) == "a dog on a street"
+    text = user["content"]
+    assert "<FEEDBACK>There is no dog; two people stand by a red bus. In the image but not named: bus.</FEEDBACK>" in text
+    assert "Constraint 1: The caption must be a single sentence of at most 12 words." in text
+    assert result.meta["constraints"] == step.default_constraints(12) and result.meta["cache_hit"] is False
+
+
+def test_missing_tags_are_recovered_and_recorded(make_engine):
+    with FakeOpenAIServer(reply=lambda body: f'Improved caption: "{FIXED}."') as server:
+        result = step.apply_one("a dog", feedback_only(), make_engine(server))
+    assert (result.caption, result.tags_missing, result.error) == (FIXED + ".", True, None)
+    with FakeOpenAIServer(reply=lambda body: "   ") as server:
+        nothing = step.apply_one("a cat", feedback_only(), make_engine(server))
+    assert (nothing.caption, nothing.tags_missing) == ("a cat", True) and "no caption" in nothing.error
+
+
+def test_a_failed_call_keeps_the_caption_and_the_batch_survives(make_engine):
+    def reply(body):
+        caption = variable_of(body)
+        return Fault.server_error(retry_after_ms=10) if caption == "broken" else tagged(caption.upper())
+
+    with FakeOpenAIServer(reply=reply) as server:
+        results = step.apply_many(["a dog", "broken", "a cat"], [feedback_only()] * 3, make_engine(server, max_retries=1))
+    assert [r.caption for r in results] == ["A DOG", "broken", "A CAT"]
+    assert results[1].error and "500" in results[1].error and results[1].usage["requests"] == 2
+    assert server.request_count == 4
+
+
+def test_a_repeated_step_is_served_from_our_cache(make_engine):
+    with FakeOpenAIServer(reply=lambda body: tagged(FIXED)) as server:
+        engine = make_engine(server)
+        first = step.apply_one("a dog", feedback_only(), engine)
+        again = step.apply_one("a dog", feedback_only(), make_engine(server))  # a new engine, same store
+        other = step.apply_one("a dog", feedback_only("Say bus."), engine)  # another gradient: another key
+    assert first.caption == again.caption == other.caption == FIXED
+    assert server.request_count == 2
+    assert again.meta["cache_hit"] is True and again.usage["requests"] == 0
+    assert again.meta["prompt_sha256"] == first.meta["prompt_sha256"] != other.meta["prompt_sha256"]
+
+
+def test_apply_many_is_concurrent(make_engine):
+    latency = 0.3
+    with FakeOpenAIServer(reply=lambda body: tagged(variable_of(body) + " fixed"), latency=latency) as server:
+        engine = make_engine(server)
+        step.apply_one("warm-up", feedback_only(), engine)
+        captions = [f"caption {i}" for i in range(8)]
+        start = time.perf_counter()
+        results = step.apply_many(captions, [feedback_only()] * 8, engine, max_concurrency=8)
+        elapsed = time.perf_counter() - start
+    assert [r.caption for r in results] == [c + " fixed" for c in captions]
+    assert elapsed < 3 * latency, f"8 steps took {elapsed:.2f} s at {latency} s latency"
+    print(f"8 concurrent textgrad steps at {latency} s latency: {elapsed:.3f} s")
+
+
+def test_critique_plus_step_is_at_most_two_requests_per_image(tmp_path, make_engine, drawn_images):
+    """A critic that gives feedback without a revision, then the textgrad step: 2 requests per image."""
+
+    def reply(body):
+        text = request_text(body)
+        if "Caption under review" in text:
+            return json.dumps({"score": 0.3, "feedback": "Name the shape's colour.", "hallucinated": [], "missing": [],
+                               "count_errors": {}, "revision": None})
+        return tagged("a " + variable_of(body) + " in colour")
+
+    images = {k: v for k, v in drawn_images.items() if k != "gray"}
+    requests = []
+    for name, image in images.items():
+        record = record_from_image(name, image)
+        requests.append(CritiqueRequest(name, record.image, record.sha256, f"{name} shape"))
+    with FakeOpenAIServer(reply=reply) as server:
+        critic = OpenAIVLMCritic(model="fake-vlm", base_url=server.base_url, cache=DiskCache(tmp_path / "c"))
+        critiques = critic.critique_many(requests)
+        results = step.apply_many([r.caption for r in requests], critiques, make_engine(server))
+    assert [r.caption for r in results] == [f"a {name} shape in colour" for name in images]
+    assert server.request_count == 2 * len(images)
+
+
+def test_textgrad_is_imported_lazily_and_writes_no_logs_in_the_cwd(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TEXTGRAD_LOG_DIR", "LITELLM_LOCAL_MODEL_COST_MAP")}
+    env["REFINE_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, os\n"
+        "import refine.step, critics.openai_vlm\n"
+        "assert 'textgrad' not in sys.modules and 'openai' not in sys.modules, 'imported at module import'\n"
+        "step = refine.step.ChatEngine(base_url='http://127.0.0.1:9/v1')\n"
+        "assert 'openai' not in sys.modules, 'client made at construction'\n"
+        "refine.step.import_textgrad()\n"
+        "print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+    assert not (tmp_path / "logs").exists()
+    assert list((tmp_path / "cache" / "textgrad-logs").glob("*.jsonl"))
+
+
+def test_engine_adapter_is_a_textgrad_engine(make_engine):
+    tg = step.import_textgrad()
+    with FakeOpenAIServer(reply=lambda body: "pong") as server:
+        adapter = step.load_textgrad_engine(make_engine(server))
+        assert isinstance(adapter, tg.EngineLM)
+        assert adapter("ping", system_prompt="be brief") == adapter.generate("ping", system_prompt="be brief") == "pong"
+    assert server.request_count == 1  # the second call hit our cache
+    assert server.requests[0]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ping"}]
+    with pytest.raises(TypeError, match="text prompts only"):
+        adapter.generate(["ping", b"\x89PNG"])
+
