@@ -1,0 +1,48 @@
+"""refine.score on a real (tiny) run: per-round before/after scores with tiny CLIP models."""
+
+import json
+
+import pytest
+from test_loop import _args, manifest  # noqa: F401  (fixture)
+from test_metrics import _save_tiny_clip
+
+from refine import loop, score
+from refine.evaluate import object_metrics
+
+
+@pytest.fixture
+def scored_run(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--loop.use_regions=false"))
+    clip = _save_tiny_clip(tmp_path / "clip", logit_scale=2.0)
+    pick_model = _save_tiny_clip(tmp_path / "pick", logit_scale=3.0, processor_dir=tmp_path / "pick-proc")
+    argv = ["e2e", "--runs-dir", str(tmp_path / "runs"), "--clip-model", str(clip), "--pick-model", str(pick_model),
+            "--pick-processor", str(tmp_path / "pick-proc"), "--device", "cpu"]
+    return tmp_path / "runs" / "e2e", argv
+
+
+def test_score_writes_per_round_before_and_after(scored_run, capsys):
+    root, argv = scored_run
+    assert score.main(argv) == 0
+    result = json.loads((root / "scores.json").read_text())
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    for row in result["rounds"]:
+        for side in ("before", "after"):
+            s = row[side]
+            assert 0.0 <= s["clipscore"] <= 2.5  # w * max(cos, 0) with w = 2.5
+            assert {"pickscore", "chair/chair_s", "chair/recall", "bleu_4", "cider_d", "diversity/distinct_1"} <= set(s)
+    # CHAIR in scores.json is the grounded matcher on the recorded captions, recomputed here independently.
+    captions = [json.loads(line) for line in (root / "rounds" / "000" / "captions.jsonl").read_text().splitlines()]
+    truths = {"bus": {"bus": 1, "person": 4}, "zidane": {"person": 2, "tie": 1},
+              "grace_hopper": {"person": 1, "tie": 1}, "drawn": {"sports ball": 1}}
+    by_hand = object_metrics([c["caption"] for c in captions], [truths[c["image_id"]] for c in captions])
+    assert result["rounds"][0]["before"]["chair/recall"] == pytest.approx(by_hand["recall"])
+    # The grounded critic's revisions add every missing object, so "after" recalls everything.
+    assert result["rounds"][0]["after"]["chair/recall"] == pytest.approx(1.0)
+    assert 0.0 <= result["winrate/last_vs_first"] <= 1.0 and result["winrate/judged"] == 4
+    assert "clipscore" in capsys.readouterr().out
+
+
+def test_score_rejects_unknown_metric(scored_run):
+    _, argv = scored_run
+    with pytest.raises(SystemExit):
+        score.main([*argv, "--metrics", "clipscore,meteor"])
