@@ -332,5 +332,13 @@ def apply_many(
             log.exception("textual step failed for %r", caption)
             return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(captions)))) as pool:
-        return list(pool.map(one, zip(captions, critiques, strict=True)))
+    # Identical (caption, feedback) items make identical prompts: ask once, or concurrent twins would
+    # both miss the cache and reach the server.
+    keys = [(caption, critique.ok, critique.revision, gradient_text(critique)) for caption, critique in zip(captions, critiques)]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    unique = list(first.values())
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(unique)))) as pool:
+        results = dict(zip(unique, pool.map(one, [(captions[i], critiques[i]) for i in unique])))
+    return [results[first[key]] for key in keys]
