@@ -144,6 +144,10 @@ def update(
             module.p = 0.0
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
+    if getattr(model.encoder, "pooler", None) is not None:
+        # The decoder reads last_hidden_state only: the pooler never gets a gradient, and DDP (accelerate
+        # launch) refuses parameters that take part in no backward pass.
+        model.encoder.pooler.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.RAdam(params, lr=config.lr)
     scorer, optimizer = accelerator.prepare(CaptionScorer(model), optimizer)
