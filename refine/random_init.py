@@ -30,7 +30,13 @@ VIT_GPT2_SIZES = {
 
 def build_vit_gpt2(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, tokenizer_cache: str | None = None) -> Path:
     """Save a random ViT + GPT-2 ``VisionEncoderDecoderModel`` with the real GPT-2 tokenizer."""
-    from transformers import GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
 
     vit_kwargs, gpt2_kwargs = VIT_GPT2_SIZES[size]
     eos = GPT2_VOCAB_SIZE - 1
