@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
+
+import torch
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +61,7 @@ def run(argv: list[str] | None = None) -> RunLog:
         timer = RoundTimer()
         with timer("eval"):
             evaluation = log.stage(k, "eval", lambda: evaluate(student, eval_records, config.student))[0] if eval_records else []
+        torch.manual_seed(loop.seed * 1_000_003 + k)  # sampled captions: reproducible per (seed, round)
         with timer("caption"), progress_bar("caption", len(records)) as advance:
             captions, _ = log.stage(k, "captions", lambda: stages.caption(student, records, config.student, advance))
         with timer("regions"):
