@@ -6,12 +6,15 @@ through the production ``load_*`` code, the way transformers tests itself.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Must run before anything imports transformers / ultralytics / textgrad.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="refine-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)
 os.environ.update({
     "HOME": str(_SANDBOX / "home"),
     "HF_HOME": str(_SANDBOX / "hf"),
