@@ -50,7 +50,6 @@ class CriticConfig:
 @dataclass
 class StepConfig:
     max_words: int = 20  # TGD constraint: one sentence, at most this many words
-    template: str = "step"
 
 
 @dataclass
@@ -149,14 +148,41 @@ def apply_dict(config: Config, data: dict[str, Any]) -> Config:
     return config
 
 
+def config_reference(config: Config | None = None) -> str:
+    """Every setting as ``--section.key=default``, one section per line group (for --help)."""
+    config = config or Config()
+    lines = []
+    for section in dataclasses.fields(config):
+        node = getattr(config, section.name)
+        def show(value: Any) -> str:
+            return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+        items = [f"--{section.name}.{f.name}={show(getattr(node, f.name))}" for f in dataclasses.fields(node)]
+        lines.append(f"  {section.name}:")
+        line = "   "
+        for item in items:
+            if len(line) + len(item) > 100:
+                lines.append(line)
+                line = "   "
+            line += " " + item
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="python -m refine.loop",
-        description="Caption images with the student, critique, refine, and update the student with DPO.",
+        description="Caption images with the student, critique them, apply the critique (the textual step), "
+                    "and update the student with DPO on the resulting preference pairs, round after round. "
+                    "Every round is recorded under runs/<id>/ (see python -m refine.runs).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Any setting can be overridden as --section.key=value, e.g. --loop.rounds=5 "
-            "--critic.backend=openai --critic.base_url=http://localhost:8000/v1 --update.beta=0.2. "
-            "Sections: loop, student, regions, critic, step, update (see docs/architecture.md)."
+            "Override any setting as --section.key=value. Settings and defaults:\n" + config_reference() + "\n\n"
+            "Examples:\n"
+            "  python -m refine.loop --images coco_val10 --critic.backend=openai --rounds 3\n"
+            "  python -m refine.loop --images photos/ --critic.backend=openai --critic.base_url=http://localhost:8000/v1 "
+            "--critic.model=Qwen/Qwen2.5-VL-7B-Instruct\n"
+            "  python -m refine.loop --resume RUN --max-critic-calls 500"
         ),
     )
 

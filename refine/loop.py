@@ -26,6 +26,8 @@ def _setup(config: Config, args) -> tuple[Config, RunLog]:
         config = apply_dict(Config(), log.config)
         if args.max_critic_calls is not None:  # a resume may raise the budget
             config.loop.max_critic_calls = args.max_critic_calls
+        if any(e["event"] == "run_done" for e in log.events()):
+            return config, log
         log.event("resume", completed_rounds=log.completed_rounds())
         return config, log
     run_id = config.loop.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.loop.images).name.replace(':', '-')}"
@@ -43,6 +45,9 @@ def run(argv: list[str] | None = None) -> RunLog:
 
     config, args = load_config(argv)
     config, log = _setup(config, args)
+    if any(e["event"] == "run_done" for e in log.events()):
+        console.print(f"{log.root} is complete; nothing to resume.")
+        return log
     loop = config.loop
     records, skipped = load_images(loop.images, loop.coco_root or None)
     for line in skipped:

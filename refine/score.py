@@ -153,7 +153,7 @@ def render(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from refine.metrics import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR
 
-    parser = argparse.ArgumentParser(prog="python -m refine.score", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m refine.score", description="Score a run per round: the student's captions (before) and the refined ones (after).",
                                      epilog="Writes runs/<id>/scores.json.")
     parser.add_argument("run", help="run id (a folder of runs/) or a path")
     parser.add_argument("--runs-dir", default="runs")

@@ -1,0 +1,128 @@
+"""``python -m refine.demo`` (``make demo``): the offline evidence that the loop cuts hallucination.
+
+A controlled world (refine.shapes), a student with a known flaw (refine.toy_student: it mentions a
+blue square next to red circles that is not there), the grounded critic reading the scene
+annotations, and a measurement on held-out scenes the loop never trains on. Everything runs through
+the real engine: ``refine.loop`` with the grounded critic, the pairs and DPO modules.
+
+Prints before versus after on the held-out split: CHAIR_s, CHAIR_i, object recall, exact match and
+mean caption length, with a few example captions per round, for the real run and (``--control``)
+the swapped-pair control, which trains on the same pairs with the preference reversed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from refine.runlog import RunLog, read_jsonl
+
+console = Console()
+
+# The prototype's loop (issue 5): greedy + 2 samples at T = 1.0 over 300 training scenes; the
+# grounded rewrite as chosen and the original as rejected; sigmoid DPO with beta = 0.2 plus
+# 0.5 x NLL on the chosen caption; RAdam at lr 1e-4; 6 epochs a round; 5 rounds.
+DEMO_OVERRIDES = [
+    "--critic.backend=grounded", "--student.n_samples=2", "--student.temperature=1.0", "--student.max_new_tokens=32",
+    "--student.batch_size=64", "--loop.pair_sources=refined", "--loop.refine_samples=true",
+    "--update.beta=0.2", "--update.nll_weight=0.5", "--update.lr=1e-4", "--update.epochs=6", "--update.batch_size=32",
+]
+METRICS = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"), ("exact", "exact"),
+           ("mean_len", "mean length")]
+
+
+def eval_rows(log: RunLog) -> list[list[dict[str, Any]]]:
+    """Held-out captions per evaluation point: index 0 is the starting student, the last the final one."""
+    rounds = sorted(int(p.name) for p in (log.root / "rounds").iterdir() if (p / "eval.jsonl").exists())
+    return [read_jsonl(log.stage_path(k, "eval")) for k in rounds]
+
+
+def summary(log: RunLog) -> dict[str, Any]:
+    from refine.evaluate import metrics_of_rows
+
+    points = eval_rows(log)
+    before, after = metrics_of_rows(points[0]), metrics_of_rows(points[-1])
+    return {"run": log.root.name, "before": before, "after": after,
+            "per_round": [metrics_of_rows(rows) for rows in points],
+            "chair_s_change": (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
+
+
+def render(results: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="held-out scenes: before → after the loop")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(f"{name}: before", justify="right")
+        table.add_column(f"{name}: after", justify="right")
+    for key, title in METRICS:
+        row = [title]
+        for r in results.values():
+            row += [f"{r['before'][key]:.3f}", f"{r['after'][key]:.3f}"]
+        table.add_row(*row)
+    row = ["CHAIR_s change"]
+    for r in results.values():
+        row += ["", f"{r['chair_s_change']:+.0%}" if r["chair_s_change"] is not None else "–"]
+    table.add_row(*row)
+    console.print(table)
+
+
+def examples(log: RunLog, n: int = 3) -> None:
+    """Held-out scenes whose starting caption hallucinated, round by round."""
+    from refine.evaluate import vocabulary_for_truths
+    from refine.objects import compare
+
+    points = eval_rows(log)
+    vocab = vocabulary_for_truths([r["objects"] for r in points[0]])
+    picked = [i for i, r in enumerate(points[0]) if compare(r["caption"], r["objects"], vocab).hallucinated][:n]
+    for i in picked:
+        truth = ", ".join(f"{c} {label}" for label, c in points[0][i]["objects"].items())
+        console.print(f"[bold]{points[0][i]['image_id']}[/]  truth: {truth}")
+        for k, rows in enumerate(points):
+            console.print(f"  round {k}: {rows[i]['caption']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from refine import loop
+    from refine.toy_student import ensure_toy_student
+
+    parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train", type=int, default=300, help="training scenes per round")
+    parser.add_argument("--heldout", type=int, default=480, help="held-out scenes for evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true", help="also run the swapped-pair control")
+    parser.add_argument("--runs-dir", default="runs")
+    args = parser.parse_args(argv)
+
+    student_dir = ensure_toy_student()
+    results: dict[str, dict[str, Any]] = {}
+    logs = {}
+    for name, swap in [("refine", False)] + ([("swapped control", True)] if args.control else []):
+        run_id = f"demo-shapes-seed{args.seed}" + ("-swapped" if swap else "")
+        runs_dir = Path(args.runs_dir)
+        common = [f"--loop.runs_dir={runs_dir}", f"--loop.run_id={run_id}"]
+        if (runs_dir / run_id / "config.json").exists():
+            log = loop.run(["--resume", run_id, *common[:1]])  # finished runs return at once
+        else:
+            log = loop.run([
+                "--images", f"shapes:{args.train}", f"--student.model={student_dir}", f"--rounds={args.rounds}",
+                f"--loop.eval_images=shapes-heldout:{args.heldout}", f"--loop.seed={args.seed}",
+                f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", *common, *DEMO_OVERRIDES,
+            ])
+        logs[name] = log
+        results[name] = summary(log)
+    render(results)
+    examples(logs["refine"])
+    out = Path(args.runs_dir) / f"demo-shapes-seed{args.seed}" / "demo.json"
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"Numbers written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
