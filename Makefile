@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/python -m refine.demo --control
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
