@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,20 +97,26 @@ def test_unknown_config_key_fails_loudly(manifest):
         loop.run(["--images", str(manifest), "--update.betta=0.3"])
 
 
+def kill_when_exists(args: list[str], env: dict[str, str], target: Path, timeout: float = 240) -> None:
+    """Start ``python -m refine.loop ARGS``, SIGKILL it as soon as ``target`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not target.exists():
+        proc.kill()
+        raise AssertionError(f"the loop never wrote {target}: " + proc.stderr.read().decode()[-2000:])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):
     """SIGKILL the loop once round 1's captions are recorded; --resume finishes with no duplicates."""
     runs_dir = tmp_path / "runs"
     env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
     args = _args(manifest, tiny_student_dir, runs_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = runs_dir / "e2e" / "rounds" / "001" / "captions.jsonl"
-    deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), "the loop never reached round 1"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(args, env, runs_dir / "e2e" / "rounds" / "001" / "captions.jsonl")
     log = RunLog(runs_dir / "e2e")
     assert [e["event"] for e in log.events()].count("round_done") == 1
     done_before = {(e["round"], e["stage"]) for e in log.events() if e["event"] == "stage_done"}

@@ -6,12 +6,10 @@ body reaches the server twice, across a SIGKILL and a --resume.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-from test_loop import _args, manifest  # noqa: F401  (fixture)
+from test_loop import _args, kill_when_exists, manifest  # noqa: F401  (fixture)
 
 from refine.devserver import FakeOpenAIServer, request_images, request_text
 from refine.runlog import RunLog, read_jsonl
@@ -33,15 +31,7 @@ def test_openai_critic_run_killed_and_resumed_repeats_no_request(manifest, tiny_
     with FakeOpenAIServer(reply=reply, latency=0.3) as server:
         args = _args(manifest, tiny_student_dir, runs_dir, "--critic.backend=openai",
                      f"--critic.base_url={server.base_url}", "--critic.model=fake-model", "--loop.use_regions=false")
-        proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        target = runs_dir / "e2e" / "rounds" / "001" / "captions.jsonl"
-        deadline = time.time() + 240
-        while not target.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert target.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_exists(args, env, runs_dir / "e2e" / "rounds" / "001" / "captions.jsonl")
         before_kill = server.request_count
         in_flight = before_kill - len(server.responses)  # asked, never answered: the only ones that may repeat
         asked_before_kill = [json.dumps(b, sort_keys=True) for b in server.requests]
