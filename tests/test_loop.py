@@ -136,3 +136,18 @@ def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):
     captions = {r["caption"] for r in read_jsonl(log.stage_path(1, "captions"))}
     assert {r["caption"] for r in read_jsonl(log.stage_path(1, "critiques"))} >= captions
     assert json.loads((log.student_dir("last") / "refine_state.json").read_text())["round"] == 1
+
+
+def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir, tmp_path):
+    runs_dir = tmp_path / "runs"
+    log = loop.run(_args(manifest, tiny_student_dir, runs_dir, "--loop.use_regions=false", "--max-critic-calls", "3"))
+    events = log.events()
+    assert events[-1]["event"] == "budget_stop" and events[-1]["critic_calls"] == 3
+    assert log.has_stage(0, "captions") and not log.has_stage(0, "critiques")
+    assert runs.main(["--runs-dir", str(runs_dir), "list"]) == 0
+
+    loop.run(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
+    kinds = [e["event"] for e in log.events()]
+    assert kinds.count("round_done") == 2 and kinds[-1] == "run_done"
+    calls = sum(e.get("critic_calls", 0) for e in log.events())
+    assert 3 < calls <= 100
