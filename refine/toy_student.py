@@ -66,15 +66,15 @@ class ToyRecipe:
     max_grad_norm: float = 1.0
     width: int = 128  # ViT hidden size = GPT-2 n_embd (equal, so no enc_to_dec projection)
     encoder_layers: int = 2
-    decoder_layers: int = 3  # 2 layers: 40% of held-out hallucinations were not the planted ones, and DPO drifted
+    decoder_layers: int = 3  # with 2, 14% of held-out hallucinations were not planted (3: 2%) and DPO drifted more
     heads: int = 4
     mlp_width: int = 256
     bias_trigger: str = "red circle"
     bias_object: str = "blue square"
     bias_prob: float = 0.5
-    # Training runs on this many torch threads (restored afterwards). One keeps results bit-identical
-    # across machines, and on a shared 2-core box it was 14x faster than two: two OpenMP threads
-    # spin-wait on each other whenever another process holds a core.
+    # Training runs on this many torch threads (restored afterwards). One makes the weights independent
+    # of the core count (two runs gave identical bytes), and on our shared 2-core box it was 14x faster
+    # than two (0.21 vs 2.9 s/step): two OpenMP threads spin-wait whenever another process holds a core.
     torch_threads: int = 1
 
     def __post_init__(self) -> None:

@@ -1,0 +1,1 @@
+"""refine's benchmarks: ``python -m bench.run`` (``make bench``); see bench/README.md."""

@@ -1,0 +1,94 @@
+"""Section 6: GPU figures, measured only where ``torch.cuda.is_available()``.
+
+- caption latency per image at batch 1, fp16 autocast (``load_student(precision="auto")`` on CUDA),
+  greedy, 16 new tokens: P50 and P95 over ``N_CALLS`` calls per repetition (target: P95 ≤ 50 ms);
+- one DPO step of ``refine.dpo.update`` at 16 pairs (fp16 autocast + GradScaler), time and peak GPU
+  memory (``torch.cuda.max_memory_allocated``), in a fresh subprocess as in section 3;
+- images/s of a whole ``refine.loop`` round on the GPU, with the critic answered by the local server.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from bench.data import bench_records
+from bench.devserver import ServerProcess
+from bench.dpo_step import interleaved
+from bench.loop_round import run_round, stage_seconds, write_images
+from bench.measure import Row, Target
+
+SECTION = "6 GPU"
+N_CALLS = 50
+GB = 1e9
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def caption_latency(model_dir: Path, reps: int, n_calls: int) -> tuple[list[float], list[float]]:
+    import torch
+
+    from refine.student import load_student
+
+    student = load_student(model_dir, device="cuda", precision="auto")
+    images = [r.image for r in bench_records(10)]
+    gen = {"max_new_tokens": 16, "min_new_tokens": 16}
+    for image in images[:5]:  # warm-up: CUDA context, kernels, allocator
+        student.caption([image], **gen)
+    p50, p95 = [], []
+    for _ in range(reps):
+        latencies = []
+        for i in range(n_calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            student.caption([images[i % len(images)]], **gen)
+            torch.cuda.synchronize()
+            latencies.append(1000 * (time.perf_counter() - start))
+        p50.append(percentile(latencies, 50))
+        p95.append(percentile(latencies, 95))
+    return p50, p95
+
+
+def run(model_dir: Path, reps: int, quick: bool, workdir: Path) -> list[Row]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Row(SECTION, "GPU section", "", skipped="skipped: no GPU (torch.cuda.is_available() is False)")]
+    name = torch.cuda.get_device_name(0)
+    p50, p95 = caption_latency(model_dir, reps, 5 if quick else N_CALLS)
+    torch.cuda.empty_cache()  # give the cached blocks back before the DPO subprocess needs the GPU
+    rows = [
+        Row(SECTION, "caption latency per image, batch 1, fp16, P50", "ms", p50, note=name),
+        Row(SECTION, "caption latency per image, batch 1, fp16, P95", "ms", p95, Target("<=", 50)),
+    ]
+    n_pairs = 4 if quick else 16
+    dpo = interleaved(("dpo",), model_dir, reps, n_pairs=n_pairs, device="cuda")["dpo"]
+    rows += [
+        Row(SECTION, f"DPO step at {n_pairs} pairs (refine.dpo.update, fp16 autocast)", "s",
+            [s["step"] for s in dpo["steps"]], note=f"reference pass median "
+            f"{statistics.median(s['reference'] for s in dpo['steps']):.3f} s"),
+        Row(SECTION, f"DPO step at {n_pairs} pairs: peak GPU memory", "GB", [b / GB for b in dpo["gpu_peak"]]),
+    ]
+    n_images = 4 if quick else 10
+    images = write_images(workdir / "gpu-round-images", n_images)
+    rates = []
+    with ServerProcess(latency=0.3) as server:
+        for _ in range(reps):
+            stages = stage_seconds(run_round(
+                images, model_dir, workdir, "--critic.backend=openai", f"--critic.base_url={server.base_url}",
+                "--critic.model=gpt-4o", "--critic.api_key_env=REFINE_BENCH_API_KEY", "--regions.model=yolov8n.yaml",
+                "--student.device=cuda", "--regions.device=0"))
+            rates.append(n_images / sum(stages.values()))
+    rows.append(Row(SECTION, f"whole loop round, {n_images} images, critic = local server (300 ms)", "img/s", rates,
+                    note="refine.loop's stage timer; ViT-GPT2 random weights on the GPU"))
+    return rows
