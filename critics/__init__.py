@@ -15,12 +15,18 @@ DEFAULT_MODELS = {"openai": "gpt-4o", "florence2": "florence-community/Florence-
 __all__ = ["BACKENDS", "Critic", "Critique", "CritiqueRequest", "make_critic"]
 
 
-def make_critic(cfg, cache=None) -> Critic:
-    """Build the configured backend (``cfg`` is refine.config.CriticConfig). Models load here, not on import."""
+def make_critic(cfg, cache=None, labels=()) -> Critic:
+    """Build the configured backend (``cfg`` is refine.config.CriticConfig). Models load here, not on import.
+
+    ``labels``: every object label of the image set. The grounded critic can only call an object
+    hallucinated if it knows the object's name, and one image's truth does not name what is absent
+    from it, so it matches against COCO's vocabulary plus the set's whole label space.
+    """
     if cfg.backend == "grounded":
         from critics.grounded import GroundedCritic
+        from refine.objects import coco_vocabulary
 
-        return GroundedCritic()
+        return GroundedCritic(vocabulary=coco_vocabulary().extended(sorted(set(labels))))
     if cfg.backend == "openai":
         from critics.openai_vlm import OpenAIVLMCritic
 

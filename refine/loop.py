@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
-
-import torch
 from datetime import datetime
 from pathlib import Path
+
+import torch
 
 from refine import stages
 from refine.cache import DiskCache
@@ -56,7 +56,7 @@ def run(argv: list[str] | None = None) -> RunLog:
     images = {r.id: r.image for r in records}
 
     start, student = _resume_student(log, config, load_student)
-    critic = make_critic(config.critic)
+    critic = make_critic(config.critic, labels={label for r in records for label in (r.objects or {})})
     apply_many = stages.make_step(config.critic, config.step)
     detector = regions.load_detector(config.regions.model) if _wants_regions(loop, records) else None
     region_cache = DiskCache(namespace="regions")

@@ -115,3 +115,20 @@ def test_vocabulary_default_grows_with_the_truth_and_can_be_given():
 def test_nothing_left_to_say_gives_no_revision():
     [c] = GroundedCritic().critique_many([request("a dog", objects={})])
     assert c.ok and c.hallucinated == ["dog"] and c.revision is None and c.score == 0.0
+
+
+def test_make_critic_knows_the_label_space_of_the_image_set():
+    """One image's truth does not name what is absent from it: the set's labels must be known."""
+    from PIL import Image
+
+    from critics import make_critic
+    from critics.base import CritiqueRequest
+    from refine.config import CriticConfig
+
+    request = CritiqueRequest("x", Image.new("RGB", (8, 8)), "0", "a red circle and a blue square", None,
+                              {"red circle": 1})
+    blind = make_critic(CriticConfig()).critique_many([request])[0]
+    assert blind.hallucinated == []  # "blue square" is not a COCO word and not in this image's truth
+    critic = make_critic(CriticConfig(), labels=["red circle", "blue square"])
+    [critique] = critic.critique_many([request])
+    assert critique.hallucinated == ["blue square"] and critique.revision == "a red circle"
