@@ -111,6 +111,8 @@ def make_step(critic_cfg, step_cfg) -> Callable[[list[tuple[str, Critique]]], li
                                  timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
 
     def apply_many(items: list[tuple[str, Critique]]) -> list[str]:
+        if engine is None:  # local critics: a critique without a revision leaves the caption as it is
+            items = [(c, k if k.revision else Critique(k.score, "", error=k.error)) for c, k in items]
         results = step.apply_many([c for c, _ in items], [k for _, k in items], engine,
                                   max_words=step_cfg.max_words, max_concurrency=critic_cfg.max_concurrency)
         return [r.caption for r in results]
