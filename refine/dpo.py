@@ -2,7 +2,9 @@
 
 The maths is two pure functions of log-prob tensors (:func:`dpo_loss`, :func:`nll_per_token`).
 :func:`update` is one round of training: it takes the student as it stood at the start of the round,
-uses it (frozen) as the reference, and returns a new, trained student. Its input is not modified.
+uses it (frozen) as the reference, and returns the trained student: a new one, or with
+``in_place=True`` the input itself, trained after its reference log-probs were taken (one model in
+memory instead of two; the loop does this, since the round's starting student is already on disk).
 """
 
 from __future__ import annotations
@@ -112,10 +114,15 @@ def update(
     images: Mapping[str, Image.Image],
     config: UpdateConfig,
     accelerator=None,
+    *,
+    in_place: bool = False,
 ) -> tuple[Student, list[dict[str, float]]]:
-    """One round of DPO + NLL. Returns ``(trained copy of student, per-step metrics)``.
+    """One round of DPO + NLL. Returns ``(trained student, per-step metrics)``.
 
-    ``student`` becomes the frozen reference for this round and is not modified. Metric names follow
+    ``student`` is the frozen reference for this round. Only its log-probs on the pairs are needed, and
+    they are computed once, before training, so the reference need not stay in memory: with
+    ``in_place=True`` the student itself is trained and returned (peak memory as for SFT); by default a
+    copy is trained and ``student`` is left unmodified. Metric names follow
     TRL: ``loss``, ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
     Pass an ``accelerate.Accelerator`` to shard pairs across processes (``accelerate launch``).
     """
@@ -126,14 +133,19 @@ def update(
         raise KeyError(f"update(): no image for pair image_id(s) {sorted(missing)[:5]}")
     from accelerate import Accelerator
 
-    accelerator = accelerator or Accelerator(cpu=student.device.type == "cpu")
+    # The student is already where it should run: no device placement. (Accelerator's state is a
+    # process-wide singleton, so one made earlier for the CPU would otherwise move a CUDA student there.)
+    accelerator = accelerator or Accelerator(cpu=student.device.type == "cpu", device_placement=False)
+    if accelerator.device_placement and accelerator.device.type != student.device.type:
+        raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
+                         f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
     pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]
     torch.manual_seed(config.seed)
 
-    policy = student.copy()
-    policy.precision = resolve_precision(config.precision, policy.device)
-    reference = student
-    ref_chosen, ref_rejected = reference_logps(reference, pairs, images, config.batch_size, policy.precision)
+    precision = resolve_precision(config.precision, student.device)
+    ref_chosen, ref_rejected = reference_logps(student, pairs, images, config.batch_size, precision)
+    policy = student if in_place else student.copy()
+    policy.precision = precision
 
     model = policy.model.train()
     model.requires_grad_(True)

@@ -130,8 +130,10 @@ def _update_stage(log, k, student, pairs, images, update_config, dpo):
 
     state = log.student_state("last")
     if state and state["round"] >= k:  # crashed after this round's update was saved
-        return load_student(log.student_dir("last"), student.device.type, student.precision), log.read_stage(k, "update")
-    policy, history = dpo.update(student, [PreferencePair(**p) for p in pairs], images, update_config)
+        return (load_student(log.student_dir("last"), student.device.type, student.precision, student.static_cache),
+                log.read_stage(k, "update"))
+    # In place: this round's starting student is already on disk (student/last, or the configured model).
+    policy, history = dpo.update(student, [PreferencePair(**p) for p in pairs], images, update_config, in_place=True)
     from refine.runlog import write_jsonl
 
     write_jsonl(log.stage_path(k, "update"), history)
@@ -143,7 +145,8 @@ def _resume_student(log: RunLog, config: Config, load_student):
     """Start at the first round without ``round_done``, from the newest checkpoint (or the configured model)."""
     state = log.student_state("last")
     source = log.student_dir("last") if state else config.student.model
-    return log.completed_rounds(), load_student(source, config.student.device, config.student.precision)
+    cfg = config.student
+    return log.completed_rounds(), load_student(source, cfg.device, cfg.precision, cfg.static_cache)
 
 
 def _save_if_best(log: RunLog, k: int, student, critiques) -> None:

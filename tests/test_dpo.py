@@ -61,8 +61,18 @@ def _decoder_params(student):
     return {n: p.detach().clone() for n, p in student.model.decoder.named_parameters()}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_update_learns_four_pairs(tiny_student, four_pairs, precision):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, precision", [
+    ("cpu", "fp32"), ("cpu", "fp16"),
+    pytest.param("cuda", "fp16", marks=needs_cuda), pytest.param("cuda", "bf16", marks=needs_cuda),
+])
+def test_update_learns_four_pairs(tiny_student_dir, four_pairs, device, precision):
+    from refine.student import load_student
+
+    torch.manual_seed(0)
+    tiny_student = load_student(tiny_student_dir, device=device, precision="fp32")
     pairs, images = four_pairs
     before = _decoder_params(tiny_student)
     config = UpdateConfig(beta=0.5, nll_weight=0.1, lr=3e-3, epochs=30, batch_size=4, precision=precision)
@@ -84,6 +94,7 @@ def test_update_learns_four_pairs(tiny_student, four_pairs, precision):
     changed = {n: not torch.equal(before[n], p) for n, p in policy.model.decoder.named_parameters()}
     assert all(changed.values()), [n for n, c in changed.items() if not c]
     assert policy.precision == precision
+    assert policy.device.type == device
 
 
 def test_update_can_freeze_the_encoder(tiny_student, four_pairs):
@@ -93,6 +104,21 @@ def test_update_can_freeze_the_encoder(tiny_student, four_pairs):
     for (name, p0), p1 in zip(tiny_student.model.encoder.named_parameters(), policy.model.encoder.parameters()):
         assert torch.equal(p0, p1), name
     assert not torch.equal(tiny_student.model.decoder.lm_head.weight, policy.model.decoder.lm_head.weight)
+
+
+def test_update_in_place_trains_the_input_exactly_like_a_copy(tiny_student, four_pairs):
+    pairs, images = four_pairs
+    config = UpdateConfig(beta=0.5, lr=3e-3, epochs=3, batch_size=2)
+    copied, history = update(tiny_student, pairs, images, config)
+    student = tiny_student.copy()
+    trained, history_in_place = update(student, pairs, images, config, in_place=True)
+
+    assert trained is student
+    assert [h["loss"] for h in history_in_place] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    moved = [not torch.equal(p0, p1) for p0, p1 in zip(tiny_student.model.decoder.parameters(), trained.model.decoder.parameters())]
+    assert all(moved)
+    for (name, p0), p1 in zip(copied.model.named_parameters(), trained.model.parameters()):
+        torch.testing.assert_close(p1, p0, msg=name)
 
 
 def test_update_names_missing_images(tiny_student):
