@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+# Requests in flight at once (critiques, and textual steps). A round's wall time against a remote API
+# is about (images / concurrency) x latency, so this is the knob that makes a run API-bound rather
+# than loop-bound. 16 stays inside OpenAI's lowest paid tiers; raise it for vLLM, lower it for Ollama.
+DEFAULT_MAX_CONCURRENCY = 16
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # vLLM / Ollama ignore the key, but the SDK insists on one
 
 # The output format stated in prompts/critique.txt, as a JSON schema. Not ``strict``: strict mode forbids
@@ -395,7 +399,7 @@ class OpenAIVLMCritic:
     max_views: int = 4  # crops/tiles sent after the full image
     max_image_side: int | None = 2048  # GPT-4o downsizes beyond 2048 px anyway
     max_words: int = 20  # asked of the critic's own revision
-    max_concurrency: int = 8
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     timeout: float = 60.0
     max_retries: int = 4
     structured_output: bool = True  # send response_format (falls back automatically on a 400)

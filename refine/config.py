@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from critics.openai_vlm import DEFAULT_MAX_CONCURRENCY
 from refine.dpo import UpdateConfig
 from refine.regions import RegionConfig
 from refine.student import DEFAULT_STUDENT
@@ -31,6 +32,7 @@ class StudentConfig:
     top_p: float = 1.0
     max_new_tokens: int = 20
     batch_size: int = 16
+    static_cache: bool = False  # static KV cache; on CUDA, decoding compiled to CUDA graphs (see Student)
 
 
 @dataclass
@@ -39,7 +41,7 @@ class CriticConfig:
     model: str = ""  # "" = the backend's default: gpt-4o (openai), florence-community/Florence-2-base
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, ...)
     api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = 8
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     max_retries: int = 4
     timeout: float = 60.0
     temperature: float = 0.0

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from critics.base import Critique
-from critics.openai_vlm import DEFAULT_API_KEY_ENV, DEFAULT_MODEL, ChatCallError, ChatResult, OpenAIChat
+from critics.openai_vlm import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MODEL,
+    ChatCallError,
+    ChatResult,
+    OpenAIChat,
+)
 from refine.cache import DiskCache, cache_key, default_cache_dir
 from refine.prompts import constraint_lines, load_template
 
@@ -310,7 +317,7 @@ def apply_many(
     *,
     constraints: Sequence[str] | None = None,
     max_words: int = DEFAULT_MAX_WORDS,
-    max_concurrency: int = 8,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> list[StepResult]:
     """``apply_one`` over pairs, ``max_concurrency`` at a time; a failing item is recorded, not raised."""
     if len(captions) != len(critiques):
