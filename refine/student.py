@@ -112,6 +112,11 @@ class Student:
     tokenizer: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
+    # Decode with a static KV cache. On CUDA, transformers then compiles the decoder step
+    # (torch.compile, CUDA graphs): per-token kernel-launch overhead, which dominates ViT-GPT2 at small
+    # batches, goes away. Each new batch shape compiles once (tens of seconds), so it pays off for
+    # latency-bound or long runs; see bench/README.md for the measured latencies.
+    static_cache: bool = False
 
     # -- inputs --------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -162,6 +167,8 @@ class Student:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             kwargs.update(do_sample=False)
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
         out: list[list[str]] = []
         for i in range(0, len(images), batch_size):
             pixels = self.pixel_values(images[i : i + batch_size])
@@ -190,7 +197,8 @@ class Student:
     # -- state ---------------------------------------------------------------------------------
     def copy(self) -> Student:
         """A deep copy of the model sharing the (stateless) processor and tokenizer."""
-        return Student(copy.deepcopy(self.model), self.image_processor, self.tokenizer, self.device, self.precision)
+        return Student(copy.deepcopy(self.model), self.image_processor, self.tokenizer, self.device, self.precision,
+                       self.static_cache)
 
     def frozen(self) -> Student:
         """This student as a frozen reference: eval mode, no grads (modifies and returns self)."""
@@ -234,10 +242,12 @@ def load_student(
     name_or_dir: str | os.PathLike = DEFAULT_STUDENT,
     device: str | None = None,
     precision: str = "auto",
+    static_cache: bool = False,
 ) -> Student:
     """Load model, image processor and tokenizer from a hub id or a local directory.
 
-    Weights stay in fp32 (they are the optimizer's master copy); ``precision`` sets autocast.
+    Weights stay in fp32 (they are the optimizer's master copy); ``precision`` sets autocast;
+    ``static_cache`` see :class:`Student`.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
@@ -254,4 +264,4 @@ def load_student(
         ) from e
     _fix_special_tokens(model, tokenizer)
     dev = pick_device(device)
-    return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev))
+    return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev), static_cache)

@@ -94,3 +94,17 @@ def test_device_and_precision_choice():
 def test_load_student_error_names_the_input(tmp_path):
     with pytest.raises(OSError, match="no-such-model"):
         load_student(tmp_path / "no-such-model")
+
+
+def test_static_cache_decodes_the_same_tokens(tiny_student_dir, photos):
+    from refine.student import load_student
+
+    ims = list(photos.values())
+    eager = load_student(tiny_student_dir, device="cpu", precision="fp32")
+    static = load_student(tiny_student_dir, device="cpu", precision="fp32", static_cache=True)
+    assert static.static_cache and static.copy().static_cache
+    # min_new_tokens: a random tiny model would otherwise stop at EOS after one token.
+    for kwargs in ({}, {"num_beams": 3}):
+        assert static.caption(ims, min_new_tokens=12, max_new_tokens=12, **kwargs) == eager.caption(
+            ims, min_new_tokens=12, max_new_tokens=12, **kwargs)
+    assert all(c[0] for c in eager.caption(ims, min_new_tokens=12, max_new_tokens=12))  # compared real text
