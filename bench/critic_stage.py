@@ -36,6 +36,7 @@ from bench.data import bench_records
 from bench.data import captions as bench_captions
 from bench.devserver import ServerProcess
 from bench.measure import Row, Target, ratios, timed
+from critics.openai_vlm import DEFAULT_MAX_CONCURRENCY
 
 MODEL = "gpt-4o"  # sent by both sides; it must be a textgrad multimodal whitelist name (see module docstring)
 API_KEY_ENV = "REFINE_BENCH_API_KEY"  # unset on purpose: a local base_url gets a placeholder key
@@ -59,12 +60,11 @@ class RefineSide:
     step, as the loop's critique and step stages do.
     """
 
-    def __init__(self, base_url: str, max_concurrency: int | None = None):
+    def __init__(self, base_url: str):
         from critics.openai_vlm import OpenAIVLMCritic
         from refine.step import ChatEngine
 
-        self.pool = {} if max_concurrency is None else {"max_concurrency": max_concurrency}
-        self.critic = OpenAIVLMCritic(model=MODEL, base_url=base_url, api_key_env=API_KEY_ENV, **self.pool)
+        self.critic = OpenAIVLMCritic(model=MODEL, base_url=base_url, api_key_env=API_KEY_ENV)
         self.engine = ChatEngine(MODEL, base_url, API_KEY_ENV)
 
     def round(self, records, captions, cache_dir: Path) -> dict[str, Any]:
@@ -78,7 +78,7 @@ class RefineSide:
         requests = [CritiqueRequest(r.id, r.image, r.sha256, c) for r, c in zip(records, captions)]
         critiques = self.critic.critique_many(requests)
         middle = time.perf_counter()
-        steps = apply_many(list(captions), critiques, self.engine, **self.pool)
+        steps = apply_many(list(captions), critiques, self.engine)
         end = time.perf_counter()
         self.critic.cache.close()
         self.engine.cache.close()
@@ -150,15 +150,14 @@ def run(reps: int, quick: bool, workdir: Path) -> list[Row]:
     warm_records, warm_captions = records[-1:], ["a warm-up caption that no measured round uses"]
     records, captions = records[:n_images], captions[:n_images]
 
-    tg_s, tg_req, cold_s, cold_req, warm_s, warm_req, wide_s = [], [], [], [], [], [], []
+    tg_s, tg_req, cold_s, cold_req, warm_s, warm_req = [], [], [], [], [], []
     split = {"critique_s": [], "step_s": []}
     kinds: dict[str, dict[str, int]] = {}
-    failures: dict[str, list[str]] = {"textgrad": [], "refine": [], "warm": [], "wide": []}
+    failures: dict[str, list[str]] = {"textgrad": [], "refine": [], "warm": []}
     with ServerProcess(latency=latency) as server:
-        textgrad, refine, wide = TextgradSide(server.base_url), RefineSide(server.base_url), RefineSide(
-            server.base_url, max_concurrency=n_images)
+        textgrad, refine = TextgradSide(server.base_url), RefineSide(server.base_url)
         scratch = Path(tempfile.mkdtemp(prefix="critic-warmup-", dir=workdir))
-        for name, side in (("textgrad", textgrad), ("refine", refine), ("wide", wide)):
+        for name, side in (("textgrad", textgrad), ("refine", refine)):
             side.round(warm_records, warm_captions, scratch / name)
         for rep in range(reps):
             root = Path(tempfile.mkdtemp(prefix=f"critic-rep{rep}-", dir=workdir))
@@ -180,10 +179,6 @@ def run(reps: int, quick: bool, workdir: Path) -> list[Row]:
             seconds, out = timed(lambda: refine.round(records, captions, root / "refine-cache"))
             warm_s.append(seconds), warm_req.append(server.stats()["requests"]), failures["warm"].extend(out["failures"])
 
-            server.reset()  # for the reader: the same round with one thread per image
-            seconds, out = timed(lambda: wide.round(records, captions, root / "wide-cache"))
-            wide_s.append(seconds), failures["wide"].extend(out["failures"])
-
     def problems(side: str) -> str | None:
         found = failures[side]
         return f"{len(found)} failed items, e.g. {found[0][:200]}" if found else None
@@ -192,22 +187,20 @@ def run(reps: int, quick: bool, workdir: Path) -> list[Row]:
     setup = f"{n_images} images, {latency * 1000:.0f} ms per request, server in its own process, after a warm-up round"
     kinds_text = "; ".join(f"{side}: {k}" for side, k in kinds.items())
     median = statistics.median
+    waves = -(-n_images // DEFAULT_MAX_CONCURRENCY)
     split_text = (f"median critique stage {median(split['critique_s']):.2f} s + step stage "
-                  f"{median(split['step_s']):.2f} s; with {n_images} images and 8 threads each stage takes two "
-                  f"waves of requests, i.e. ≥ {4 * latency:.1f} s of latency alone")
+                  f"{median(split['step_s']):.2f} s; {waves} wave(s) of requests per stage at {DEFAULT_MAX_CONCURRENCY} "
+                  f"threads, i.e. ≥ {2 * waves * latency:.1f} s of latency alone")
     return [
         Row(s1, "textgrad: critique → backward → TGD step, sequential", "s", tg_s,
             earlier="earlier: 9.25 s for 10 images", note=setup, error=problems("textgrad")),
         Row(s1, "textgrad: requests per image (counted at the server)", "req", tg_req, earlier="earlier: 3"),
-        Row(s1, "refine: critique_many + step.apply_many, default concurrency (8)", "s", cold_s,
+        Row(s1, f"refine: critique_many + step.apply_many, default concurrency ({DEFAULT_MAX_CONCURRENCY})", "s", cold_s,
             earlier="earlier: the same requests 10 at a time took 0.99 s", note="fresh cache dir per rep; " + split_text,
             error=problems("refine")),
         Row(s1, "refine: requests per image (counted at the server)", "req", cold_req, Target("<=", 2, on="all"),
             note="requests by kind, last rep: " + kinds_text),
         Row(s1, "speed-up over textgrad (same-rep ratio)", "×", ratios(tg_s, cold_s), Target(">=", 12)),
-        Row(s1, "(info) refine with max_concurrency = number of images", "s", wide_s, error=problems("wide"),
-            note="not the default: one wave of requests per stage"),
-        Row(s1, "(info) speed-up over textgrad at max_concurrency = images", "×", ratios(tg_s, wide_s)),
         Row(s2, "warm cache: requests reaching the server", "req", warm_req, Target("==", 0, on="all"),
             error=problems("warm")),
         Row(s2, "warm cache: refine round wall time", "s", warm_s),
