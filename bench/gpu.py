@@ -95,7 +95,7 @@ def run(model_dir: Path, reps: int, quick: bool, workdir: Path) -> list[Row]:
     ]
     n_images = 4 if quick else 10
     images = write_images(workdir / "gpu-round-images", n_images)
-    rates = []
+    rates, per_stage = [], []
     with ServerProcess(latency=0.3) as server:
         for _ in range(reps):
             stages = stage_seconds(run_round(
@@ -103,6 +103,9 @@ def run(model_dir: Path, reps: int, quick: bool, workdir: Path) -> list[Row]:
                 "--critic.model=gpt-4o", "--critic.api_key_env=REFINE_BENCH_API_KEY", "--regions.model=yolov8n.yaml",
                 "--student.device=cuda", "--regions.device=0"))
             rates.append(n_images / sum(stages.values()))
+            per_stage.append(stages)
+    split = ", ".join(f"{k} {statistics.median(s[k] for s in per_stage):.2f} s" for k in per_stage[0])
     rows.append(Row(SECTION, f"whole loop round, {n_images} images, critic = local server (300 ms)", "img/s", rates,
-                    note="refine.loop's stage timer; ViT-GPT2 random weights on the GPU"))
+                    note=f"refine.loop's stage timer, a fresh process per round (first-call costs included); "
+                         f"ViT-GPT2 random weights on the GPU; median stage seconds: {split}"))
     return rows
