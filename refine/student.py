@@ -125,9 +125,16 @@ class Student:
         return pixels.to(self.device)
 
     def tokenize(self, captions: Sequence[str], max_tokens: int = 64) -> TokenizedCaptions:
-        """Tokenize for teacher forcing (see the module docstring for the layout)."""
+        """Tokenize for teacher forcing (see the module docstring for the layout).
+
+        A caption is cut to ``max_tokens``, and to what fits the decoder's positions (the start token
+        takes one), so a long critic rewrite cannot index past the position embeddings.
+        """
         cfg = self.model.config
         start, eos = cfg.decoder_start_token_id, self.tokenizer.eos_token_id
+        positions = getattr(cfg.decoder, "n_positions", None) or getattr(cfg.decoder, "max_position_embeddings", None)
+        if positions:
+            max_tokens = min(max_tokens, positions - 1)
         ids = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids[:max_tokens] for c in captions]
         T = max(len(x) for x in ids) + 1
         B = len(ids)

@@ -42,6 +42,17 @@ def test_padding_does_not_change_a_caption_logp(tiny_student, photos):
     assert padded[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
+def test_captions_longer_than_the_decoder_context_are_cut_to_fit(tiny_student, photos):
+    positions = tiny_student.model.config.decoder.n_positions  # 64 in the tiny model
+    long = " ".join(["red circle"] * positions)  # 2 tokens a repeat: twice the context
+    tokens = tiny_student.tokenize([long])
+    assert tokens.decoder_input_ids.shape[1] == positions and int(tokens.lengths[0]) == positions
+    ids = tiny_student.tokenizer(long, add_special_tokens=False).input_ids[: positions - 1]
+    cut = tiny_student.tokenizer.decode(ids)
+    logp_long, logp_cut = tiny_student.logps([photos["bus"]] * 2, [long, cut])
+    assert torch.isfinite(logp_long) and logp_long.item() == pytest.approx(logp_cut.item(), abs=1e-4)
+
+
 def test_caption_modes(tiny_student, photos, drawn_images):
     images = [photos["bus"], drawn_images["gray"]]
     greedy = tiny_student.caption(images, min_new_tokens=3, max_new_tokens=6)
