@@ -1,0 +1,65 @@
+"""The demo's claim in miniature, through the real loop: a few rounds cut hallucination on the trained
+scenes while recall holds, and the swapped-pair control does not.
+
+The student is a small toy recipe trained here in seconds, not the demo's 5-minute one: it sees poorly
+and hallucinates a lot (the planted blue square among it), which gives the loop plenty to fix. The
+update is stronger than the demo's (lr 1e-3, 4 epochs) so that two short rounds show the direction.
+"""
+
+import json
+
+import pytest
+
+from refine import loop, shapes
+from refine import toy_student as toy
+from refine.demo import DEMO_OVERRIDES, summary
+
+OBJECTS = (1, 2)
+FAST = toy.ToyRecipe(train_scenes=3000, objects=OBJECTS, steps=600, batch_size=32, warmup_steps=30, lr=4e-3,
+                     width=64, heads=2, mlp_width=128, encoder_layers=1, decoder_layers=2)
+STRONGER = ["--update.lr=1e-3", "--update.epochs=10", "--loop.use_regions=false"]  # no detector for shapes
+
+
+@pytest.fixture(scope="module")
+def biased_student(tmp_path_factory, gpt2_tokenizer_dir):
+    out = tmp_path_factory.mktemp("fast-toy") / "student"
+    toy.train(FAST, out, tokenizer_dir=gpt2_tokenizer_dir, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """32 training scenes of 1-2 objects as a JSONL manifest (image files, annotations, references)."""
+    folder = tmp_path_factory.mktemp("scenes")
+    lines = []
+    for scene in shapes.make_scenes(32, "train", seed=0, objects=OBJECTS):
+        scene.image.save(folder / f"{scene.id}.png")
+        lines.append(json.dumps({"path": f"{scene.id}.png", "objects": scene.objects, "references": [scene.caption]}))
+    (folder / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "scenes.jsonl"
+
+
+def run_loop(student_dir, scenes, runs_dir, swap: bool) -> tuple[dict, dict]:
+    """Before/after object metrics on the trained scenes themselves (the eval set is the training set)."""
+    log = loop.run([
+        "--images", str(scenes), f"--student.model={student_dir}", "--rounds=2", f"--loop.eval_images={scenes}",
+        f"--loop.swap_pairs={swap}", f"--loop.runs_dir={runs_dir}", f"--loop.run_id={'swapped' if swap else 'refine'}",
+        *DEMO_OVERRIDES, *STRONGER,
+    ])
+    result = summary(log)
+    return result["before"], result["after"]
+
+
+def direction_holds(before: dict, after: dict) -> bool:
+    """Hallucination (CHAIR_s) at most half of what it was, object recall no lower."""
+    return after["chair_s"] <= 0.5 * before["chair_s"] and after["recall"] >= before["recall"]
+
+
+def test_loop_cuts_hallucination_and_swapped_pairs_do_not(biased_student, scenes, tmp_path):
+    before, after = run_loop(biased_student, scenes, tmp_path, swap=False)
+    assert before["chair_s"] >= 0.1, before  # something to fix
+    assert direction_holds(before, after), (before, after)
+
+    swapped_before, swapped_after = run_loop(biased_student, scenes, tmp_path, swap=True)
+    assert swapped_before == before  # the same student on the same scenes
+    assert not direction_holds(swapped_before, swapped_after), (swapped_before, swapped_after)
