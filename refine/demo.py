@@ -59,20 +59,22 @@ def summary(log: RunLog) -> dict[str, Any]:
 
 
 def render(results: dict[str, dict[str, Any]]) -> None:
+    """One "before" column when every run started from the same student (the demo's case), then "after" per run."""
+    shared = all(r["before"] == next(iter(results.values()))["before"] for r in results.values())
+    columns = [("before", "before", name) for name in list(results)[:1]] if shared else []
+    for name in results:
+        if not shared:
+            columns.append((f"{name}: before", "before", name))
+        columns.append((f"{name}: after" if len(results) > 1 else "after", "after", name))
     table = Table(title="held-out scenes: before → after the loop")
     table.add_column("metric")
-    for name in results:
-        table.add_column(f"{name}: before", justify="right")
-        table.add_column(f"{name}: after", justify="right")
-    for key, title in METRICS:
-        row = [title]
-        for r in results.values():
-            row += [f"{r['before'][key]:.3f}", f"{r['after'][key]:.3f}"]
-        table.add_row(*row)
-    row = ["CHAIR_s change"]
-    for r in results.values():
-        row += ["", f"{r['chair_s_change']:+.0%}" if r["chair_s_change"] is not None else "–"]
-    table.add_row(*row)
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for key, label in METRICS:
+        table.add_row(label, *(f"{results[name][when][key]:.3f}" for _, when, name in columns))
+    table.add_row("CHAIR_s change", *(
+        f"{results[name]['chair_s_change']:+.0%}" if when == "after" and results[name]["chair_s_change"] is not None
+        else "" for _, when, name in columns))
     console.print(table)
 
 
