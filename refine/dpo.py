@@ -108,6 +108,16 @@ def reference_logps(
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device (an unindexed device means the current one)."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+
+    return a.type == b.type and index(a) == index(b)
+
+
 def update(
     student: Student,
     pairs: Sequence[PreferencePair],
@@ -133,10 +143,11 @@ def update(
         raise KeyError(f"update(): no image for pair image_id(s) {sorted(missing)[:5]}")
     from accelerate import Accelerator
 
-    # The student is already where it should run: no device placement. (Accelerator's state is a
-    # process-wide singleton, so one made earlier for the CPU would otherwise move a CUDA student there.)
-    accelerator = accelerator or Accelerator(cpu=student.device.type == "cpu", device_placement=False)
-    if accelerator.device_placement and accelerator.device.type != student.device.type:
+    # The student is already where it should run: no device placement, and no cpu= flag. Accelerator's
+    # state is a process-wide singleton: one made earlier for the CPU would move a CUDA student there,
+    # and cpu=True after a CUDA one raises.
+    accelerator = accelerator or Accelerator(device_placement=False)
+    if accelerator.device_placement and not _same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
     pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]

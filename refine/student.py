@@ -128,24 +128,26 @@ class Student:
         """Tokenize for teacher forcing (see the module docstring for the layout).
 
         A caption is cut to ``max_tokens``, and to what fits the decoder's positions (the start token
-        takes one), so a long critic rewrite cannot index past the position embeddings.
+        takes one), so a long critic rewrite cannot index past the position embeddings. A cut caption
+        gets no EOS target: it did not end there, and training must not teach it to.
         """
         cfg = self.model.config
         start, eos = cfg.decoder_start_token_id, self.tokenizer.eos_token_id
         positions = getattr(cfg.decoder, "n_positions", None) or getattr(cfg.decoder, "max_position_embeddings", None)
         if positions:
             max_tokens = min(max_tokens, positions - 1)
-        ids = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids[:max_tokens] for c in captions]
+        full = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids for c in captions]
+        ids = [x[:max_tokens] for x in full]
         T = max(len(x) for x in ids) + 1
         B = len(ids)
         dec = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        for i, x in enumerate(ids):
+        for i, (x, whole) in enumerate(zip(ids, full)):
             n = len(x)
             dec[i, : n + 1] = torch.tensor([start, *x])
             labels[i, : n + 1] = torch.tensor([*x, eos])
-            mask[i, : n + 1] = 1
+            mask[i, : n + 1 if len(whole) == n else n] = 1  # a cut caption: no EOS target
         return TokenizedCaptions(dec.to(self.device), labels.to(self.device), mask.to(self.device), mask.sum(1).to(self.device))
 
     # -- captioning ----------------------------------------------------------------------------

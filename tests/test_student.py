@@ -45,12 +45,18 @@ def test_padding_does_not_change_a_caption_logp(tiny_student, photos):
 def test_captions_longer_than_the_decoder_context_are_cut_to_fit(tiny_student, photos):
     positions = tiny_student.model.config.decoder.n_positions  # 64 in the tiny model
     long = " ".join(["red circle"] * positions)  # 2 tokens a repeat: twice the context
-    tokens = tiny_student.tokenize([long])
-    assert tokens.decoder_input_ids.shape[1] == positions and int(tokens.lengths[0]) == positions
     ids = tiny_student.tokenizer(long, add_special_tokens=False).input_ids[: positions - 1]
-    cut = tiny_student.tokenizer.decode(ids)
-    logp_long, logp_cut = tiny_student.logps([photos["bus"]] * 2, [long, cut])
-    assert torch.isfinite(logp_long) and logp_long.item() == pytest.approx(logp_cut.item(), abs=1e-4)
+    fits = tiny_student.tokenizer.decode(ids)  # exactly as many tokens as fit: keeps its EOS target
+    tokens = tiny_student.tokenize([long, fits])
+    assert tokens.decoder_input_ids.shape[1] == positions
+    assert tokens.lengths.tolist() == [positions - 1, positions]  # the cut caption has no EOS target
+    assert torch.equal(tokens.decoder_input_ids[0], tokens.decoder_input_ids[1])
+    logp_long, logp_fits = tiny_student.logps([photos["bus"]] * 2, [long, fits])
+    logits = tiny_student.model(pixel_values=tiny_student.pixel_values([photos["bus"]]),
+                                decoder_input_ids=tokens.decoder_input_ids[1:]).logits[0, -1]
+    logp_eos = torch.log_softmax(logits.float(), -1)[tiny_student.tokenizer.eos_token_id]
+    assert torch.isfinite(logp_long)
+    assert logp_long.item() == pytest.approx((logp_fits - logp_eos).item(), abs=1e-3)
 
 
 def test_caption_modes(tiny_student, photos, drawn_images):
