@@ -120,8 +120,12 @@ def test_static_cache_decodes_the_same_tokens(tiny_student_dir, photos):
     eager = load_student(tiny_student_dir, device="cpu", precision="fp32")
     static = load_student(tiny_student_dir, device="cpu", precision="fp32", static_cache=True)
     assert static.static_cache and static.copy().static_cache
+    seen = []  # what reaches transformers' generate (it still runs)
+    real_generate = static.model.generate
+    static.model.generate = lambda **kw: seen.append(kw.get("cache_implementation")) or real_generate(**kw)
     # min_new_tokens: a random tiny model would otherwise stop at EOS after one token.
     for kwargs in ({}, {"num_beams": 3}):
         assert static.caption(ims, min_new_tokens=12, max_new_tokens=12, **kwargs) == eager.caption(
             ims, min_new_tokens=12, max_new_tokens=12, **kwargs)
     assert all(c[0] for c in eager.caption(ims, min_new_tokens=12, max_new_tokens=12))  # compared real text
+    assert seen == ["static", "static"]
