@@ -28,17 +28,11 @@ VIT_GPT2_SIZES = {
 }
 
 
-def build_vit_gpt2(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, tokenizer_cache: str | None = None) -> Path:
-    """Save a random ViT + GPT-2 ``VisionEncoderDecoderModel`` with the real GPT-2 tokenizer."""
-    from transformers import (
-        GPT2Config,
-        VisionEncoderDecoderConfig,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-        ViTImageProcessor,
-    )
+def random_vit_gpt2(vit_kwargs: dict, gpt2_kwargs: dict, seed: int = 0):
+    """A random ViT + GPT-2 ``VisionEncoderDecoderModel`` over GPT-2's vocabulary, EOS as every special
+    token (as ViT-GPT2 does). ``vit_kwargs`` / ``gpt2_kwargs`` go to ``ViTConfig`` / ``GPT2Config``."""
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
-    vit_kwargs, gpt2_kwargs = VIT_GPT2_SIZES[size]
     eos = GPT2_VOCAB_SIZE - 1
     torch.manual_seed(seed)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
@@ -47,8 +41,17 @@ def build_vit_gpt2(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0
     )
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
     model = VisionEncoderDecoderModel(config=config)
-    model.generation_config.decoder_start_token_id = model.generation_config.pad_token_id = eos
-    model.generation_config.eos_token_id = model.generation_config.bos_token_id = eos
+    gen = model.generation_config
+    gen.decoder_start_token_id = gen.pad_token_id = gen.eos_token_id = gen.bos_token_id = eos
+    return model
+
+
+def build_vit_gpt2(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, tokenizer_cache: str | None = None) -> Path:
+    """Save a random ViT + GPT-2 ``VisionEncoderDecoderModel`` with the real GPT-2 tokenizer."""
+    from transformers import ViTImageProcessor
+
+    vit_kwargs, gpt2_kwargs = VIT_GPT2_SIZES[size]
+    model = random_vit_gpt2(vit_kwargs, gpt2_kwargs, seed)
     side = vit_kwargs["image_size"]
     processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     tokenizer = load_gpt2_tokenizer(tokenizer_cache)

@@ -140,11 +140,9 @@ def build_model(recipe: ToyRecipe, grammar_ids: Sequence[int]):
 
     Embedding rows of tokens outside ``grammar_ids`` are zeroed (see :func:`full_vocab_nll`).
     """
-    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+    from refine.random_init import random_vit_gpt2
 
-    eos = GPT2_VOCAB_SIZE - 1
-    torch.manual_seed(recipe.seed)
-    encoder = ViTConfig(
+    vit = dict(
         image_size=shapes.IMAGE_SIZE,
         patch_size=shapes.CELL,  # one token per grid cell
         hidden_size=recipe.width,
@@ -154,8 +152,7 @@ def build_model(recipe: ToyRecipe, grammar_ids: Sequence[int]):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    decoder = GPT2Config(
-        vocab_size=GPT2_VOCAB_SIZE,
+    gpt2 = dict(
         n_positions=MAX_CAPTION_TOKENS + 8,
         n_embd=recipe.width,
         n_layer=recipe.decoder_layers,
@@ -164,15 +161,9 @@ def build_model(recipe: ToyRecipe, grammar_ids: Sequence[int]):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=eos,
-        eos_token_id=eos,
     )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
-    model = VisionEncoderDecoderModel(config=config)
-    gen = model.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.eos_token_id = gen.bos_token_id = eos
-    gen.max_new_tokens = MAX_CAPTION_TOKENS
+    model = random_vit_gpt2(vit, gpt2, recipe.seed)
+    model.generation_config.max_new_tokens = MAX_CAPTION_TOKENS
     unused = torch.ones(GPT2_VOCAB_SIZE, dtype=torch.bool)
     unused[list(grammar_ids)] = False
     with torch.no_grad():
