@@ -14,7 +14,7 @@ step trains the loaded student further (timing does not depend on the weights' v
   RAdam, and the ``Accelerator`` handed to ``update`` times ``backward``. "step" is everything after
   the reference pass: batch preparation, forward, loss, backward, clipping, RAdam.
 - ``sft``: cross-entropy on the chosen captions (``VisionEncoderDecoderModel(..., labels=...)``), the
-  same model preparation (dropout off, pooler frozen, as ``update`` does), a fresh RAdam, the same
+  same model preparation (``refine.dpo.prepare_for_training``: dropout off, pooler frozen), a fresh RAdam, the same
   clipping.
 
 Per step the worker reports wall times by phase and the highest RSS sampled during the step
@@ -157,20 +157,6 @@ def dpo_step(student, pairs, images, freeze_encoder: bool, device_sync=lambda: N
     }
 
 
-def prepare_for_training(model) -> list:
-    """What ``update`` does to the policy before its first step (dropout off, unused pooler frozen)."""
-    import torch
-
-    model.train()
-    model.requires_grad_(True)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if getattr(model.encoder, "pooler", None) is not None:
-        model.encoder.pooler.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def sft_step(student, pairs, images, params, lr: float = 1e-5, device_sync=lambda: None) -> dict[str, float]:
     """One cross-entropy step on the chosen captions with a fresh RAdam; wall seconds by phase."""
     import torch
@@ -206,6 +192,7 @@ class Stepper:
     def __init__(self, variant: str, model_dir: str, n_pairs: int, n_tokens: int, device: str = "cpu"):
         import torch
 
+        from refine.dpo import prepare_for_training
         from refine.student import load_student
 
         if variant not in VARIANTS:

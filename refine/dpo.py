@@ -108,6 +108,26 @@ def reference_logps(
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -> list[torch.nn.Parameter]:
+    """Put a ``VisionEncoderDecoderModel`` in training mode as ``update`` trains it; returns the trainable params.
+
+    Dropout off, as TRL does by default: it would make policy != reference at step 0 and add noise to
+    the log-ratios that DPO compares. The encoder's pooler is frozen: the decoder reads
+    ``last_hidden_state`` only, so the pooler never gets a gradient, and DDP (accelerate launch)
+    refuses parameters that take part in no backward pass.
+    """
+    model.train()
+    model.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if freeze_encoder:
+        model.encoder.requires_grad_(False)
+    if getattr(model.encoder, "pooler", None) is not None:
+        model.encoder.pooler.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are the same device (an unindexed device means the current one)."""
     def index(d: torch.device) -> int:
@@ -158,20 +178,8 @@ def update(
     policy = student if in_place else student.copy()
     policy.precision = precision
 
-    model = policy.model.train()
-    model.requires_grad_(True)
-    # As TRL does by default: dropout would make policy != reference at step 0 and add noise to the
-    # log-ratios that DPO compares.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if config.freeze_encoder:
-        model.encoder.requires_grad_(False)
-    if getattr(model.encoder, "pooler", None) is not None:
-        # The decoder reads last_hidden_state only: the pooler never gets a gradient, and DDP (accelerate
-        # launch) refuses parameters that take part in no backward pass.
-        model.encoder.pooler.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = policy.model
+    params = prepare_for_training(model, config.freeze_encoder)
     optimizer = torch.optim.RAdam(params, lr=config.lr)
     scorer, optimizer = accelerator.prepare(CaptionScorer(model), optimizer)
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
