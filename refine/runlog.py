@@ -2,8 +2,9 @@
 
 Layout of ``runs/<id>/``::
 
-    config.json                 resolved config, written first
-    events.jsonl                append-only: run_start, stage_done, round_done, budget_stop, run_done
+    config.json                 resolved config, written first (a resume that changes a setting rewrites it)
+    events.jsonl                append-only: run_start, stage_done, round_done, resume, budget_stop,
+                                failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
     rounds/<k>/metrics.json     the round summary
     student/last/, student/best/  checkpoints (from_pretrained-loadable) with refine_state.json
@@ -16,6 +17,7 @@ no record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,14 +30,30 @@ from typing import Any
 STATE_FILE = "refine_state.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The temp file beside it is removed if anything fails (a full disk, text that cannot be encoded),
+    so a failed write leaves nothing behind.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text through :func:`atomic_write_bytes`; text that is not valid Unicode fails before any write."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -46,15 +64,29 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a torn last line (crash mid-append) is ignored."""
+def read_jsonl(path: Path, torn: list[int] | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file. A line that is not a JSON object (torn by a crash or a full disk during an
+    append) is skipped, and every line after it is still read; pass ``torn`` to collect the skipped
+    line numbers."""
     rows = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(Path(path).read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif torn is not None:
+            torn.append(n)
     return rows
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class RunLog:
@@ -62,11 +94,17 @@ class RunLog:
         self.root = Path(root)
 
     # -- creation ------------------------------------------------------------------------------
-    @classmethod
-    def create(cls, runs_dir: str | os.PathLike, run_id: str, config: dict[str, Any]) -> RunLog:
+    @staticmethod
+    def check_new(runs_dir: str | os.PathLike, run_id: str) -> None:
+        """Raise ``FileExistsError`` if ``run_id`` is taken (checked before anything is loaded)."""
         root = Path(runs_dir) / run_id
         if (root / "config.json").exists():
             raise FileExistsError(f"run {root} already exists; pass --resume {run_id} to continue it, or another --loop.run_id")
+
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, run_id: str, config: dict[str, Any]) -> RunLog:
+        cls.check_new(runs_dir, run_id)
+        root = Path(runs_dir) / run_id
         log = cls(root)
         write_json(root / "config.json", config)
         log.event("run_start", run_id=run_id)
@@ -84,18 +122,51 @@ class RunLog:
     def config(self) -> dict[str, Any]:
         return json.loads((self.root / "config.json").read_text())
 
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.root / "config.json", config)
+
+    def is_done(self) -> bool:
+        return any(e["event"] == "run_done" for e in self.events())
+
+    def status(self) -> str:
+        """One phrase for ``refine.runs``: done, or how it stopped and that it can be resumed."""
+        kinds = [e["event"] for e in self.events()]
+        last = next((e for e in reversed(self.events()) if e["event"] != "stage_done"), {})
+        if "run_done" in kinds:
+            done = next(e for e in self.events() if e["event"] == "run_done")
+            return "done, no pairs" if done.get("pairs") == 0 else "done"
+        stops = {"budget_stop": "budget stop", "failure_stop": "stopped: too many failed requests",
+                 "interrupted": "interrupted"}
+        return f"{stops.get(last.get('event'), 'incomplete')} (resumable)"
+
     # -- events --------------------------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
+        """Append one event line. If the file ends in a torn line (no newline), end that line first, so
+        the torn fragment never swallows this event."""
         row = {"time": round(time.time(), 3), "event": kind, **fields}
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "events.jsonl", "a") as f:
-            f.write(json.dumps(row, default=str) + "\n")
+        path = self.root / "events.jsonl"
+        with open(path, "ab") as f:
+            if f.tell() > 0 and not _ends_with_newline(path):
+                f.write(b"\n")
+            f.write((json.dumps(row, default=str) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
     def events(self) -> list[dict[str, Any]]:
         path = self.root / "events.jsonl"
         return read_jsonl(path) if path.exists() else []
+
+    def repair_events(self) -> list[int]:
+        """Rewrite ``events.jsonl`` without its torn lines (a crash or a full disk during an append);
+        returns their line numbers."""
+        path = self.root / "events.jsonl"
+        torn: list[int] = []
+        if path.exists():
+            rows = read_jsonl(path, torn)
+            if torn:
+                write_jsonl(path, rows)
+        return torn
 
     # -- stages --------------------------------------------------------------------------------
     def round_dir(self, k: int) -> Path:
