@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 from critics.base import Critic, Critique, CritiqueRequest
+from refine.config import BACKENDS, DEFAULT_FLORENCE2_MODEL, DEFAULT_OPENAI_MODEL
 
-BACKENDS = ("grounded", "openai", "florence2")
-DEFAULT_MODELS = {"openai": "gpt-4o", "florence2": "florence-community/Florence-2-base"}
+DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "florence2": DEFAULT_FLORENCE2_MODEL}
 
 __all__ = ["BACKENDS", "Critic", "Critique", "CritiqueRequest", "make_critic"]
 
@@ -29,7 +29,9 @@ def make_critic(cfg, cache=None, labels=()) -> Critic:
         return GroundedCritic(vocabulary=coco_vocabulary().extended(sorted(set(labels))))
     if cfg.backend == "openai":
         from critics.openai_vlm import OpenAIVLMCritic
+        from refine.prompts import load_template
 
+        load_template(cfg.template)  # a missing or broken template fails here, before any request
         return OpenAIVLMCritic(
             model=cfg.model or DEFAULT_MODELS["openai"], base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
             max_retries=cfg.max_retries, timeout=cfg.timeout, temperature=cfg.temperature, max_views=cfg.max_views,

@@ -25,9 +25,10 @@ from PIL import Image
 from critics.base import Critique, CritiqueRequest
 from critics.grounded import critique_from_truth
 from refine.cache import DiskCache, cache_key
+from refine.config import DEFAULT_FLORENCE2_MODEL
 from refine.objects import Vocabulary, coco_vocabulary, mentions
 
-DEFAULT_FLORENCE2 = "florence-community/Florence-2-base"
+DEFAULT_FLORENCE2 = DEFAULT_FLORENCE2_MODEL
 CAPTION_TASK = "<MORE_DETAILED_CAPTION>"
 OD_TASK = "<OD>"
 REGION_TASK = "<REGION_TO_DESCRIPTION>"

@@ -33,7 +33,6 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,16 +40,14 @@ from PIL import Image
 
 from critics.base import Critique, CritiqueRequest
 from refine.cache import DiskCache, cache_key
+from refine.concurrency import map_concurrently
+from refine.config import DEFAULT_MAX_CONCURRENCY, DEFAULT_OPENAI_MODEL
 from refine.prompts import Template, describe_views, format_annotations, format_objects, load_template
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gpt-4o"
+DEFAULT_MODEL = DEFAULT_OPENAI_MODEL
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-# Requests in flight at once (critiques, and textual steps). A round's wall time against a remote API
-# is about (images / concurrency) x latency, so this is the knob that makes a run API-bound rather
-# than loop-bound. 16 stays inside OpenAI's lowest paid tiers; raise it for vLLM, lower it for Ollama.
-DEFAULT_MAX_CONCURRENCY = 16
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # vLLM / Ollama ignore the key, but the SDK insists on one
 
 # The output format stated in prompts/critique.txt, as a JSON schema. Not ``strict``: strict mode forbids
@@ -440,8 +437,7 @@ class OpenAIVLMCritic:
         template = load_template(self.template)
         if not requests:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            return list(pool.map(lambda r: self._critique_safely(r, template), requests))
+        return map_concurrently(lambda r: self._critique_safely(r, template), requests, self.max_concurrency)
 
     def critique(self, request: CritiqueRequest) -> Critique:
         return self.critique_many([request])[0]

@@ -1,7 +1,12 @@
 """One typed config tree: defaults, a config file, and ``--section.key=value`` overrides.
 
-Unknown sections or keys fail loudly with the closest valid name. The resolved tree is saved first
-into every run as ``runs/<id>/config.json``.
+Every config dataclass and every default lives here, and this module imports nothing heavy (no torch,
+no transformers, no stage): the stages import their config from it, never the reverse.
+
+Unknown sections or keys fail loudly with the closest valid name, and every value is checked (type,
+choices, ranges) after all overrides are applied, so a bad setting is refused before a run directory
+exists or a paid call is made. The resolved tree is saved first into every run as
+``runs/<id>/config.json``.
 """
 
 from __future__ import annotations
@@ -10,22 +15,43 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlparse
 
-from critics.openai_vlm import DEFAULT_MAX_CONCURRENCY
-from refine.dpo import UpdateConfig
-from refine.regions import RegionConfig
-from refine.student import DEFAULT_STUDENT
+DEFAULT_STUDENT = "nlpconnect/vit-gpt2-image-captioning"
+DEFAULT_OPENAI_MODEL = "gpt-4o"
+DEFAULT_FLORENCE2_MODEL = "florence-community/Florence-2-base"
+# Requests in flight at once (critiques, and textual steps). A round's wall time against a remote API
+# is about (images / concurrency) x latency, so this is the knob that makes a run API-bound rather
+# than loop-bound. 16 stays inside OpenAI's lowest paid tiers; raise it for vLLM, lower it for Ollama.
+DEFAULT_MAX_CONCURRENCY = 16
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Backend = Literal["grounded", "openai", "florence2"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+PAIR_SOURCES = ("refined", "ranked")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used. The message names the setting and what to write instead."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
 
 
 @dataclass
 class StudentConfig:
     model: str = DEFAULT_STUDENT  # hub id or local dir of a VisionEncoderDecoderModel
     device: str = "auto"  # auto: cuda if available, else cpu
-    precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
     num_beams: int = 1  # for the main caption (1 = greedy)
     n_samples: int = 2  # extra sampled captions per image, ranked by the critic into best ≻ worst pairs
     temperature: float = 1.0
@@ -34,24 +60,107 @@ class StudentConfig:
     batch_size: int = 16
     static_cache: bool = False  # static KV cache; on CUDA, decoding compiled to CUDA graphs (see Student)
 
+    def validate(self) -> None:
+        _require(bool(self.model.strip()), "student.model", self.model, "name a hub id or a local directory")
+        _require(bool(_DEVICE.match(self.device)), "student.device", self.device,
+                 "use auto, cpu, cuda, cuda:N or mps")
+        _require(self.num_beams >= 1, "student.num_beams", self.num_beams, "must be >= 1 (1 = greedy)")
+        _require(self.n_samples >= 0, "student.n_samples", self.n_samples, "must be >= 0 (0 = no sampled captions)")
+        _require(self.temperature > 0, "student.temperature", self.temperature, "must be > 0, e.g. 1.0")
+        _require(0 < self.top_p <= 1, "student.top_p", self.top_p, "must be in (0, 1], e.g. 1.0")
+        _require(self.max_new_tokens >= 1, "student.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.batch_size >= 1, "student.batch_size", self.batch_size, "must be >= 1 images per batch")
+
+
+@dataclass
+class RegionConfig:
+    model: str = "yolov8n.pt"  # any ultralytics weights path or model yaml ("yolov8n.yaml": random, offline)
+    grids: tuple[int, ...] = (2, 3)  # zoom levels: g x g sliding windows, besides the full image
+    overlap: float = 0.2  # fraction of a tile shared with its neighbour (SAHI's default)
+    imgsz: int = 320  # detector input size; small, since tiles are already zoomed in
+    conf: float = 0.25  # detector confidence threshold (ultralytics' default)
+    merge_iou: float = 0.5  # match threshold for merging boxes across tiles and zooms (SAHI's default)
+    top_k_crops: int = 4  # object crops shown to the critic, most confident first
+    crop_pad: float = 0.15  # context around a crop, as a fraction of the object's width / height
+    max_tile_views: int = 2  # zoomed tiles shown to the critic
+    device: str | None = None  # ultralytics device string; None lets ultralytics choose
+
+    def __post_init__(self):
+        self.grids = tuple(self.grids)
+        self.validate()
+
+    def validate(self) -> None:
+        self.grids = tuple(self.grids)
+        _require(all(isinstance(g, int) and g >= 2 for g in self.grids), "regions.grids", self.grids,
+                 "each zoom level must be an integer >= 2 (the full image is always searched); e.g. 2,3")
+        _require(0 <= self.overlap < 1, "regions.overlap", self.overlap, "must be in [0, 1); e.g. 0.2")
+        _require(self.imgsz >= 1, "regions.imgsz", self.imgsz, "must be >= 1 pixels")
+        for name in ("top_k_crops", "max_tile_views"):
+            _require(getattr(self, name) >= 0, f"regions.{name}", getattr(self, name), "must be >= 0")
+        for name in ("conf", "merge_iou"):
+            _require(0 <= getattr(self, name) <= 1, f"regions.{name}", getattr(self, name), "must be in [0, 1]")
+        _require(self.crop_pad >= 0, "regions.crop_pad", self.crop_pad, "must be >= 0")
+
+    def detection_params(self) -> dict[str, Any]:
+        """What determines the raw detections (the cache key). Merging and views are redone on a hit."""
+        return {"grids": list(self.grids), "overlap": self.overlap, "imgsz": self.imgsz, "conf": self.conf}
+
 
 @dataclass
 class CriticConfig:
-    backend: str = "grounded"  # grounded | openai | florence2
+    backend: Backend = "grounded"
     model: str = ""  # "" = the backend's default: gpt-4o (openai), florence-community/Florence-2-base
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, ...)
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     max_retries: int = 4
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds per request attempt
     temperature: float = 0.0
     max_views: int = 4  # crops/tiles attached besides the full image
     template: str = "critique"
 
+    def validate(self) -> None:
+        if self.base_url is not None:
+            url = urlparse(self.base_url)
+            _require(url.scheme in ("http", "https") and bool(url.netloc), "critic.base_url", self.base_url,
+                     "must be an http(s) URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1")
+        _require(bool(self.api_key_env.strip()), "critic.api_key_env", self.api_key_env,
+                 "name the environment variable that holds the API key")
+        _require(self.max_concurrency >= 1, "critic.max_concurrency", self.max_concurrency, "must be >= 1")
+        _require(self.max_retries >= 0, "critic.max_retries", self.max_retries, "must be >= 0")
+        _require(self.timeout > 0, "critic.timeout", self.timeout, "must be > 0 seconds, e.g. 60")
+        _require(0 <= self.temperature <= 2, "critic.temperature", self.temperature, "must be in [0, 2]")
+        _require(self.max_views >= 0, "critic.max_views", self.max_views, "must be >= 0")
+        _require(bool(self.template.strip()), "critic.template", self.template, "name a template in prompts/")
+
 
 @dataclass
 class StepConfig:
-    max_words: int = 20  # TGD constraint: one sentence, at most this many words
+    max_words: int = 20  # a refined caption is one sentence of at most this many words (10% tolerance)
+
+    def validate(self) -> None:
+        _require(self.max_words >= 1, "step.max_words", self.max_words, "must be >= 1")
+
+
+@dataclass
+class UpdateConfig:
+    beta: float = 0.1
+    nll_weight: float = 0.5  # weight of the per-token NLL on the chosen caption
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 8  # pairs per optimizer step
+    max_grad_norm: float = 1.0
+    precision: Precision = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU (or what accelerate launch set)
+    freeze_encoder: bool = False  # train only the decoder (and cross-attention)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.beta > 0, "update.beta", self.beta, "must be > 0, e.g. 0.1")
+        _require(self.nll_weight >= 0, "update.nll_weight", self.nll_weight, "must be >= 0")
+        _require(self.lr > 0, "update.lr", self.lr, "must be > 0, e.g. 1e-5")
+        _require(self.epochs >= 0, "update.epochs", self.epochs, "must be >= 0")
+        _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
+        _require(self.max_grad_norm > 0, "update.max_grad_norm", self.max_grad_norm, "must be > 0")
 
 
 @dataclass
@@ -63,11 +172,28 @@ class LoopConfig:
     run_id: str = ""  # default: <timestamp>-<images>
     coco_root: str = ""  # local COCO dir for coco_val10 (val2017/, annotations/)
     max_critic_calls: int = 0  # 0 = unlimited; the run stops cleanly and stays resumable
-    use_regions: bool = True  # run YOLO; skipped automatically where it cannot help (shapes)
+    # A round whose critiques (or steps) fail more often than this stops the run (non-zero exit,
+    # resumable); the failed requests are asked again on --resume. 1.0 never stops.
+    max_failure_share: float = 0.5
+    use_regions: bool = True  # run YOLO; skipped where the image set says it cannot help (shapes)
     pair_sources: str = "refined,ranked"  # which preference pairs to build
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     eval_images: str = ""  # optional held-out set, captioned greedily after every round
+
+    def validate(self) -> None:
+        _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
+        _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
+                 "must be >= 0 (0 = unlimited)")
+        _require(0 <= self.max_failure_share <= 1, "loop.max_failure_share", self.max_failure_share,
+                 "must be in [0, 1] (a share of a round's requests; 1 = never stop)")
+        sources = [s.strip() for s in self.pair_sources.split(",") if s.strip()]
+        _require(bool(sources) and set(sources) <= set(PAIR_SOURCES), "loop.pair_sources", self.pair_sources,
+                 f"a comma-separated subset of {','.join(PAIR_SOURCES)}")
+        _require(bool(self.runs_dir.strip()), "loop.runs_dir", self.runs_dir, "name a directory")
+        _require(self.run_id == "" or (self.run_id.strip() == self.run_id and "/" not in self.run_id
+                                       and self.run_id not in (".", "..")), "loop.run_id", self.run_id,
+                 "must be a plain folder name (no '/', no surrounding spaces)")
 
 
 @dataclass
@@ -82,31 +208,59 @@ class Config:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> Config:
+        """Check every section (types were checked as values were set); raises ``ConfigError``."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        return self
+
+
+def _type_name(type_: Any) -> str:
+    if get_origin(type_) is Literal:
+        return " | ".join(map(str, get_args(type_)))
+    return getattr(type_, "__name__", str(type_))
+
 
 def _coerce(value: Any, type_: Any, where: str) -> Any:
-    """Convert a string (from the CLI) or JSON value to the field's declared type."""
-    origin = getattr(type_, "__origin__", None)
-    args = [a for a in getattr(type_, "__args__", ()) if a is not type(None)]
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in getattr(type_, "__args__", ())):
-        return None
+    """Convert a string (from the CLI) or JSON value to the field's declared type, or raise ``ConfigError``."""
+    origin, args = get_origin(type_), get_args(type_)
+    optional = type(None) in args
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: must not be null; give a {_type_name(type_)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, args))}")
+        return value
     if origin is tuple or type_ is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list (or comma-separated values)")
         inner = args[0] if args else str
         return tuple(_coerce(v, inner, where) for v in items)
-    if args and type_ not in (bool, int, float, str):  # Optional[X] / X | None
-        type_ = args[0]
-    try:
-        if type_ is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return type_(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}={value!r}: expected {getattr(type_, '__name__', type_)}") from None
+    if optional:  # X | None
+        type_ = next(a for a in args if a is not type(None))
+    if type_ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif type_ is int and not isinstance(value, (bool, float)):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif type_ is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif type_ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}={value!r}: expected {_type_name(type_)}")
 
 
 def _set(config: Config, dotted: str, value: Any) -> None:
@@ -114,40 +268,55 @@ def _set(config: Config, dotted: str, value: Any) -> None:
     sections = {f.name for f in dataclasses.fields(config)}
     if section not in sections or not key:
         hint = difflib.get_close_matches(section, sections, n=1)
-        raise ValueError(f"unknown config section {dotted!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                         + f" Sections: {', '.join(sorted(sections))}")
+        raise ConfigError(f"unknown config section {dotted!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                          + f" Sections: {', '.join(sorted(sections))}")
     node = getattr(config, section)
     hints = get_type_hints(type(node))
     if key not in hints:
         hint = difflib.get_close_matches(key, hints, n=1)
-        raise ValueError(f"unknown config key {dotted!r}" + (f"; did you mean '{section}.{hint[0]}'?" if hint else "")
-                         + f" Keys of {section}: {', '.join(hints)}")
+        raise ConfigError(f"unknown config key {dotted!r}" + (f"; did you mean '{section}.{hint[0]}'?" if hint else "")
+                          + f" Keys of {section}: {', '.join(hints)}")
     setattr(node, key, _coerce(value, hints[key], dotted))
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or TOML file of ``{section: {key: value}}``; every error names the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e})") from None
     if path.suffix == ".toml":
         if sys.version_info < (3, 11):
-            raise ValueError(f"--config {path}: TOML needs Python 3.11+; use JSON")
+            raise ConfigError(f"--config {path}: TOML needs Python 3.11+; use JSON")
         import tomllib
 
-        return tomllib.loads(path.read_text())
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config {path}: not valid JSON ({e})") from e
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a table of sections, "
+                          f'{{"student": {{"batch_size": 8}}, ...}}, not a {type(data).__name__}')
+    return data
 
 
-def apply_dict(config: Config, data: dict[str, Any]) -> Config:
-    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json)."""
+def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a table of sections, not a {type(data).__name__}")
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise ValueError(f"config section {section!r} must be a table of keys, got {values!r}")
+            raise ConfigError(f"{source}: section {section!r} must be a table of keys, got {values!r}")
         for key, value in values.items():
             _set(config, f"{section}.{key}", value)
-    return config
+    return config.validate()
 
 
 def config_reference(config: Config | None = None) -> str:
@@ -156,6 +325,7 @@ def config_reference(config: Config | None = None) -> str:
     lines = []
     for section in dataclasses.fields(config):
         node = getattr(config, section.name)
+
         def show(value: Any) -> str:
             return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -171,8 +341,25 @@ def config_reference(config: Config | None = None) -> str:
     return "\n".join(lines)
 
 
+# Settings a resumed run may change: where and how requests are sent, and how much may be spent.
+# Everything else would make the run's later rounds disagree with its earlier ones.
+RESUMABLE_KEYS = frozenset({
+    "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
+    "loop.max_critic_calls", "loop.max_failure_share",
+})
+
+
+class UsageError(ValueError):
+    """A command line that cannot run (argparse's own errors exit through it instead of SystemExit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump; the caller exits with 2
+        raise UsageError(f"{message} (see python -m refine.loop --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return _Parser(
         prog="python -m refine.loop",
         description="Caption images with the student, critique them, apply the critique (the textual step), "
                     "and update the student with DPO on the resulting preference pairs, round after round. "
@@ -184,32 +371,46 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m refine.loop --images coco_val10 --critic.backend=openai --rounds 3\n"
             "  python -m refine.loop --images photos/ --critic.backend=openai --critic.base_url=http://localhost:8000/v1 "
             "--critic.model=Qwen/Qwen2.5-VL-7B-Instruct\n"
-            "  python -m refine.loop --resume RUN --max-critic-calls 500"
+            "  python -m refine.loop --resume RUN --max-critic-calls 500 --critic.base_url=http://other:8000/v1\n\n"
+            "On --resume, only settings that do not change what the run computes may change: "
+            + ", ".join(sorted(RESUMABLE_KEYS)) + "."
         ),
     )
 
 
 def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse the CLI: ``--images``, ``--config FILE``, ``--resume RUN`` and dotted overrides."""
+    """Parse the CLI: ``--images``, ``--config FILE``, ``--resume RUN`` and dotted overrides.
+
+    Returns the validated config and the parsed flags; ``args.overrides`` holds every dotted key that
+    the command line or the config file set (a resume checks them against ``RESUMABLE_KEYS``).
+    """
     parser = build_parser()
     parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-heldout[:N] | a folder | a glob | a .jsonl manifest")
     parser.add_argument("--config", type=Path, help="a JSON (or TOML) file of {section: {key: value}}")
-    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash or a budget stop")
-    parser.add_argument("--rounds", type=int, help="shorthand for --loop.rounds")
+    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C")
+    parser.add_argument("--rounds", help="shorthand for --loop.rounds")
     parser.add_argument("--coco-root", help="shorthand for --loop.coco_root")
-    parser.add_argument("--max-critic-calls", type=int, help="shorthand for --loop.max_critic_calls")
+    parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")
     args, rest = parser.parse_known_args(argv)
     config = Config()
+    overrides: dict[str, Any] = {}
     if args.config:
-        apply_dict(config, _read_file(args.config))
+        for section, values in read_config_file(args.config).items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"--config {args.config}: section {section!r} must be a table of keys, got {values!r}")
+            overrides.update({f"{section}.{key}": value for key, value in values.items()})
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
-        _set(config, *item[2:].split("=", 1))
+        key, value = item[2:].split("=", 1)
+        overrides[key] = value
     for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
                          ("max_critic_calls", "loop.max_critic_calls")):
         if getattr(args, name) is not None:
-            _set(config, dotted, getattr(args, name))
+            overrides[dotted] = getattr(args, name)
+    for key, value in overrides.items():
+        _set(config, key, value)
     if not config.loop.images and not args.resume:
         parser.error("--images is required (e.g. --images shapes, --images coco_val10, --images path/to/folder)")
-    return config, args
+    args.overrides = overrides
+    return config.validate(), args

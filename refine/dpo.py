@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from refine.config import UpdateConfig
 from refine.pairs import PreferencePair
 from refine.student import CaptionScorer, Student, autocast, resolve_precision, sequence_logps
 
@@ -52,19 +52,6 @@ def nll_per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     likelihood term (as in RPO, Pang et al. 2024) anchors it. Per token, so long captions are not favoured.
     """
     return -logps / lengths.to(logps.dtype)
-
-
-@dataclass
-class UpdateConfig:
-    beta: float = 0.1
-    nll_weight: float = 0.5  # weight of the per-token NLL on the chosen caption
-    lr: float = 1e-5
-    epochs: int = 1
-    batch_size: int = 8  # pairs per optimizer step
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU
-    freeze_encoder: bool = False  # train only the decoder (and cross-attention)
-    seed: int = 0
 
 
 def _batches(n: int, batch_size: int, rng: random.Random | None) -> list[list[int]]:

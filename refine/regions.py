@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from refine.cache import DiskCache, cache_key
+from refine.config import RegionConfig
 from refine.images import ImageRecord
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in full-image pixels
@@ -94,41 +95,6 @@ class Regions:
 
     def counts(self) -> dict[str, int]:
         return {o.label: o.count for o in self.objects}
-
-
-@dataclass
-class RegionConfig:
-    model: str = "yolov8n.pt"  # any ultralytics weights path or model yaml ("yolov8n.yaml": random, offline)
-    grids: tuple[int, ...] = (2, 3)  # zoom levels: g x g sliding windows, besides the full image
-    overlap: float = 0.2  # fraction of a tile shared with its neighbour (SAHI's default)
-    imgsz: int = 320  # detector input size; small, since tiles are already zoomed in
-    conf: float = 0.25  # detector confidence threshold (ultralytics' default)
-    merge_iou: float = 0.5  # match threshold for merging boxes across tiles and zooms (SAHI's default)
-    top_k_crops: int = 4  # object crops shown to the critic, most confident first
-    crop_pad: float = 0.15  # context around a crop, as a fraction of the object's width / height
-    max_tile_views: int = 2  # zoomed tiles shown to the critic
-    device: str | None = None  # ultralytics device string; None lets ultralytics choose
-
-    def __post_init__(self):
-        self.grids = tuple(self.grids)
-        if not all(isinstance(g, int) and g >= 2 for g in self.grids):
-            raise ValueError(f"regions.grids={self.grids!r}: each zoom level must be an integer >= 2 "
-                             "(the full image is always searched); e.g. grids=(2, 3)")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"regions.overlap={self.overlap!r} must be in [0, 1); e.g. 0.2")
-        for name in ("imgsz", "top_k_crops", "max_tile_views"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "imgsz" else 0):
-                raise ValueError(f"regions.{name}={value!r} must be a non-negative integer (imgsz >= 1)")
-        for name in ("conf", "merge_iou"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"regions.{name}={getattr(self, name)!r} must be in [0, 1]")
-        if self.crop_pad < 0:
-            raise ValueError(f"regions.crop_pad={self.crop_pad!r} must be >= 0")
-
-    def detection_params(self) -> dict[str, Any]:
-        """What determines the raw detections (the cache key). Merging and views are redone on a hit."""
-        return {"grids": list(self.grids), "overlap": self.overlap, "imgsz": self.imgsz, "conf": self.conf}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,15 +25,24 @@ from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-DEFAULT_STUDENT = "nlpconnect/vit-gpt2-image-captioning"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from refine.config import DEFAULT_STUDENT, PRECISIONS
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``None`` or ``"auto"`` means CUDA when present, else CPU."""
+def pick_device(device: str | None = None, setting: str = "device") -> torch.device:
+    """``None`` or ``"auto"`` means CUDA when present, else CPU. A device that this machine lacks is a
+    ``ValueError`` naming ``setting`` (the config key it came from)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"{setting}={device!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{setting}={device!r}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                         "use auto or cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{setting}={device!r}: MPS is not available here; use auto or cpu")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -260,6 +269,7 @@ def load_student(
     """
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
+    dev = pick_device(device, "student.device")  # before loading anything: a missing GPU fails at once
     name = str(name_or_dir)
     try:
         model = VisionEncoderDecoderModel.from_pretrained(name)
@@ -267,10 +277,9 @@ def load_student(
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise OSError(
-            f"could not load the student {name!r}: {e}\n"
-            "Pass a local directory saved with `Student.save` / `save_pretrained`, or a hub id on a machine "
+            f"could not load the student {name!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "pass a local directory saved with `Student.save` / `save_pretrained`, or a hub id on a machine "
             "with internet (offline runs need the model in the HF cache)."
         ) from e
     _fix_special_tokens(model, tokenizer)
-    dev = pick_device(device)
     return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev), static_cache)
