@@ -17,6 +17,12 @@ working directory (``TEXTGRAD_LOG_DIR``, ``LITELLM_LOCAL_MODEL_COST_MAP``).
 When the model omits the ``<IMPROVED_VARIABLE>`` tags, ``TGD.step`` raises ``IndexError``
 (textgrad/optimizer/optimizer.py); we recover the caption from the raw reply
 (``extract_improved``) and record ``tags_missing=True``.
+
+Whatever its source, a refined caption becomes a training target, so it must *be* a caption
+(:func:`rejection`): one sentence within the word limit, not a refusal ("I'm sorry, but I can't help
+with that."), not chatter about the task ("Sure! Here is the improved caption:"). Anything else is no
+refinement: the result keeps the original caption and records why (``StepResult.rejected``), and the
+reply is not stored in the cache as a good answer.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +48,15 @@ from critics.openai_vlm import (
     OpenAIChat,
 )
 from refine.cache import DiskCache, cache_key, default_cache_dir
+from refine.concurrency import map_concurrently
 from refine.prompts import constraint_lines, load_template
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WORDS = 20
+# A refinement may run this much over ``max_words`` (rounded up): models count words loosely, but a
+# 23-word "caption" under a 20-word limit is not following the instruction.
+WORD_TOLERANCE = 0.1
 CAPTION_ROLE = "a one-sentence caption of an image, used as the training target for a small image captioning model"
 IMPROVED_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")  # textgrad's default new_variable_tags
 
@@ -84,7 +94,10 @@ class ChatEngine:
         if seed is not None:
             self.sampling["seed"] = seed
 
-    def complete(self, prompt: str, system_prompt: str | None = None) -> ChatResult:
+    def complete(self, prompt: str, system_prompt: str | None = None,
+                 cacheable: Callable[[str], bool] | None = None) -> ChatResult:
+        """One completion, from the cache when the same request was answered before. A reply for which
+        ``cacheable(content)`` is false is returned but not stored (a later run asks again)."""
         if not isinstance(prompt, str):
             raise TypeError(f"ChatEngine takes text prompts only, got {type(prompt).__name__}")
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
@@ -96,7 +109,8 @@ class ChatEngine:
             result = self.chat.create(messages, **self.sampling)
             return {"content": result.content, "usage": result.usage}
 
-        stored, hit = self.cache.get_or_compute(key, compute)
+        stored, hit = self.cache.get_or_compute(
+            key, compute, cacheable=(lambda d: cacheable(d["content"])) if cacheable else (lambda _: True))
         if hit:
             return ChatResult(stored["content"], {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}, cache_hit=True)
         return ChatResult(stored["content"], dict(stored["usage"]))
@@ -122,8 +136,9 @@ def _adapter_class() -> type:
         """textgrad's ``EngineLM`` over a ``ChatEngine`` (or any object with ``generate``), recording
         every call so a step can report usage and recover from a reply without the tags."""
 
-        def __init__(self, backend: Any):
+        def __init__(self, backend: Any, cacheable: Callable[[str], bool] | None = None):
             self.backend = backend
+            self.cacheable = cacheable  # replies it rejects are not cached (see ChatEngine.complete)
             self.model_string = getattr(backend, "model", getattr(backend, "model_string", "unknown"))
             self.calls: list[tuple[str, ChatResult]] = []  # (system prompt + prompt, result)
             self._lock = threading.Lock()
@@ -132,7 +147,7 @@ def _adapter_class() -> type:
             if not isinstance(prompt, str):
                 raise TypeError("refine's textgrad adapter takes text prompts only (no multimodal content)")
             if hasattr(self.backend, "complete"):
-                result = self.backend.complete(prompt, system_prompt=system_prompt)
+                result = self.backend.complete(prompt, system_prompt=system_prompt, cacheable=self.cacheable)
             else:
                 text = self.backend.generate(prompt, system_prompt=system_prompt, **kwargs)
                 result = ChatResult(text, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 1})
@@ -146,10 +161,10 @@ def _adapter_class() -> type:
     return TextGradEngine
 
 
-def load_textgrad_engine(backend: Any):
+def load_textgrad_engine(backend: Any, cacheable: Callable[[str], bool] | None = None):
     """A textgrad ``EngineLM`` that calls ``backend`` (a ``ChatEngine``, or anything with ``generate``)."""
     import_textgrad()
-    return _adapter_class()(backend)
+    return _adapter_class()(backend, cacheable)
 
 
 # --- pure helpers ------------------------------------------------------------------------------------
@@ -180,6 +195,18 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", line)
 
 
+def _improved_body(response: str, tags: Sequence[str]) -> tuple[str, bool]:
+    """The raw text the caption comes from, and whether both tags were there."""
+    start, end = tags
+    if start in response and end in response.split(start, 1)[1]:
+        return response.split(start, 1)[1].split(end, 1)[0], True
+    if start in response:
+        return response.split(start, 1)[1], False
+    if end in response:
+        return response.split(end, 1)[0], False
+    return response, False
+
+
 def extract_improved(response: str, tags: Sequence[str] = IMPROVED_TAGS) -> tuple[str, bool]:
     """``(caption, tags_found)`` from an optimizer reply.
 
@@ -187,16 +214,66 @@ def extract_improved(response: str, tags: Sequence[str] = IMPROVED_TAGS) -> tupl
     text after a lone opening tag, before a lone closing tag, or else the whole reply; then cleaned to
     one line. An empty caption means nothing usable was in the reply.
     """
-    start, end = tags
-    if start in response and end in response.split(start, 1)[1]:
-        return clean_caption(response.split(start, 1)[1].split(end, 1)[0]), True
-    if start in response:
-        text = response.split(start, 1)[1]
-    elif end in response:
-        text = response.split(end, 1)[0]
-    else:
-        text = response
-    return clean_caption(text), False
+    body, found = _improved_body(response, tags)
+    return clean_caption(body), found
+
+
+def caption_from_reply(response: str, max_words: int, tags: Sequence[str] = IMPROVED_TAGS
+                       ) -> tuple[str, bool, tuple[str, str] | None]:
+    """``(caption, tags_found, rejection)`` for an optimizer reply: :func:`extract_improved`, then
+    :func:`rejection`; text with more than one non-empty line (outside code fences) is rejected too,
+    since only its first line would survive cleaning."""
+    body, found = _improved_body(response, tags)
+    caption = clean_caption(body)
+    lines = [line for line in re.sub(r"```\w*", "", body).splitlines() if line.strip()]
+    why = rejection(caption, max_words)
+    if why is None and len(lines) > 1:
+        why = ("sentences", f"{len(lines)} lines where one caption was asked for: {body.strip()[:80]!r}")
+    return caption, found, why
+
+
+_REFUSAL = re.compile(
+    r"\b(sorry|apologi[sz]e|i\s+can(?:no|')t|i\s+am\s+unable|i'm\s+unable|unable\s+to\s+(?:help|assist|comply)"
+    r"|as\s+an\s+ai|i\s+won't|i\s+will\s+not|cannot\s+(?:help|assist|comply))\b", re.I)
+# Talk about the task rather than a caption: an opener, the task's own words, or a line that
+# introduces something else (": ") or asks something ("?").
+_META_OPENER = re.compile(r"^(sure|certainly|of course|okay|ok|absolutely|great|here(?:'s|\s+is|\s+are)|below\s+is"
+                          r"|i\b|i'm|i've|i'll|let\s+me)\b", re.I)
+_META_WORDS = re.compile(r"\b(caption|variable|feedback|constraints?)\b", re.I)
+# A sentence end: a word, then ".", "!" or "?", then a capital or a digit. Titles and initials
+# ("St. Bernard", "J. Smith") are not ends.
+_SENTENCE_END = re.compile(r"(\w+)[.!?][\"')\]]*\s+[A-Z0-9]")
+_ABBREVIATIONS = frozenset({"st", "mr", "mrs", "ms", "dr", "jr", "sr", "mt", "ft", "vs", "no", "e.g", "i.e", "etc"})
+
+
+def _sentences_after_first(text: str) -> bool:
+    return any(len(m.group(1)) > 1 and m.group(1).lower() not in _ABBREVIATIONS for m in _SENTENCE_END.finditer(text))
+
+
+def word_limit(max_words: int) -> int:
+    """The most words a refined caption may have: ``max_words`` plus ``WORD_TOLERANCE``, rounded up."""
+    return max_words + math.ceil(max_words * WORD_TOLERANCE)
+
+
+def rejection(caption: str, max_words: int = DEFAULT_MAX_WORDS) -> tuple[str, str] | None:
+    """Why ``caption`` cannot be a training target, as ``(reason, detail)``; None when it can.
+
+    Reasons: ``empty``, ``refusal``, ``meta`` (it talks about the task), ``sentences`` (more than one
+    sentence or line), ``too_long`` (over :func:`word_limit`). Checked in that order.
+    """
+    text = caption.strip()
+    if not text:
+        return "empty", "no caption in the reply"
+    words = text.split()
+    if _REFUSAL.search(text):
+        return "refusal", f"a refusal, not a caption: {text[:80]!r}"
+    if _META_OPENER.match(text) or _META_WORDS.search(text) or text.endswith((":", "?")):
+        return "meta", f"talks about the task instead of the image: {text[:80]!r}"
+    if "\n" in text or _sentences_after_first(text):
+        return "sentences", f"more than one sentence: {text[:80]!r}"
+    if len(words) > word_limit(max_words):
+        return "too_long", f"{len(words)} words, over the limit of {max_words} (+{WORD_TOLERANCE:.0%})"
+    return None
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -208,7 +285,8 @@ class StepResult:
     original: str
     source: str  # "revision" | "textgrad" | "unchanged"
     tags_missing: bool = False  # the optimizer reply had no <IMPROVED_VARIABLE> tags; caption recovered
-    error: str | None = None  # the step failed; caption is the original
+    error: str | None = None  # the step failed (a call error); caption is the original
+    rejected: str | None = None  # the refinement was not a caption (``rejection``'s reason); caption is the original
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -247,7 +325,10 @@ def apply_one(
     if not critique.ok:
         return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
     if critique.revision and critique.revision.strip():
-        return StepResult(critique.revision.strip(), caption, "revision")
+        revision = critique.revision.strip()
+        if (why := rejection(revision, max_words)) is not None:
+            return StepResult(caption, caption, "revision", rejected=why[0], meta={"reason": why[1]})
+        return StepResult(revision, caption, "revision")
     gradient = gradient_text(critique)
     if not gradient:
         return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no feedback"})
@@ -256,7 +337,8 @@ def apply_one(
     if constraints is None:
         constraints = default_constraints(max_words)
     tg = import_textgrad()
-    adapter = load_textgrad_engine(engine)
+
+    adapter = load_textgrad_engine(engine, cacheable=lambda reply: caption_from_reply(reply, max_words)[2] is None)
     variable = tg.Variable(caption, requires_grad=True, role_description=role_description)
     feedback = tg.Variable(gradient, requires_grad=False, role_description=f"feedback on {role_description}")
     variable.gradients.add(feedback)
@@ -270,20 +352,20 @@ def apply_one(
     result = StepResult(caption, caption, "textgrad", meta={"constraints": list(constraints)})
     try:
         optimizer.step()
-        new_caption, tags_found = clean_caption(variable.value), True
-    except IndexError:  # the reply lacked the tags: recover from what the adapter recorded
-        new_caption, tags_found = extract_improved(adapter.calls[-1][1].content, optimizer.new_variable_tags)
-        log.warning("optimizer reply had no %s tags; recovered %r", IMPROVED_TAGS[0], new_caption)
+    except IndexError:  # the reply lacked the tags; caption_from_reply reads what it can
+        pass
     except ChatCallError as e:
         result.error = str(e)
         result.usage["requests"] = e.requests
         return result
     _record_calls(result, adapter.calls)
+    new_caption, tags_found, why = caption_from_reply(adapter.calls[-1][1].content, max_words,
+                                                      optimizer.new_variable_tags)
     result.tags_missing = not tags_found
-    if new_caption:
-        result.caption = new_caption
+    if why is not None:
+        result.rejected, result.meta["reason"] = why
     else:
-        result.error = "the optimizer reply held no caption"
+        result.caption = new_caption
     return result
 
 
@@ -346,6 +428,5 @@ def apply_many(
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     unique = list(first.values())
-    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(unique)))) as pool:
-        results = dict(zip(unique, pool.map(one, [(captions[i], critiques[i]) for i in unique])))
+    results = dict(zip(unique, map_concurrently(one, [(captions[i], critiques[i]) for i in unique], max_concurrency)))
     return [results[first[key]] for key in keys]

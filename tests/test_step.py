@@ -114,7 +114,48 @@ def test_missing_tags_are_recovered_and_recorded(make_engine):
     assert (result.caption, result.tags_missing, result.error) == (FIXED + ".", True, None)
     with FakeOpenAIServer(reply=lambda body: "   ") as server:
         nothing = step.apply_one("a cat", feedback_only(), make_engine(server))
-    assert (nothing.caption, nothing.tags_missing) == ("a cat", True) and "no caption" in nothing.error
+    assert (nothing.caption, nothing.tags_missing, nothing.rejected) == ("a cat", True, "empty")
+    assert "no caption" in nothing.meta["reason"] and nothing.error is None
+
+
+# Replies that once became chosen captions (issue 10): each must be rejected, with its reason.
+NOT_CAPTIONS = {
+    "I'm sorry, but I can't help with that.": "refusal",
+    "Sure! Here is the improved caption:\n\nTwo people stand next to a red bus.": "meta",
+    "A better caption would mention the bus and both people.": "meta",
+    "Here is the revised caption: two people by a bus.": "meta",
+    "Two people stand by a bus. The sky is blue.": "sentences",
+    tagged("Two people stand by a bus.\nThey are waiting."): "sentences",
+    tagged("Sure, here you go:"): "meta",
+    " ".join(["word"] * 23) + ".": "too_long",
+    ("A bus " * 200_000).strip() + ".": "too_long",  # ~1 MB of text
+}
+
+
+@pytest.mark.parametrize("reply, reason", NOT_CAPTIONS.items(), ids=lambda v: v[:30] if isinstance(v, str) else v)
+def test_a_reply_that_is_not_a_caption_is_no_refinement_and_is_not_cached(make_engine, reply, reason):
+    with FakeOpenAIServer(reply=lambda body: reply) as server:
+        first = step.apply_one("a dog", feedback_only(), make_engine(server), max_words=20)
+        again = step.apply_one("a dog", feedback_only(), make_engine(server), max_words=20)
+    assert (first.caption, first.changed, first.rejected, first.error) == ("a dog", False, reason, None)
+    assert first.meta["reason"] and again.rejected == reason
+    assert server.request_count == 2, "a rejected reply must not be served from the cache"
+
+
+def test_the_word_limit_has_a_tolerance_of_ten_percent():
+    assert step.word_limit(20) == 22 and step.word_limit(10) == 11
+    assert step.rejection(" ".join(["w"] * 22), 20) is None
+    assert step.rejection(" ".join(["w"] * 23), 20)[0] == "too_long"
+    for caption in ("A man holds a cup of coffee.", "two dogs, a cat and a bird on a sofa", "A St. Bernard dog"):
+        assert step.rejection(caption, 20) is None, caption
+
+
+def test_a_critic_revision_that_is_not_a_caption_is_rejected():
+    for revision, reason in [(" ".join(["word"] * 5000), "too_long"), (" ".join(["word"] * 23), "too_long"),
+                             ("I cannot help with identifying people.", "refusal")]:
+        result = step.apply_one("a dog", feedback_only(revision=revision), max_words=20)
+        assert (result.caption, result.source, result.rejected) == ("a dog", "revision", reason)
+    assert step.apply_one("a dog", feedback_only(revision=" ".join(["w"] * 22)), max_words=20).rejected is None
 
 
 def test_a_failed_call_keeps_the_caption_and_the_batch_survives(make_engine):
@@ -146,7 +187,7 @@ def test_apply_many_is_concurrent(make_engine):
     with FakeOpenAIServer(reply=lambda body: tagged(variable_of(body) + " fixed"), latency=latency) as server:
         engine = make_engine(server)
         step.apply_one("warm-up", feedback_only(), engine)
-        captions = [f"caption {i}" for i in range(8)]
+        captions = [f"a dog number {i}" for i in range(8)]
         start = time.perf_counter()
         results = step.apply_many(captions, [feedback_only()] * 8, engine, max_concurrency=8)
         elapsed = time.perf_counter() - start
