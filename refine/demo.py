@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from refine.runlog import RunLog, read_jsonl
@@ -89,9 +90,9 @@ def examples(log: RunLog, n: int = 3) -> None:
     picked = [i for i, r in enumerate(points[0]) if compare(r["caption"], r["objects"], vocab).hallucinated][:n]
     for i in picked:
         truth = ", ".join(f"{c} {label}" for label, c in points[0][i]["objects"].items())
-        console.print(f"[bold]{points[0][i]['image_id']}[/]  truth: {truth}")
+        console.print(f"[bold]{escape(points[0][i]['image_id'])}[/]  truth: {escape(truth)}")
         for k, rows in enumerate(points):
-            console.print(f"  round {k}: {rows[i]['caption']}")
+            console.print(f"  round {k}: {escape(rows[i]['caption'])}")
 
 
 def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bool) -> list[str]:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             control = subprocess.Popen([sys.executable, "-m", "refine.loop",
                                         *loop_args(args, student_dir, f"{run_id}-swapped", swap=True)],
                                        stdout=out, stderr=subprocess.STDOUT, env=env)
-        console.print(f"swapped-pair control: running beside this one, log in {control_log}")
+        console.print(f"swapped-pair control: running beside this one, log in {escape(str(control_log))}")
         torch.set_num_threads(1)
     failed = False
     try:
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     examples(logs["refine"])
     out = Path(args.runs_dir) / run_id / "demo.json"
     out.write_text(json.dumps(results, indent=2))
-    console.print(f"Numbers written to {out}")
+    console.print(f"Numbers written to {escape(str(out))}")
     if failed:
-        console.print(f"[red]the swapped-pair control failed[/] (exit {control.returncode}); see {control_log}. "
+        console.print(f"[red]the swapped-pair control failed[/] (exit {control.returncode}); see {escape(str(control_log))}. "
                       "Run the demo again to resume it.")
         return 1
     return 0
@@ -181,5 +182,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)

@@ -1,6 +1,8 @@
 """``python -m refine.runs list | show RUN [--image ID] | diff RUN_A RUN_B``: read runs/, draw tables.
 
-This is the only module that draws tables. It needs nothing but the run directories.
+This is the only module that draws tables. It needs nothing but the run directories. Everything read
+from a run (captions, critic feedback, image ids, errors) is data, never rich markup: it goes through
+``escape`` (or into a ``Text``), so "[dog]" prints as "[dog]" and a stray "[/]" cannot crash a view.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -61,46 +64,37 @@ def render_round(metrics: dict[str, Any], out: Console | None = None) -> None:
     (out or Console(stderr=True)).print(metrics_table([metrics], title=f"round {metrics['round']}"))
 
 
-def _status(log: RunLog) -> str:
-    kinds = [e["event"] for e in log.events()]
-    if "run_done" in kinds:
-        return "done"
-    if kinds and kinds[-1] == "budget_stop":
-        return "budget stop (resumable)"
-    return "incomplete (resumable)"
-
-
 def cmd_list(runs_dir: Path) -> None:
-    table = Table(title=f"runs in {runs_dir}")
+    table = Table(title=escape(f"runs in {runs_dir}"))
     for col in ("run", "images", "critic", "rounds", "score first→last", "pairs", "status"):
         table.add_column(col)
     for root in sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()) if runs_dir.is_dir() else []:
         log = RunLog(root)
         cfg, metrics = log.config, log.metrics()
         scores = [m.get("critic/mean_score") for m in metrics]
-        table.add_row(root.name, cfg["loop"]["images"], cfg["critic"]["backend"],
+        table.add_row(escape(root.name), escape(str(cfg["loop"]["images"])), escape(str(cfg["critic"]["backend"])),
                       f"{len(metrics)}/{cfg['loop']['rounds']}",
                       f"{fmt(scores[0])} → {fmt(scores[-1])}" if scores else "–",
-                      str(sum(m.get("pairs/total", 0) for m in metrics)), _status(log))
+                      str(sum(m.get("pairs/total", 0) for m in metrics)), escape(log.status()))
     console.print(table)
 
 
 def _critique_line(c: dict[str, Any]) -> str:
     if c.get("error"):
-        return f"[red]critic failed:[/] {c['error']}"
+        return f"[red]critic failed:[/] {escape(str(c['error']))}"
     parts = [f"score {c['score']:.2f}"]
     if c.get("hallucinated"):
-        parts.append(f"hallucinated: {', '.join(c['hallucinated'])}")
+        parts.append(f"hallucinated: {escape(', '.join(c['hallucinated']))}")
     if c.get("missing"):
-        parts.append(f"missing: {', '.join(c['missing'])}")
+        parts.append(f"missing: {escape(', '.join(c['missing']))}")
     if c.get("count_errors"):
-        parts.append("counts: " + ", ".join(f"{k} {s}≠{t}" for k, (s, t) in c["count_errors"].items()))
+        parts.append("counts: " + escape(", ".join(f"{k} {s}≠{t}" for k, (s, t) in c["count_errors"].items())))
     return " · ".join(parts)
 
 
 def image_history(log: RunLog, image_id: str) -> Tree:
     """How one image's caption changed round by round, and the critique that caused each change."""
-    tree = Tree(f"[bold]{image_id}[/]")
+    tree = Tree(f"[bold]{escape(image_id)}[/]")
     for rd in sorted((log.root / "rounds").glob("*")):
         k = int(rd.name)
         if not log.has_stage(k, "captions"):
@@ -108,18 +102,23 @@ def image_history(log: RunLog, image_id: str) -> Tree:
         caption = next((r for r in log.read_stage(k, "captions") if r["image_id"] == image_id), None)
         if caption is None:
             continue
-        node = tree.add(f"round {k}: [cyan]{caption['caption']}[/]")
+        node = tree.add(f"round {k}: [cyan]{escape(caption['caption'])}[/]")
         critiques = {r["caption"]: r["critique"] for r in log.read_stage(k, "critiques") if r["image_id"] == image_id} \
             if log.has_stage(k, "critiques") else {}
         c = critiques.get(caption["caption"])
         if c:
             node.add(_critique_line(c))
             if c.get("feedback"):
-                node.add(f"[dim]feedback:[/] {c['feedback']}")
+                node.add(f"[dim]feedback:[/] {escape(c['feedback'])}")
         if log.has_stage(k, "refined"):
             for r in log.read_stage(k, "refined"):
                 if r["image_id"] == image_id and r["original"] == caption["caption"]:
-                    node.add(f"refined → [green]{r['refined']}[/]")
+                    if r.get("rejected"):
+                        node.add(f"[yellow]step rejected ({escape(r['rejected'])}):[/] {escape(r.get('reason') or '')}")
+                    elif r.get("error"):
+                        node.add(f"[red]step failed:[/] {escape(r['error'])}")
+                    else:
+                        node.add(f"refined → [green]{escape(r['refined'])}[/]")
         if log.has_stage(k, "pairs"):
             n = sum(1 for p in log.read_stage(k, "pairs") if p["image_id"] == image_id)
             node.add(f"[dim]{n} preference pair(s)[/]")
@@ -128,15 +127,15 @@ def image_history(log: RunLog, image_id: str) -> Tree:
 
 def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
-    console.print(f"[bold]{log.root.name}[/]  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
-                  f"critic={cfg['critic']['backend']}  status={_status(log)}")
+    console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
+                         f"critic={cfg['critic']['backend']}  status={log.status()}"))
     metrics = log.metrics()
     if metrics:
         console.print(metrics_table(metrics, title="rounds"))
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
     ids = [image] if image else [r["image_id"] for r in captions][:8]
-    if image and image not in {r["image_id"] for r in captions}:
-        raise KeyError(f"image {image!r} is not in run {log.root.name}; known: {', '.join(r['image_id'] for r in captions[:10])}")
+    if image is not None and image not in {r["image_id"] for r in captions}:
+        raise LookupError(f"image {image!r} is not in run {log.root.name}; known: {', '.join(r['image_id'] for r in captions[:10])}")
     for image_id in ids:
         console.print(image_history(log, image_id))
     if not image and len(captions) > len(ids):
@@ -145,18 +144,18 @@ def cmd_show(log: RunLog, image: str | None) -> None:
 
 def cmd_diff(a: RunLog, b: RunLog) -> None:
     ca, cb = a.config, b.config
-    table = Table(title=f"config: {a.root.name} vs {b.root.name}")
+    table = Table(title=escape(f"config: {a.root.name} vs {b.root.name}"))
     for col in ("key", a.root.name, b.root.name):
-        table.add_column(col)
+        table.add_column(escape(col))
     for section in sorted(set(ca) | set(cb)):
         for key in sorted(set(ca.get(section, {})) | set(cb.get(section, {}))):
             va, vb = ca.get(section, {}).get(key), cb.get(section, {}).get(key)
             if va != vb and key != "run_id":
-                table.add_row(f"{section}.{key}", json.dumps(va), json.dumps(vb))
+                table.add_row(escape(f"{section}.{key}"), escape(json.dumps(va)), escape(json.dumps(vb)))
     console.print(table)
     for log in (a, b):
         if log.metrics():
-            console.print(metrics_table(log.metrics(), title=log.root.name))
+            console.print(metrics_table(log.metrics(), title=escape(log.root.name)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_show(RunLog.open(args.run, args.runs_dir), args.image)
         else:
             cmd_diff(RunLog.open(args.run_a, args.runs_dir), RunLog.open(args.run_b, args.runs_dir))
-    except (FileNotFoundError, KeyError) as e:
-        console.print(f"[red]error:[/] {e}")
+    except (FileNotFoundError, LookupError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     return 0
 

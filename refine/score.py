@@ -54,21 +54,30 @@ def text_scores(captions: Sequence[str], records: Sequence, metrics: Sequence[st
 
 
 def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed: int = 0) -> dict[str, float]:
-    """Fraction of images where the critic prefers the last round's caption to round 0's (ties: half).
+    """Fraction of images where the critic prefers the last round's caption to round 0's.
 
-    The grounded critic has no pairwise judge; it compares the two captions' critique scores.
+    A critic with a pairwise judge (``judge_pair``) is asked which caption is better, in a random order
+    per image; its ties are left out, and a judgement that fails (call or parse) is counted in
+    ``winrate/failed`` instead of ending the scoring. The grounded critic has no judge; it compares the
+    two captions' critique scores (ties count half).
     """
     from critics.base import CritiqueRequest
 
     rng = random.Random(seed)
-    wins, n = 0.0, 0
+    wins, n, failed = 0.0, 0, 0
     for r in records:
         a, b = first.get(r.id), last.get(r.id)
         if a is None or b is None:
             continue
         if hasattr(critic, "judge_pair"):
+            from critics.openai_vlm import JudgeError
+
             flip = rng.random() < 0.5
-            winner, _ = critic.judge_pair(r, *((b, a) if flip else (a, b)))
+            try:
+                winner, _ = critic.judge_pair(r.image, *((b, a) if flip else (a, b)), image_sha256=r.sha256)
+            except JudgeError:
+                failed += 1
+                continue
             if winner is None:
                 continue
             last_won = (winner == 0) == flip
@@ -79,7 +88,7 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
                 continue
             wins += 1.0 if cb.score > ca.score else 0.5 if cb.score == ca.score else 0.0
         n += 1
-    return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n}
+    return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n, "winrate/failed": failed}
 
 
 def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: str, pick_processor: str,
@@ -131,12 +140,13 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
 
 def render(result: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from refine.runs import fmt
 
     keys = sorted({k for row in result["rounds"] for side in ("before", "after") for k in row[side]})
-    table = Table(title=f"scores: {result['run']}  (before = student caption, after = refined)")
+    table = Table(title=escape(f"scores: {result['run']}  (before = student caption, after = refined)"))
     table.add_column("metric")
     for row in result["rounds"]:
         table.add_column(f"r{row['round']} before", justify="right")
@@ -147,7 +157,8 @@ def render(result: dict[str, Any]) -> None:
     console.print(table)
     if "winrate/last_vs_first" in result:
         console.print(f"critic win rate, last round vs round 0: {fmt(result['winrate/last_vs_first'])} "
-                      f"over {result['winrate/judged']} images")
+                      f"over {result['winrate/judged']} images"
+                      + (f" ({result['winrate/failed']} judgements failed)" if result.get("winrate/failed") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ and turns its result into rows for ``runs/<id>/rounds/<k>/<stage>.jsonl``. None 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -25,6 +24,23 @@ class BudgetExhausted(Exception):
     def __init__(self, calls: int):
         super().__init__(f"critic-call budget exhausted after {calls} calls")
         self.calls = calls
+
+
+class TooManyFailures(Exception):
+    """More of a stage's requests failed than ``loop.max_failure_share`` allows. Nothing of the stage is
+    recorded; the answers that did arrive are in the disk cache, so a resume asks only the failed ones."""
+
+    def __init__(self, stage: str, failures: int, total: int, first_error: str, critic_calls: int = 0):
+        super().__init__(f"{failures} of {total} {stage} failed; the first error: {first_error}")
+        self.stage, self.failures, self.total, self.first_error = stage, failures, total, first_error
+        self.critic_calls = critic_calls
+
+
+def check_failures(stage: str, errors: Sequence[str | None], max_share: float, critic_calls: int = 0) -> None:
+    """Raise :class:`TooManyFailures` when the share of non-None ``errors`` exceeds ``max_share``."""
+    failed = [e for e in errors if e is not None]
+    if failed and len(failed) / len(errors) > max_share:
+        raise TooManyFailures(stage, len(failed), len(errors), failed[0], critic_calls)
 
 
 def caption(student, records: Sequence[ImageRecord], cfg, progress: Progress = lambda n: None) -> Rows:
@@ -52,11 +68,15 @@ def critique(
     budget: int | None = None,
     chunk: int = 32,
     progress: Progress = lambda n: None,
+    max_failure_share: float = 1.0,
 ) -> tuple[Rows, int]:
     """Critique every distinct (image, caption). Returns ``(rows, critic calls made)``.
 
     ``budget`` caps calls that miss the cache; hits are free. When it runs out, raises
     :class:`BudgetExhausted` after the calls it did make are cached, so a resume re-asks nothing.
+    Raises :class:`TooManyFailures` as soon as more than ``max_failure_share`` of the stage's critiques
+    have failed (the stage can then no longer succeed); failures are never cached, so a resume asks
+    them again.
     """
     by_id = {r.id: r for r in records}
     requests, seen = [], set()
@@ -79,6 +99,10 @@ def critique(
             rows.append({"image_id": request.image_id, "caption": request.caption, "critique": result.to_json()})
         progress(len(batch))
         i += take
+        errors = [r["critique"]["error"] for r in rows]
+        failed = [e for e in errors if e is not None]
+        if failed and (len(failed) > max_failure_share * len(requests) or i >= len(requests)):
+            check_failures("critiques", errors + [None] * (len(requests) - len(rows)), max_failure_share, calls)
     return rows, calls
 
 
@@ -87,9 +111,15 @@ def critiques_by_caption(rows: Rows) -> dict[tuple[str, str], Critique]:
 
 
 def refine_captions(
-    captions: Rows, critiques: Rows, apply_many: Callable[[list[tuple[str, Critique]]], list[str]], samples_too: bool
+    captions: Rows, critiques: Rows, apply_many: Callable[[list[tuple[str, Critique]]], list], samples_too: bool,
+    max_failure_share: float = 1.0,
 ) -> Rows:
-    """The textual step on each main caption (and each sample, if ``samples_too``) whose critique succeeded."""
+    """The textual step on each main caption (and each sample, if ``samples_too``) whose critique succeeded.
+
+    Rows carry the refined caption (the original when nothing was applied) and why: the step's source,
+    its rejection reason (a reply that was not a caption) and its error (a failed call). Raises
+    :class:`TooManyFailures` when more than ``max_failure_share`` of the steps failed.
+    """
     table = critiques_by_caption(critiques)
     todo = list(dict.fromkeys(
         (row["image_id"], text)
@@ -97,25 +127,30 @@ def refine_captions(
         for text in ([row["caption"], *row["samples"]] if samples_too else [row["caption"]])
         if table[(row["image_id"], text)].ok
     ))
-    refined = apply_many([(text, table[(image_id, text)]) for image_id, text in todo])
-    return [{"image_id": image_id, "original": text, "refined": new} for (image_id, text), new in zip(todo, refined)]
+    results = apply_many([(text, table[(image_id, text)]) for image_id, text in todo])
+    check_failures("textual steps", [r.error for r in results], max_failure_share)
+    return [{"image_id": image_id, "original": text, "refined": r.caption, "source": r.source,
+             "rejected": r.rejected, "reason": r.meta.get("reason"), "error": r.error}
+            for (image_id, text), r in zip(todo, results)]
 
 
-def make_step(critic_cfg, step_cfg) -> Callable[[list[tuple[str, Critique]]], list[str]]:
-    """The textual step for the configured critic: its own revisions, else textgrad via our chat engine."""
+def make_step(critic_cfg, step_cfg) -> Callable[[list[tuple[str, Critique]]], list]:
+    """The textual step for the configured critic: its own revisions, else textgrad via our chat engine.
+    Returns ``apply_many(items) -> [StepResult]``."""
+    from critics import DEFAULT_MODELS
     from refine import step
 
     engine = None
     if critic_cfg.backend == "openai":
-        engine = step.ChatEngine(critic_cfg.model or "gpt-4o", critic_cfg.base_url, critic_cfg.api_key_env,
-                                 timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
+        engine = step.ChatEngine(critic_cfg.model or DEFAULT_MODELS["openai"], critic_cfg.base_url,
+                                 critic_cfg.api_key_env, timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
+    step.default_constraints(step_cfg.max_words)  # a broken prompts/step.txt fails now, before any paid call
 
-    def apply_many(items: list[tuple[str, Critique]]) -> list[str]:
+    def apply_many(items: list[tuple[str, Critique]]) -> list:
         if engine is None:  # local critics: a critique without a revision leaves the caption as it is
             items = [(c, k if k.revision else Critique(k.score, "", error=k.error)) for c, k in items]
-        results = step.apply_many([c for c, _ in items], [k for _, k in items], engine,
-                                  max_words=step_cfg.max_words, max_concurrency=critic_cfg.max_concurrency)
-        return [r.caption for r in results]
+        return step.apply_many([c for c, _ in items], [k for _, k in items], engine,
+                               max_words=step_cfg.max_words, max_concurrency=critic_cfg.max_concurrency)
 
     return apply_many
 
@@ -135,12 +170,6 @@ def build_pairs(captions: Rows, critiques: Rows, refined: Rows, sources: str, sw
     rows = [asdict(p) for p in pairs_mod.dedupe(out)]
     if swap:  # the control experiment: the same pairs, preference reversed
         rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "source": r["source"] + ":swapped"} for r in rows]
-    return rows
-
-
-def shuffled(rows: Rows, seed: int) -> Rows:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
     return rows
 
 
@@ -172,6 +201,10 @@ def summarize_round(
         "critic/requests": sum(u.get("requests", 0) for u in usage),
         "critic/tokens": sum(u.get("prompt_tokens", 0) + u.get("completion_tokens", 0) for u in usage),
         "step/changed": sum(1 for r in refined if r["refined"].strip() != r["original"].strip()),
+        "step/rejected": sum(1 for r in refined if r.get("rejected")),
+        **{f"step/rejected/{why}": sum(1 for r in refined if r.get("rejected") == why)
+           for why in sorted({r["rejected"] for r in refined if r.get("rejected")})},
+        "step/errors": sum(1 for r in refined if r.get("error")),
         "pairs/total": len(pairs),
         **{f"pairs/{s}": sum(1 for p in pairs if p["source"] == s) for s in sorted({p["source"] for p in pairs})},
     }

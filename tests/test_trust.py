@@ -1,0 +1,318 @@
+"""Trust (issue 10): what the student learns from, stopping and resuming, results that must be right.
+
+Each test drives the real loop (tiny student) against a local OpenAI-compatible server on 127.0.0.1,
+the one fake at the true edge.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_loop import manifest  # noqa: F401  (fixture)
+
+from refine import loop, runs
+from refine.devserver import FakeOpenAIServer, Fault, request_images, request_text
+from refine.images import load_images
+from refine.runlog import RunLog, read_jsonl
+
+
+def critique_reply(feedback="Name the bus and the people.", revision=None, score=None, missing=("bus",)):
+    """A reply function: critiques (requests with images) get this critique; steps get a tagged caption."""
+
+    def reply(body):
+        if request_images(body):
+            s = score if score is not None else round((len(request_text(body).split()) % 7) / 7, 3)
+            return json.dumps({"score": s, "feedback": feedback, "hallucinated": [], "missing": list(missing),
+                               "count_errors": {}, "revision": revision})
+        return "<IMPROVED_VARIABLE>a bus and people on a street</IMPROVED_VARIABLE>"
+
+    return reply
+
+
+def _argv(manifest, student_dir, runs_dir, base_url, *extra):
+    return ["--images", str(manifest), "--rounds", "1", f"--student.model={student_dir}", f"--loop.runs_dir={runs_dir}",
+            "--loop.run_id=t", "--student.n_samples=1", "--student.max_new_tokens=6", "--loop.use_regions=false",
+            "--critic.backend=openai", f"--critic.base_url={base_url}", "--critic.model=fake-model",
+            "--critic.max_retries=0", *extra]
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"  # nothing listens there: every request is refused
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# --- 1. what the student learns from ------------------------------------------------------------
+
+STEP_REPLIES = ["I'm sorry, but I can't help with that.", "Sure! Here is the improved caption:",
+                "A better caption would mention the bus and both people.", "x " * 500_000]
+
+
+def test_step_replies_that_are_not_captions_become_no_pairs_and_are_counted(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    def reply(body):
+        if request_images(body):
+            return critique_reply()(body)
+        caption = request_text(body).split("<VARIABLE> ", 1)[1].split(" </VARIABLE>", 1)[0]
+        return STEP_REPLIES[sum(map(ord, caption)) % len(STEP_REPLIES)]  # no tags: the old code "recovered" these
+
+    with FakeOpenAIServer(reply=reply) as server:
+        log = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url))
+        steps_asked = sum(1 for b in server.requests if not request_images(b))
+        log2 = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--loop.run_id=t2"))
+        steps_asked_again = sum(1 for b in server.requests if not request_images(b)) - steps_asked
+    refined = log.read_stage(0, "refined")
+    assert refined and all(r["refined"] == r["original"] and r["rejected"] in ("refusal", "meta", "too_long")
+                           for r in refined)
+    assert not [p for p in log.read_stage(0, "pairs") if p["source"] == "refined"]
+    metrics = log.metrics()[0]
+    assert metrics["step/rejected"] == len(refined)
+    assert sum(v for k, v in metrics.items() if k.startswith("step/rejected/")) == len(refined)
+    assert steps_asked_again == steps_asked, "rejected replies must not be served from the cache to the next run"
+    assert log2.read_stage(0, "refined") == refined
+
+
+# --- 2. failed critiques stop the run, stay retryable, and a round that learned nothing says so --
+
+def test_a_dead_critic_stops_the_run_nonzero_and_resume_asks_again(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    runs_dir = tmp_path / "runs"
+    dead = _closed_port_url()
+    assert loop.main(_argv(manifest, tiny_student_dir, runs_dir, dead)) == 1
+    err = capsys.readouterr().err
+    assert "of 8 critiques failed" in err and "APIConnectionError" in err and "--resume" in err
+    log = RunLog(runs_dir / "t")
+    assert not log.has_stage(0, "critiques") and log.events()[-1]["event"] == "failure_stop"
+    assert log.status() == "stopped: too many failed requests (resumable)"
+    assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}"]) == 1  # still dead: still stopped
+
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", f"--critic.base_url={server.base_url}"]) == 0
+        critiques = sum(1 for b in server.requests if request_images(b))
+        alive = server.base_url
+    assert critiques == len(log.read_stage(0, "critiques")) == 8, "every failed critique is asked again on resume"
+    resume = [e for e in log.events() if e["event"] == "resume"][-1]
+    assert resume["changes"] == {"critic.base_url": [dead, alive]}
+    assert log.config["critic"]["base_url"] == alive and log.status() == "done"
+
+
+def test_failures_under_the_share_are_recorded_and_the_round_goes_on(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    def reply(body):  # every critique of zidane.png (the only 1280-px-wide image) fails
+        if request_images(body) and _image_width(body) == 1280:
+            return Fault.server_error()
+        return critique_reply()(body)
+
+    with FakeOpenAIServer(reply=reply) as server:
+        log = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url))
+    failed = [r for r in log.read_stage(0, "critiques") if r["critique"]["error"]]
+    assert 0 < len(failed) < 8 and log.status() == "done"
+    assert log.metrics()[0]["critic/failures"] == len(failed)
+
+
+def _image_width(body) -> int:
+    return Image.open(io.BytesIO(request_images(body)[0][1])).width
+
+
+def test_a_run_without_pairs_says_so(manifest, tiny_student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(runs.console, "width", 250)
+    with FakeOpenAIServer(reply=critique_reply(feedback="", score=0.5, missing=())) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url)) == 0
+    err = capsys.readouterr().err
+    assert "no preference pairs" in err and "student is unchanged" in err
+    log = RunLog(tmp_path / "runs" / "t")
+    assert log.status() == "done, no pairs"
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "list"]) == 0
+    assert "no pairs" in capsys.readouterr().out
+
+
+# --- 3, 4, 8. image ids, 16-bit images, file names that are not UTF-8 ----------------------------
+
+def test_two_files_with_one_stem_get_two_ids(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "b.png")
+    (tmp_path / "c.png").write_bytes((tmp_path / "b.png").read_bytes())
+    records, notes = load_images(str(tmp_path))
+    assert sorted(r.id for r in records) == ["a.jpg", "a.png", "b", "c"]
+    assert notes == ["identical images: b, c have the same bytes (all kept)"]
+    red, blue = (next(r for r in records if r.id == i) for i in ("a.jpg", "a.png"))
+    assert red.image.getpixel((0, 0))[0] > 200 and blue.image.getpixel((0, 0))[2] > 200
+
+
+def test_manifest_lines_without_ids_that_share_a_stem_get_two_ids(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "x" / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "y" / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "x/a.png"}\n{"path": "y/a.png"}\n')
+    records, _ = load_images(str(tmp_path / "m.jsonl"))
+    assert [r.id for r in records] == ["x/a.png", "y/a.png"]
+
+
+def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path):
+    levels = np.array([[60, 120, 200]], dtype=np.uint16) * 257
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    (record,), _ = load_images(str(tmp_path))
+    assert [record.image.getpixel((x, 0)) for x in range(3)] == [(60,) * 3, (120,) * 3, (200,) * 3]
+
+
+def test_a_file_name_that_is_not_utf8_runs_and_leaves_no_temp_files(tmp_path, tiny_student_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9 [copy].png")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (16, 16), "red").save(folder / name)
+    Image.new("RGB", (16, 16), "blue").save(folder / "plain.png")
+    args = ["--images", str(folder), "--rounds", "1", f"--student.model={tiny_student_dir}",
+            f"--loop.runs_dir={tmp_path / 'runs'}", "--loop.run_id=u", "--student.n_samples=0",
+            "--student.max_new_tokens=4", "--regions.model=yolov8n.yaml", "--regions.imgsz=32", "--regions.grids=2"]
+    assert loop.main(args) == 0
+    log = RunLog(tmp_path / "runs" / "u")
+    assert {r["image_id"] for r in log.read_stage(0, "captions")} == {"caf\\xe9 [copy]", "plain"}
+    assert not [p for p in (log.root / "rounds").rglob(".*")], "a temp file was left behind"
+
+
+# --- 5. Ctrl-C ------------------------------------------------------------------------------------
+
+def _start(args, env):
+    return subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
+    hanging = threading.Event()
+    hanging.set()
+
+    def reply(body):
+        if request_images(body) and hanging.is_set():
+            return Fault.hang(120)  # the critic hangs past any patience
+        return critique_reply()(body)
+
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=reply) as server:
+        args = _argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--critic.timeout=60",
+                     "--critic.max_retries=4", "--critic.max_concurrency=2")
+        proc = _start(args, env)
+        _wait_for(lambda: server.request_count >= 2)
+        time.sleep(0.5)
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        stopped_in = time.perf_counter() - sent
+        assert proc.returncode == 130, err
+        assert stopped_in < 5, f"Ctrl-C took {stopped_in:.1f} s"
+        assert "Traceback" not in err and "--resume" in err, err
+        log = RunLog(runs_dir / "t")
+        assert not log.has_stage(0, "critiques") and log.events()[-1]["event"] == "interrupted"
+        assert log.status() == "interrupted (resumable)"
+
+        hanging.clear()
+        answered_before = len(server.responses)
+        asked_before = [json.dumps(b, sort_keys=True) for b in server.requests]
+        resumed = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "t", f"--loop.runs_dir={runs_dir}"],
+                                 env=env, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        asked_after = [json.dumps(b, sort_keys=True) for b in server.requests[len(asked_before):]]
+    assert answered_before == 0  # everything in flight hung: nothing had been answered
+    assert not [b for b, n in Counter(asked_after).items() if n > 1], "a request was sent twice after the resume"
+    assert log.status() == "done"
+
+
+def test_a_second_ctrl_c_exits_at_once(manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
+    with FakeOpenAIServer(reply=lambda body: Fault.hang(120)) as server:
+        proc = _start(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--critic.timeout=60"), env)
+        _wait_for(lambda: server.request_count >= 1)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 130
+
+
+# --- 6. resume overrides --------------------------------------------------------------------------
+
+def test_resume_refuses_an_override_that_changes_the_run(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        argv = _argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--max-critic-calls=2")
+        assert loop.main(argv) == 0 and RunLog(runs_dir / "t").status() == "budget stop (resumable)"
+        before = (runs_dir / "t" / "config.json").read_text()
+        capsys.readouterr()
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--rounds=5"]) == 2
+        assert "loop.rounds cannot change when a run is resumed" in capsys.readouterr().err
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--update.lr=1"]) == 2
+        assert (runs_dir / "t" / "config.json").read_text() == before
+        asked = server.request_count
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--max-critic-calls=100",
+                          "--critic.max_concurrency=3", f"--images={manifest}"]) == 0  # same --images: no change
+    log = RunLog(runs_dir / "t")
+    assert server.request_count > asked and log.status() == "done"
+    changes = [e for e in log.events() if e["event"] == "resume"][-1]["changes"]
+    assert changes == {"loop.max_critic_calls": [2, 100], "critic.max_concurrency": [16, 3]}
+    assert log.config["loop"]["max_critic_calls"] == 100
+
+
+# --- 7. a torn last line of events.jsonl ---------------------------------------------------------
+
+def test_a_torn_event_line_is_repaired_and_the_budget_still_counts(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--max-critic-calls=3")) == 0
+        events = runs_dir / "t" / "events.jsonl"
+        with open(events, "ab") as f:
+            f.write(b'{"time": 1.0, "event": "stage_do')  # power cut mid-append
+        log = RunLog(runs_dir / "t")
+        log.event("probe")  # an append after the torn line must not be swallowed by it
+        assert log.events()[-1]["event"] == "probe"
+        capsys.readouterr()
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--max-critic-calls=100"]) == 0
+        assert "dropped 1 torn line" in capsys.readouterr().err
+    assert log.status() == "done"
+    assert sum(e.get("critic_calls", 0) for e in log.events()) == sum(1 for b in server.requests if request_images(b))
+    assert all(isinstance(row, dict) for row in read_jsonl(events))
+    assert b"stage_do\n" not in events.read_bytes()
+
+
+# --- 11. data is never markup ---------------------------------------------------------------------
+
+def test_brackets_in_feedback_and_file_names_print_as_written(tmp_path, tiny_student_dir, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "holiday [copy].png")
+    (folder / "m.jsonl").write_text('{"path": "holiday [copy].png", "objects": {"dog": 1}}\n')
+    feedback = "The [dog] is not there [/] and [bold]nothing[/bold] else."
+    with FakeOpenAIServer(reply=critique_reply(feedback=feedback)) as server:
+        argv = _argv(folder / "m.jsonl", tiny_student_dir, tmp_path / "runs", server.base_url)
+        assert loop.main(argv) == 0
+    capsys.readouterr()
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "t"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "holiday [copy]" in out and feedback in out
