@@ -115,6 +115,44 @@ def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _accelerate_mixed_precision(accelerator=None) -> tuple[str, str]:
+    """``(mixed precision, where it comes from)`` as accelerate sees it before ``update`` makes its own
+    Accelerator: the one passed, the process-wide state an earlier Accelerator left, or the
+    ``ACCELERATE_MIXED_PRECISION`` variable that ``accelerate launch --mixed_precision`` sets."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if accelerator is not None:
+        return str(accelerator.mixed_precision), "the Accelerator passed to update()"
+    if AcceleratorState._shared_state:
+        return str(AcceleratorState().mixed_precision), "an Accelerator made earlier in this process"
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "ACCELERATE_MIXED_PRECISION"
+
+
+def training_precision(precision: str, device: torch.device, accelerator=None) -> str:
+    """The precision ``update`` trains in: ``update.precision``, or for ``auto`` what ``accelerate launch
+    --mixed_precision`` asked for, else fp16 on CUDA and fp32 on CPU.
+
+    refine applies mixed precision itself (autocast, and a GradScaler for fp16); accelerate's own is
+    left off, or every forward would be cast twice and fp16 losses scaled twice. An accelerate state
+    that already applies mixed precision (a passed Accelerator, or one made earlier in this process,
+    since accelerate's state is process-wide) would silently override ``update.precision``: that is an
+    error naming both.
+    """
+    mixed, source = _accelerate_mixed_precision(accelerator)
+    if accelerator is not None or source != "ACCELERATE_MIXED_PRECISION":
+        if mixed != "no":
+            raise ValueError(
+                f"update.precision={precision}, but accelerate already applies mixed_precision={mixed} ({source}); "
+                "refine applies precision itself: make that Accelerator with mixed_precision='no' and set "
+                f"update.precision={mixed} instead")
+        return resolve_precision(precision, device)
+    if precision == "auto" and mixed in ("fp16", "bf16"):
+        return mixed
+    return resolve_precision(precision, device)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are the same device (an unindexed device means the current one)."""
     def index(d: torch.device) -> int:
@@ -153,14 +191,14 @@ def update(
     # The student is already where it should run: no device placement, and no cpu= flag. Accelerator's
     # state is a process-wide singleton: one made earlier for the CPU would move a CUDA student there,
     # and cpu=True after a CUDA one raises.
-    accelerator = accelerator or Accelerator(device_placement=False)
+    precision = training_precision(config.precision, student.device, accelerator)
+    accelerator = accelerator or Accelerator(device_placement=False, mixed_precision="no")
     if accelerator.device_placement and not _same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
     pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]
     torch.manual_seed(config.seed)
 
-    precision = resolve_precision(config.precision, student.device)
     ref_chosen, ref_rejected = reference_logps(student, pairs, images, config.batch_size, precision)
     policy = student if in_place else student.copy()
     policy.precision = precision

@@ -124,3 +124,50 @@ def test_update_in_place_trains_the_input_exactly_like_a_copy(tiny_student, four
 def test_update_names_missing_images(tiny_student):
     with pytest.raises(KeyError, match="nowhere"):
         update(tiny_student, [PreferencePair("nowhere", "a", "b", "refined")], {}, UpdateConfig())
+
+
+PRECISION_SCRIPT = """
+import json, math, sys
+import torch
+from refine.config import UpdateConfig
+from refine.dpo import update
+from refine.pairs import PreferencePair
+from refine.student import load_student
+from PIL import Image
+
+student = load_student(sys.argv[1], device="cpu", precision="fp32")
+if sys.argv[3] == "accelerator-first":
+    from accelerate import Accelerator
+    Accelerator(mixed_precision="bf16")
+images = {"a": Image.new("RGB", (32, 32), "red"), "b": Image.new("RGB", (32, 32), "blue")}
+pairs = [PreferencePair("a", "a red square", "a blue dog", "refined"), PreferencePair("b", "blue", "a red cat", "refined")]
+try:
+    policy, history = update(student, pairs, images, UpdateConfig(epochs=1, batch_size=2, precision=sys.argv[2]))
+except ValueError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"precision": policy.precision, "loss0": history[0]["dpo_loss"]}))
+"""
+
+
+@pytest.mark.parametrize("setting, how, expected", [
+    ("fp32", "env", "fp32"),  # update.precision wins over ACCELERATE_MIXED_PRECISION
+    ("auto", "env", "bf16"),  # auto follows accelerate launch --mixed_precision
+    ("fp32", "accelerator-first", "error"),  # an earlier bf16 Accelerator would override it silently
+])
+def test_the_configured_precision_wins_over_accelerate(tiny_student_dir, setting, how, expected):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"} if how == "env" else dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, str(tiny_student_dir), setting, how], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    result = json.loads(out)
+    if expected == "error":
+        assert "update.precision=fp32, but accelerate already applies mixed_precision=bf16" in result["error"]
+        return
+    assert result["precision"] == expected
+    if expected == "fp32":  # policy == reference at step 0, computed in fp32 both times: ln 2 (bf16 was 2e-3 off)
+        assert result["loss0"] == pytest.approx(math.log(2), abs=1e-6)

@@ -316,3 +316,29 @@ def test_brackets_in_feedback_and_file_names_print_as_written(tmp_path, tiny_stu
     assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "t"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "holiday [copy]" in out and feedback in out
+
+
+# --- 12. scoring a run of the OpenAI critic -------------------------------------------------------
+
+def test_score_judges_an_openai_run_and_survives_a_failed_judgement(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    from refine import score
+
+    def reply(body):
+        text = request_text(body)
+        if "Caption A:" in text:  # the pairwise judge
+            if _image_width(body) == 1280:
+                return "no JSON here"  # a judgement that cannot be parsed
+            return json.dumps({"winner": "B", "reason": "more accurate"})
+        return critique_reply()(body)
+
+    with FakeOpenAIServer(reply=reply) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--rounds=2")) == 0
+        judged_before = sum("Caption A:" in request_text(b) for b in server.requests)
+        assert score.main(["t", "--runs-dir", str(tmp_path / "runs"), "--metrics", "winrate,chair"]) == 0
+        judge_requests = [b for b in server.requests if "Caption A:" in request_text(b)]
+    result = json.loads((tmp_path / "runs" / "t" / "scores.json").read_text())
+    assert judged_before == 0 and len(judge_requests) == 4
+    assert (result["winrate/judged"], result["winrate/failed"]) == (3, 1)
+    assert 0.0 <= result["winrate/last_vs_first"] <= 1.0
+    # The judge saw each image itself: the four requests carry the four pictures' pixels.
+    assert sorted(_image_width(b) for b in judge_requests) == [96, 512, 810, 1280]
