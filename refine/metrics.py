@@ -7,19 +7,15 @@ compare captions before and after each round. CHAIR lives in ``refine.objects``.
 Model-based scores mark an image that could not be processed with NaN in its row (and log why), so
 one bad image never sinks a batch: summarise them with ``torch.nanmean`` and report the NaN count.
 
-Text tokenisation (``caption_words``) stands in for coco-caption's Stanford PTB tokenizer, which
-needs Java: lowercase, keep runs of letters and digits (joined by ``-``, ``'`` or ``.`` inside a
-word, as in "t-shirt" and "3.5"), split the English clitics ('s, n't, 're, 've, 'm, 'll, 'd) off as
-PTB does, and drop every other punctuation mark, as coco-caption drops PTB's punctuation tokens.
-PTB also splits a few forms we keep whole ("cannot" -> "can not"), so CIDEr-D and BLEU here can
-differ slightly from published coco-caption numbers on text with such forms.
+Text is tokenised as coco-caption does it (``refine.ptb.ptb_words``: Stanford's PTB tokenizer rules
+without Java, then coco-caption's punctuation removal), so CIDEr-D and BLEU match pycocoevalcap's
+(tests/test_ptb.py checks both against it).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from refine.ptb import ptb_words
 
 log = logging.getLogger(__name__)
 
@@ -296,22 +294,6 @@ def load_pick_scorer(
 # Text: tokenisation, CIDEr-D, BLEU-4, diversity
 # --------------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[^\W_]+(?:[-'.][^\W_]+)*")
-_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'m|'ll|'d)$")
-
-
-def caption_words(text: str) -> list[str]:
-    """Lowercase words of a caption, punctuation dropped, clitics split (see the module docstring).
-
-    ``"A man's T-shirt, isn't it?" -> ['a', 'man', "'s", 't-shirt', 'is', "n't", 'it']``
-    """
-    words = []
-    for word in _WORD.findall(text.lower().replace("\u2019", "'")):
-        m = _CLITIC.match(word)
-        words.extend(m.groups() if m else (word,))
-    return words
-
-
 def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
     """The n-grams of ``words`` in order, as tuples."""
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
@@ -379,16 +361,16 @@ def cider_d(
         )
     document_frequency: Counter = Counter()
     for refs in idf_sets:
-        document_frequency.update(set().union(*(ngram_counts(caption_words(r), max_n) for r in refs)))
+        document_frequency.update(set().union(*(ngram_counts(ptb_words(r), max_n) for r in refs)))
     log_documents = math.log(len(idf_sets))
 
     scores = []
     for candidate, refs in zip(candidates, references, strict=True):
-        words = caption_words(candidate)
+        words = ptb_words(candidate)
         vec, norm = _tfidf(ngram_counts(words, max_n), document_frequency, log_documents, max_n)
         total = 0.0
         for ref in refs:
-            ref_words = caption_words(ref)
+            ref_words = ptb_words(ref)
             ref_vec, ref_norm = _tfidf(ngram_counts(ref_words, max_n), document_frequency, log_documents, max_n)
             penalty = math.exp(-((len(words) - len(ref_words)) ** 2) / (2 * sigma**2))
             for n in range(max_n):
@@ -415,15 +397,15 @@ def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], 
     from torchmetrics.functional.text import bleu_score
 
     _check_references(candidates, references)
-    preds = [" ".join(caption_words(c)) for c in candidates]
-    target = [sorted((" ".join(caption_words(r)) for r in refs), key=lambda s: len(s.split())) for refs in references]
+    preds = [" ".join(ptb_words(c)) for c in candidates]
+    target = [sorted((" ".join(ptb_words(r)) for r in refs), key=lambda s: len(s.split())) for refs in references]
     return float(bleu_score(preds, target, n_gram=n))
 
 
 def distinct_n(captions: Sequence[str], n: int) -> float:
     """distinct-n (Li et al. 2016): unique n-grams / total n-grams over the whole caption set; 0 if none."""
     _check_texts("captions", captions)
-    grams = [g for c in captions for g in ngrams(caption_words(c), n)]
+    grams = [g for c in captions for g in ngrams(ptb_words(c), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -440,11 +422,11 @@ class Diversity:
 
 
 def diversity(captions: Sequence[str]) -> Diversity:
-    """distinct-1, distinct-2, vocabulary size and mean length of a caption set (our tokenisation)."""
+    """distinct-1, distinct-2, vocabulary size and mean length of a caption set (coco-caption's tokenisation)."""
     if len(captions) == 0:
         raise ValueError("captions is empty: diversity needs at least one caption")
     _check_texts("captions", captions)
-    words = [caption_words(c) for c in captions]
+    words = [ptb_words(c) for c in captions]
     return Diversity(
         distinct_1=distinct_n(captions, 1),
         distinct_2=distinct_n(captions, 2),

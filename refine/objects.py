@@ -3,8 +3,8 @@
 Pipeline for a caption (no NLTK, no ``pattern``: they need downloads we cannot make):
 
 1. ``tokenize``: lower-cased word tokens (possessive ``'s`` dropped, hyphens split) and punctuation.
-2. ``singularize`` each word (regular rules plus an irregular table: people -> person, knives -> knife,
-   buses -> bus, glasses -> glass, skis -> ski, ...).
+2. ``singularize`` each word (an irregular table of ours, then lemminflect's English noun lexicon:
+   people -> person, knives -> knife, buses -> bus, glasses -> glass, skis -> ski, magpies -> magpie).
 3. Greedy longest match of singular n-grams against a ``Vocabulary`` (labels, synonyms, and phrases that
    name *no* object, such as "train track" or "bus stop"). Longest match is what keeps "hot dog" from
    being a dog, "teddy bear" from being a bear and "jet ski" from being an airplane plus skis.
@@ -26,6 +26,7 @@ reaches only the next noun phrase ("without a hat or a dog" still mentions the d
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ def tokenize(caption: str) -> list[Token]:
     return tokens
 
 
+# Our irregular table, consulted before lemminflect: forms it lacks or reads otherwise for captions
+# ("people" is its own lemma there; "leaves" is "leave" first). The plural table is derived from it.
 _IRREGULAR_SINGULAR = {
     "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
     "geese": "goose", "feet": "foot", "teeth": "tooth", "oxen": "ox", "cacti": "cactus",
@@ -73,6 +76,8 @@ _IRREGULAR_SINGULAR = {
     "tomatoes": "tomato", "potatoes": "potato", "heroes": "hero", "mangoes": "mango",
     "volcanoes": "volcano", "mosquitoes": "mosquito", "buffaloes": "buffalo",
 }
+# The first plural listed for a singular is the one we write ("buses", not "busses").
+_IRREGULAR_PLURAL = {singular: plural for plural, singular in reversed(_IRREGULAR_SINGULAR.items())}
 # Same form in singular and plural (or plural only). Short words are left alone, but for 'tvs'.
 _INVARIANT = frozenset({
     "sheep", "deer", "fish", "bison", "moose", "aircraft", "cattle", "series", "species", "scissors",
@@ -83,19 +88,17 @@ _INVARIANT = frozenset({
 _AMBIGUOUS_NUMBER = frozenset({"sheep", "deer", "fish", "bison", "moose", "aircraft", "scissors", "series",
                                "species", "offspring", "broccoli", "luggage"})
 _ALWAYS_PLURAL = frozenset({"cattle", "police", "people"})
-# -ies words whose singular ends in -ie, not -y.
-_IE_PLURALS = frozenset({
-    "cookies", "movies", "collies", "goalies", "zombies", "hoodies", "selfies", "brownies", "smoothies",
-    "veggies", "rookies", "calories", "prairies", "birdies", "yorkies", "aussies", "cuties", "bookies",
-})
-_MEN_NOT_PLURAL = frozenset({"specimen", "abdomen", "omen", "stamen", "semen", "amen"})
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def singularize(word: str) -> str:
     """The singular of an English noun (lower case); other words pass through mostly unchanged.
 
-    Only the result's use as a lookup key matters: a wrong singular of a word that is in no vocabulary
-    is harmless, so the rules favour the nouns of captions.
+    Our irregular table first, then lemminflect's noun lexicon (a well-kept English inflection
+    database: "grandchildren", "magpies", "pocketknives"), then, for words it does not know that end
+    in "s", its suffix model ("corgis", "iphones"), with one rule of ours for the "-buses" it gets
+    wrong. A singular maps to itself. Only the result's use as a
+    lookup key matters: a wrong singular of a word in no vocabulary ("has" -> "ha") is harmless.
     """
     if word in _IRREGULAR_SINGULAR:
         return _IRREGULAR_SINGULAR[word]
@@ -103,44 +106,31 @@ def singularize(word: str) -> str:
         return word[:2]
     if len(word) <= 3 or word in _INVARIANT or not word.isalpha():
         return word
-    if word.endswith("men") and word not in _MEN_NOT_PLURAL:  # policemen, gentlemen, fishermen
-        return word[:-3] + "man"
-    if word.endswith(("ss", "us", "is", "ous")):  # glass, bus, tennis, various
-        return word
-    if word.endswith("ies"):
-        return word[:-1] if word in _IE_PLURALS or len(word) <= 4 else word[:-3] + "y"
-    if word.endswith(("sses", "xes", "ches", "shes", "zzes")):  # glasses, boxes, benches, dishes
+    if word.endswith("buses"):  # minibuses, airbuses, omnibuses
         return word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
+    from lemminflect import getLemma
+
+    known = getLemma(word, upos="NOUN", lemmatize_oov=False)
+    if known:
+        return known[0]
+    if not word.endswith("s") or word.endswith(("ss", "us", "ous")):
+        return word  # an unknown word that is no regular plural (its suffix model turns "corgi" into "corgus")
+    guessed = getLemma(word, upos="NOUN", lemmatize_oov=True)
+    return guessed[0] if guessed else word
 
 
-_IRREGULAR_PLURAL = {
-    "person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-    "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen", "cactus": "cacti",
-    "knife": "knives", "wife": "wives", "life": "lives", "leaf": "leaves", "loaf": "loaves",
-    "shelf": "shelves", "wolf": "wolves", "calf": "calves", "half": "halves", "scarf": "scarves",
-    "thief": "thieves", "elf": "elves", "hoof": "hooves",
-    "tomato": "tomatoes", "potato": "potatoes", "hero": "heroes", "mango": "mangoes",
-    "volcano": "volcanoes", "mosquito": "mosquitoes", "skis": "skis",
-}
-_MAN_NOT_IRREGULAR = frozenset({"human", "german", "roman", "shaman", "caiman", "talisman"})
-
-
+@functools.lru_cache(maxsize=1 << 14)
 def pluralize(word: str) -> str:
-    """The plural of a singular English noun (lower case). For phrases use ``pluralize_phrase``."""
+    """The plural of an English noun (lower case); a plural stays as it is. For phrases use
+    ``pluralize_phrase``. Our irregular table, then lemminflect, as for :func:`singularize`."""
     if word in _IRREGULAR_PLURAL:
         return _IRREGULAR_PLURAL[word]
-    if word in _INVARIANT:
+    if word in _INVARIANT or singularize(word) != word:
         return word
-    if word.endswith("man") and word not in _MAN_NOT_IRREGULAR:
-        return word[:-3] + "men"
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
+    from lemminflect import getInflection
+
+    forms = getInflection(word, tag="NNS", inflect_oov=True)
+    return forms[0] if forms else word + "s"
 
 
 def pluralize_phrase(phrase: str) -> str:

@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFile
 from refine.metrics import (
     CLIPSCORE_PREFIX,
     ClipScorer,
-    caption_words,
     cider_d,
     clip_score,
     corpus_bleu,
@@ -34,6 +33,7 @@ from refine.metrics import (
     pick_score,
     ref_clip_score,
 )
+from refine.ptb import ptb_words
 
 PICK_LOGIT_SCALE = math.log(37.0)  # a scale no default config has, so the test sees it was loaded
 
@@ -253,8 +253,8 @@ def test_load_names_the_missing_model(tmp_path):
 # ---------------------------------------------------------------- text metrics
 
 
-def test_caption_words():
-    assert caption_words("A man's T-shirt, isn't it?  3.5 Dogs.") == ["a", "man", "'s", "t-shirt", "is", "n't", "it", "3.5", "dogs"]
+def test_ptb_words():
+    assert ptb_words("A man's T-shirt, isn't it?  3.5 Dogs.") == ["a", "man", "'s", "t-shirt", "is", "n't", "it", "3.5", "dogs"]
 
 
 # A two-image corpus: image 0's references are "a dog runs", image 1's "a cat sleeps". With N = 2 images,

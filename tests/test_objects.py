@@ -231,3 +231,47 @@ def test_chair_shapes_and_errors(shapes):
     assert chair([], [], shapes)["chair_i"] == 0.0
     with pytest.raises(ValueError, match="2 captions but 1 truths"):
         chair(captions, truths[:1], shapes)
+
+
+# Plurals of real COCO words that the hand-kept rules once misread (issue 10), written out by hand,
+# independently of any inflection code: each must read back as its label, twice.
+HARD_PLURALS = {
+    "grandchildren": "person", "airbuses": "airplane", "minibuses": "bus", "magpies": "bird", "corgis": "dog",
+    "zebus": "cow", "neckties": "tie", "pocketknives": "knife", "flamingos": "bird", "people": "person",
+    "policemen": "person", "women": "person", "geese": "bird", "oxen": "cow", "calves": "cow",
+    "buffaloes": "cow", "ponies": "horse", "knives": "knife", "teddies": "teddy bear", "buses": "bus",
+    "hot dogs": "hot dog", "wine glasses": "wine glass", "cell phones": "cell phone",
+}
+
+
+@pytest.mark.parametrize("plural, label", HARD_PLURALS.items())
+def test_hard_plurals_of_coco_words_read_back_as_their_label(plural, label):
+    assert mentions(f"two {plural} by the road", coco_vocabulary()) == {label: 2}
+
+
+def test_every_coco_word_in_the_plural_reads_back_as_its_label():
+    """Every COCO label and synonym, its head word put in the plural by lemminflect's inflection table
+    (an independent source: the matcher reads words through its lemma table and our rules)."""
+    from lemminflect import getInflection
+
+
+    vocab = coco_vocabulary()
+    misread = []
+    for phrase, label in [*((c, c) for c in COCO_CATEGORIES), *COCO_SYNONYMS.items()]:
+        *head, last = phrase.split()
+        if singularize(last) != last or last in ("sheep", "broccoli", "luggage", "bison", "aircraft", "cattle"):
+            continue  # already plural, or the same in both numbers
+        plural = " ".join([*head, getInflection(last, "NNS")[0]])
+        if mentions(f"two {plural} here", vocab).get(label) != 2:
+            misread.append(plural)
+    assert misread == []
+
+
+def test_the_plural_table_is_the_singular_table_inverted():
+    from refine.objects import _IRREGULAR_PLURAL, _IRREGULAR_SINGULAR
+
+    for singular, plural in _IRREGULAR_PLURAL.items():
+        assert _IRREGULAR_SINGULAR[plural] == singular and pluralize(singular) == plural
+    assert pluralize("bus") == "buses" and pluralize("buffalo") == "buffaloes" and pluralize("person") == "people"
+    for word in ("circle", "dog", "knife", "child", "box", "baby", "glass", "skis", "sheep", "corgi"):
+        assert singularize(pluralize(word)) == singularize(word), word
