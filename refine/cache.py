@@ -3,24 +3,53 @@
 Keys are sha256 over everything that determines the answer: for a critique that is the critic id,
 model, sampling parameters, the rendered template text, the image bytes, crop boxes and the caption.
 Editing a template therefore re-asks only what changed. Failures are never stored.
+
+Computing a missing value takes a lock on its key, shared by every process using the same cache
+directory: when two runs (or two threads) need the same answer at once, one asks and the others wait
+for its answer instead of paying for the same request again. A lock whose owner died (kill -9) is
+taken over at once; one whose owner is alive expires after ``LOCK_EXPIRE`` seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+LOCK_EXPIRE = 900.0  # seconds: longer than any one computation (a request with all its retries)
+_POLL = 0.05  # seconds between looks while another process computes the same key
+
 
 def default_cache_dir() -> Path:
     """``$REFINE_CACHE_DIR``, else ``~/.cache/refine``."""
     return Path(os.environ.get("REFINE_CACHE_DIR") or Path.home() / ".cache" / "refine")
+
+
+def _dead(holder: Any) -> bool:
+    """Whether a lock's owner ``[host, pid, token]`` is a process of this machine that no longer runs."""
+    try:
+        host, pid, _ = holder
+    except (TypeError, ValueError):
+        return True  # not a lock of ours
+    if host != socket.gethostname():
+        return False  # another machine's process: only its expiry frees the lock
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _canonical(part: Any) -> bytes:
@@ -69,19 +98,47 @@ class DiskCache:
         return self.store.get(key, default)
 
     def get_or_compute(self, key: str, compute: Callable[[], T], cacheable: Callable[[T], bool] = lambda _: True) -> tuple[T, bool]:
-        """Return ``(value, hit)``. ``compute`` runs on a miss; its value is stored only if ``cacheable``."""
+        """Return ``(value, hit)``. ``compute`` runs on a miss; its value is stored only if ``cacheable``.
+
+        While ``compute`` runs, the key is locked across processes: another caller of the same key
+        waits, then takes the stored value (a hit), or computes itself if nothing was stored.
+        """
         sentinel = object()
         value = self.store.get(key, sentinel)
-        if value is not sentinel:
-            with self._lock:
-                self.hits += 1
-            return value, True
+        if value is sentinel:
+            with self._key_lock(key, sentinel) as value:
+                if value is sentinel:
+                    with self._lock:
+                        self.misses += 1
+                    value = compute()
+                    if cacheable(value):
+                        self.store.set(key, value)
+                    return value, False
         with self._lock:
-            self.misses += 1
-        value = compute()
-        if cacheable(value):
-            self.store.set(key, value)
-        return value, False
+            self.hits += 1
+        return value, True
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str, sentinel: object):
+        """Hold the lock on ``key``; yields the key's value if another holder stored one meanwhile
+        (then the lock is not needed), else ``sentinel`` with the lock held."""
+        lock_key = f"lock:{key}"
+        owner = [socket.gethostname(), os.getpid(), uuid.uuid4().hex]
+        while not self.store.add(lock_key, owner, expire=LOCK_EXPIRE):
+            value = self.store.get(key, sentinel)
+            if value is not sentinel:
+                yield value
+                return
+            holder = self.store.get(lock_key)
+            if holder is not None and _dead(holder):
+                self.store.delete(lock_key)  # its owner was killed: take over at once
+                continue
+            time.sleep(_POLL)
+        try:
+            yield self.store.get(key, sentinel)  # stored between our first look and the lock
+        finally:
+            if self.store.get(lock_key) == owner:
+                self.store.delete(lock_key)
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses}

@@ -175,3 +175,54 @@ def test_judge_answers_are_cached_apart_from_critiques(tmp_path):
         assert critic_for(server, tmp_path).judge_pair(image, "red", "blue")[0] == 0
         assert critic.judge_pair(Image.new("RGB", (16, 16), "blue"), "red", "blue")[0] == 0  # another image
     assert server.request_count == 2
+
+
+# --- two processes, one cache ---
+
+TWO_RUNS_SCRIPT = """
+import sys
+from critics.base import CritiqueRequest
+from critics.openai_vlm import OpenAIVLMCritic
+from refine.cache import DiskCache
+from refine.images import record_from_image
+from PIL import Image
+
+base_url, cache_dir = sys.argv[1], sys.argv[2]
+records = [record_from_image(f"img{i}", Image.new("RGB", (16, 16), (20 * i, 0, 0))) for i in range(6)]
+requests = [CritiqueRequest(r.id, r.image, r.sha256, caption, None, None)
+            for r in records for caption in ("a red square", "a dark square")]
+critic = OpenAIVLMCritic(model="fake", base_url=base_url, max_concurrency=4, cache=DiskCache(cache_dir, namespace="c"))
+results = critic.critique_many(requests)
+assert all(c.ok for c in results), [c.error for c in results]
+print(sum(1 for c in results if not c.meta["cache_hit"]))
+"""
+
+
+def test_two_processes_sharing_a_cache_ask_each_request_once(tmp_path):
+    """The second run waits for the first run's requests in flight instead of sending them again."""
+    import os
+    import subprocess
+    import sys
+
+    with FakeOpenAIServer(reply=lambda body: json.dumps(REPLY), latency=0.5) as server:
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_RUNS_SCRIPT, server.base_url, str(tmp_path / "cache")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert server.request_count == 12, "12 distinct critiques, asked once between the two runs"
+    assert sum(int(out.strip().splitlines()[-1]) for out, _ in outs) == 12  # every answer paid for once
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache = DiskCache(tmp_path, namespace="t")
+    cache.store.set("lock:k", [socket.gethostname(), int(dead.stdout), "x"])  # as if killed while computing
+    start = time.perf_counter()
+    assert cache.get_or_compute("k", lambda: "fresh") == ("fresh", False)
+    assert time.perf_counter() - start < 1.0 and cache.store.get("lock:k") is None
