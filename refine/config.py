@@ -228,7 +228,7 @@ def _coerce(value: Any, type_: Any, where: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ConfigError(f"{where}: must not be null; give a {_type_name(type_)}")
+        raise ConfigError(f"{where}: must not be null; give a value of type {_type_name(type_)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, args))}")

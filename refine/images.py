@@ -133,6 +133,9 @@ def _records_from_paths(paths: list[Path], source: str) -> tuple[list[ImageRecor
             records.append(record_from_path(path, id=id_))
         except (OSError, ValueError) as e:
             notes.append(f"skipped {printable(str(path))}: {e}")
+    if not paths:
+        raise ValueError(f"--images {source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) there; "
+                         "point --images at a folder of images, a glob or a .jsonl manifest")
     if not records:
         raise ValueError(f"--images {source}: no readable images ({len(notes)} skipped); " + "; ".join(notes[:3]))
     return records, notes + duplicate_notes(records)
@@ -147,7 +150,9 @@ def _manifest_row(line: str, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     example = '{"path": "img.jpg", "objects": {"dog": 1}, "references": ["a dog"]}'
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: each line must be a JSON object like {example}, got {type(row).__name__}")
+        got = {list: "an array", type(None): "null", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}[type(row)]
+        raise ValueError(f"{where}: each line must be a JSON object like {example}, got {got}")
     unknown = sorted(set(row) - {"path", "id", "objects", "references"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a line may have path, id, "

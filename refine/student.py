@@ -276,8 +276,11 @@ def load_student(
         image_processor = AutoImageProcessor.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = ("it is not a local directory, and offline (HF_HUB_OFFLINE=1) a hub id loads only from the local "
+               "cache" if offline and not os.path.isdir(name) else (str(e).splitlines() or [type(e).__name__])[0])
         raise OSError(
-            f"could not load the student {name!r} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"could not load the student {name!r}: {why}; "
             "pass a local directory saved with `Student.save` / `save_pretrained`, or a hub id on a machine "
             "with internet (offline runs need the model in the HF cache)."
         ) from e

@@ -76,7 +76,7 @@ CASES = [
     ("pair source unknown", lambda t, u: ["--loop.pair_sources=best"], "loop.pair_sources='best'"),
     ("run id with a slash", lambda t, u: ["--loop.run_id=a/b"], "loop.run_id='a/b': must be a plain folder name"),
     ("image set that does not exist", lambda t, u: ["--images", str(t / "nowhere")], "not a named set"),
-    ("folder without images", lambda t, u: ["--images", str(t / "empty")], "no readable images"),
+    ("folder without images", lambda t, u: ["--images", str(t / "empty")], "no image files"),
     ("student that does not exist", lambda t, u: [f"--student.model={t / 'no-student'}"], "could not load the student"),
     ("detector weights not on disk", lambda t, u: ["--loop.use_regions=true", "--regions.model=missing-detector.pt"],
      "detector weights 'missing-detector.pt' are not on disk"),
