@@ -20,7 +20,7 @@ NEW_TOKENS = 16
 def run(model_dir: Path, reps: int, quick: bool, size: str) -> list[Row]:
     import torch
 
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     student = load_student(model_dir, device="cpu", precision="auto")
     n_batch, n_single = (4, 2) if quick else (10, 5)

@@ -4,7 +4,7 @@ Both sides talk to the same local OpenAI-compatible server (``bench.devserver``,
 fixed latency per request) about the same images and captions, and requests are counted *at the
 server*, by kind, so neither side's own bookkeeping (or textgrad's prompt cache) can hide a request.
 
-- refine: ``OpenAIVLMCritic.critique_many`` then ``refine.step.apply_many`` with a ``ChatEngine``, at
+- refine: ``OpenAIVLMCritic.critique_many`` then ``TextualStep.apply_many`` with a ``ChatEngine``, at
   their default concurrency, with a fresh cache directory per repetition.
 - textgrad: for one image after another, ``MultimodalLLMCall`` (the critique, which is the loss) →
   ``loss.backward()`` → ``TGD.step()``, with ``ChatExternalClient`` pointed at the server.
@@ -36,7 +36,7 @@ from bench.data import bench_records
 from bench.data import captions as bench_captions
 from bench.devserver import ServerProcess
 from bench.measure import Row, Target, ratios, timed
-from critics.openai_vlm import DEFAULT_MAX_CONCURRENCY
+from refine.config import DEFAULT_MAX_CONCURRENCY
 
 MODEL = "gpt-4o"  # sent by both sides; it must be a textgrad multimodal whitelist name (see module docstring)
 API_KEY_ENV = "REFINE_BENCH_API_KEY"  # unset on purpose: a local base_url gets a placeholder key
@@ -44,8 +44,9 @@ API_KEY_ENV = "REFINE_BENCH_API_KEY"  # unset on purpose: a local base_url gets 
 
 def critique_prompt(image_size: tuple[int, int], caption: str) -> str:
     """The critique text refine sends for an image with no regions (so textgrad is asked the same)."""
-    from refine.prompts import describe_views, format_annotations, format_objects, load_template
-    from refine.step import DEFAULT_MAX_WORDS
+    from critics.context import describe_views, format_annotations, format_objects
+    from refine.infra.prompts import load_template
+    from refine.stages.step import DEFAULT_MAX_WORDS
 
     return load_template("critique").render(
         caption=caption, views=describe_views(image_size, []), objects=format_objects(None),
@@ -62,15 +63,15 @@ class RefineSide:
 
     def __init__(self, base_url: str):
         from critics.openai_vlm import OpenAIVLMCritic
-        from refine.step import ChatEngine
+        from refine.infra.llm import ChatEngine
 
         self.critic = OpenAIVLMCritic(model=MODEL, base_url=base_url, api_key_env=API_KEY_ENV)
         self.engine = ChatEngine(MODEL, base_url, API_KEY_ENV)
 
     def round(self, records, captions, cache_dir: Path) -> dict[str, Any]:
         from critics.base import CritiqueRequest
-        from refine.cache import DiskCache
-        from refine.step import apply_many
+        from refine.infra.cache import DiskCache
+        from refine.stages.step import TextualStep
 
         self.critic.cache = DiskCache(cache_dir, "critiques")
         self.engine.cache = DiskCache(cache_dir, "llm")
@@ -78,7 +79,7 @@ class RefineSide:
         requests = [CritiqueRequest(r.id, r.image, r.sha256, c) for r, c in zip(records, captions)]
         critiques = self.critic.critique_many(requests)
         middle = time.perf_counter()
-        steps = apply_many(list(captions), critiques, self.engine)
+        steps = TextualStep(self.engine).apply_many(list(captions), critiques)
         end = time.perf_counter()
         self.critic.cache.close()
         self.engine.cache.close()
@@ -103,7 +104,7 @@ class TextgradSide:
     def __init__(self, base_url: str):
         from openai import OpenAI
 
-        from refine.step import default_constraints, import_textgrad
+        from refine.stages.step import default_constraints, import_textgrad
 
         self.tg = import_textgrad()
         from textgrad.engine.local_model_openai_api import ChatExternalClient
@@ -116,7 +117,7 @@ class TextgradSide:
         import diskcache
         from textgrad.autograd import MultimodalLLMCall
 
-        from refine.step import CAPTION_ROLE
+        from refine.stages.step import CAPTION_ROLE
 
         tg = self.tg
         self.engine.cache.close()
@@ -195,7 +196,7 @@ def run(reps: int, quick: bool, workdir: Path) -> list[Row]:
         Row(s1, "textgrad: critique → backward → TGD step, sequential", "s", tg_s,
             earlier="earlier: 9.25 s for 10 images", note=setup, error=problems("textgrad")),
         Row(s1, "textgrad: requests per image (counted at the server)", "req", tg_req, earlier="earlier: 3"),
-        Row(s1, f"refine: critique_many + step.apply_many, default concurrency ({DEFAULT_MAX_CONCURRENCY})", "s", cold_s,
+        Row(s1, f"refine: critique_many + TextualStep.apply_many, default concurrency ({DEFAULT_MAX_CONCURRENCY})", "s", cold_s,
             earlier="earlier: the same requests 10 at a time took 0.99 s", note="fresh cache dir per rep; " + split_text,
             error=problems("refine")),
         Row(s1, "refine: requests per image (counted at the server)", "req", cold_req, Target("<=", 2, on="all"),

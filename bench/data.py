@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from refine.images import ImageRecord, record_from_image, record_from_path
+from refine.images.records import ImageRecord, record_from_image, record_from_path
 
 COLOURS = ("red", "blue", "green", "orange", "purple", "black", "teal", "brown", "gold", "navy")
 

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from refine.devserver import FakeOpenAIServer, request_text
+from refine.offline.devserver import FakeOpenAIServer, request_text
 
 IMPROVED_START, IMPROVED_END = "<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>"  # textgrad's TGD tags
 # A phrase of textgrad's BACKWARD_SYSTEM_PROMPT (textgrad/autograd/llm_backward_prompts.py); matched as

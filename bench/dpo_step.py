@@ -44,7 +44,7 @@ GB = 1e9
 def make_inputs(student, n_pairs: int, n_tokens: int):
     """``n_pairs`` preference pairs over ``n_pairs`` distinct images; every caption is ``n_tokens`` tokens."""
     from bench.data import bench_records, token_captions
-    from refine.pairs import PreferencePair
+    from refine.stages.pairs import PreferencePair
 
     records = bench_records(n_pairs)
     chosen = token_captions(student.tokenizer, n_tokens, n_pairs)
@@ -107,7 +107,7 @@ def dpo_step(student, pairs, images, freeze_encoder: bool, device_sync=lambda: N
     """One optimizer step of ``refine.dpo.update``; wall seconds by phase."""
     from accelerate import Accelerator
 
-    import refine.dpo as dpo
+    import refine.stages.dpo as dpo
 
     marks: dict[str, tuple[float, float]] = {}
 
@@ -192,8 +192,8 @@ class Stepper:
     def __init__(self, variant: str, model_dir: str, n_pairs: int, n_tokens: int, device: str = "cpu"):
         import torch
 
-        from refine.dpo import prepare_for_training
-        from refine.student import load_student
+        from refine.stages.dpo import prepare_for_training
+        from refine.stages.student import load_student
 
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")

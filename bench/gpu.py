@@ -42,7 +42,7 @@ def caption_latency(model_dir: Path, reps: int, n_calls: int, static_cache: bool
     """``(p50s, p95s, warm-up seconds)``: per-repetition percentiles over ``n_calls`` batch-1 captions."""
     import torch
 
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     student = load_student(model_dir, device="cuda", precision="auto", static_cache=static_cache)
     images = [r.image for r in bench_records(10)]

@@ -30,7 +30,7 @@ THREADS = 2
 
 
 def _windows(image, config) -> list[tuple[float, float, float, float]]:
-    from refine.regions import tile_boxes
+    from refine.stages.tiling import tile_boxes
 
     width, height = image.size
     boxes = [(0.0, 0.0, float(width), float(height))]
@@ -42,9 +42,9 @@ def _windows(image, config) -> list[tuple[float, float, float, float]]:
 def detector_timings(reps: int, imgsz: int) -> dict[str, Any]:
     import torch
 
-    from refine.images import record_from_path
-    from refine.offline import preserved_torch_threads
-    from refine.regions import RegionConfig, detect, load_detector
+    from refine.images.records import record_from_path
+    from refine.infra.devices import preserved_torch_threads
+    from refine.stages.regions import RegionConfig, detect, load_detector
 
     image = record_from_path(shipped_photo("bus")).image
     config = RegionConfig(model="yolov8n.yaml", imgsz=imgsz)

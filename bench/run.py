@@ -54,8 +54,8 @@ def setup_environment(workdir: Path) -> None:
 
 def build_models(workdir: Path, quick: bool) -> tuple[Path, Path, str]:
     """``(real-size or, in quick mode, tiny model dir, tiny model dir, size name)``: random ViT-GPT2s."""
-    from refine.offline import write_gpt2_tokenizer_files
-    from refine.random_init import build_vit_gpt2
+    from refine.offline.models import build_vit_gpt2
+    from refine.offline.tokenizer import write_gpt2_tokenizer_files
 
     tokenizer = CACHE_DIR / "gpt2-tokenizer"
     if not (tokenizer / "merges.txt").is_file():  # rebuilding GPT-2's BPE files takes a few seconds: keep them

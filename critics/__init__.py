@@ -15,30 +15,30 @@ DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "florence2": DEFAULT_FLORENCE2
 __all__ = ["BACKENDS", "Critic", "Critique", "CritiqueRequest", "make_critic"]
 
 
-def make_critic(cfg, cache=None, labels=()) -> Critic:
+def make_critic(cfg, vocabulary=None, max_words: int = 20, cache=None) -> Critic:
     """Build the configured backend (``cfg`` is refine.config.CriticConfig). Models load here, not on import.
 
-    ``labels``: every object label of the image set. The grounded critic can only call an object
-    hallucinated if it knows the object's name, and one image's truth does not name what is absent
-    from it, so it matches against COCO's vocabulary plus the set's whole label space.
+    ``vocabulary``: the image set's object vocabulary (``ImageSet.vocabulary()``), the one the rewrite and
+    CHAIR read captions with too; default COCO's. ``max_words``: the step's limit, asked of every revision.
     """
     if cfg.backend == "grounded":
         from critics.grounded import GroundedCritic
-        from refine.objects import coco_vocabulary
 
-        return GroundedCritic(vocabulary=coco_vocabulary().extended(sorted(set(labels))))
+        return GroundedCritic(vocabulary=vocabulary)
     if cfg.backend == "openai":
         from critics.openai_vlm import OpenAIVLMCritic
-        from refine.prompts import load_template
+        from refine.infra.prompts import load_template
 
         load_template(cfg.template)  # a missing or broken template fails here, before any request
         return OpenAIVLMCritic(
-            model=cfg.model or DEFAULT_MODELS["openai"], base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-            max_retries=cfg.max_retries, timeout=cfg.timeout, temperature=cfg.temperature, max_views=cfg.max_views,
-            template=cfg.template, cache=cache,
+            model=cfg.model or DEFAULT_MODELS["openai"], base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+            max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries, timeout=cfg.timeout,
+            temperature=cfg.temperature, max_views=cfg.max_views, max_words=max_words, template=cfg.template,
+            cache=cache,
         )
     if cfg.backend == "florence2":
         from critics.florence2 import Florence2Critic, load_florence2
 
-        return Florence2Critic(*load_florence2(cfg.model or DEFAULT_MODELS["florence2"]), cache=cache)
+        return Florence2Critic(*load_florence2(cfg.model or DEFAULT_MODELS["florence2"]), vocabulary=vocabulary,
+                               cache=cache)
     raise ValueError(f"critic.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -24,8 +24,8 @@ from PIL import Image
 
 from critics.base import Critique, CritiqueRequest
 from critics.grounded import critique_from_truth
-from refine.cache import DiskCache, cache_key
 from refine.config import DEFAULT_FLORENCE2_MODEL
+from refine.infra.cache import DiskCache, cache_key
 from refine.objects import Vocabulary, coco_vocabulary, mentions
 
 DEFAULT_FLORENCE2 = DEFAULT_FLORENCE2_MODEL
@@ -51,7 +51,7 @@ def load_florence2(model_id: str = DEFAULT_FLORENCE2, device: str | None = None,
     import torch
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from refine.student import pick_device
+    from refine.infra.devices import pick_device
 
     dev = pick_device(device)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

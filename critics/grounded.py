@@ -12,16 +12,8 @@ import json
 from collections.abc import Mapping, Sequence
 
 from critics.base import Critique, CritiqueRequest
-from refine.objects import (
-    ObjectDiff,
-    Vocabulary,
-    coco_vocabulary,
-    compare,
-    noun_phrase,
-    number_word,
-    pluralize_phrase,
-    rewrite,
-)
+from refine.objects import ObjectDiff, Vocabulary, coco_vocabulary, compare, noun_phrase, rewrite
+from refine.objects.words import number_word, pluralize_phrase
 
 # A miscounted object earns half the credit of a correctly counted one when the count is off by 100 %
 # or more of the true count (our choice: naming the right object matters more than its number).

@@ -29,9 +29,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,16 +37,15 @@ from typing import Any
 from PIL import Image
 
 from critics.base import Critique, CritiqueRequest
-from refine.cache import DiskCache, cache_key
-from refine.concurrency import map_concurrently
+from critics.context import describe_views, format_annotations, format_objects
 from refine.config import DEFAULT_MAX_CONCURRENCY, DEFAULT_OPENAI_MODEL
-from refine.prompts import Template, describe_views, format_annotations, format_objects, load_template
+from refine.infra.cache import DiskCache, cache_key
+from refine.infra.concurrency import map_concurrently
+from refine.infra.llm import DEFAULT_API_KEY_ENV, ChatCallError, OpenAIChat, response_format_for, usage
+from refine.infra.prompts import Template, load_template
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = DEFAULT_OPENAI_MODEL
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-LOCAL_PLACEHOLDER_KEY = "not-needed"  # vLLM / Ollama ignore the key, but the SDK insists on one
 
 # The output format stated in prompts/critique.txt, as a JSON schema. Not ``strict``: strict mode forbids
 # open-ended objects, and count_errors is {label: [said, true]} with labels unknown in advance.
@@ -72,10 +69,6 @@ JUDGE_SCHEMA: dict[str, Any] = {
     "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}, "reason": {"type": "string"}},
     "required": ["winner", "reason"],
 }
-
-
-def response_format_for(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": False}}
 
 
 # --- parsing: each output format in exactly one function -------------------------------------------
@@ -204,134 +197,6 @@ def parse_judgement(raw: str) -> int | None:
 # --- one OpenAI-compatible endpoint ------------------------------------------------------------------
 
 
-@dataclass
-class ChatResult:
-    content: str
-    usage: dict[str, int]  # prompt_tokens, completion_tokens, requests (HTTP requests, retries included)
-    response_format_used: bool = False
-    cache_hit: bool = False
-
-
-class ChatCallError(RuntimeError):
-    """A chat call that failed after the SDK's retries. ``requests`` counts every HTTP request made."""
-
-    def __init__(self, message: str, requests: int, raw: str = ""):
-        super().__init__(f"{message} (after {requests} request{'s' if requests != 1 else ''})")
-        self.message = message
-        self.requests = requests
-        self.raw = raw
-
-
-def _requests_made(error: Exception) -> int:
-    """HTTP requests behind a final openai error: the last request carries the SDK's retry count."""
-    request = getattr(error, "request", None)
-    try:
-        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
-    except (AttributeError, ValueError):
-        return 1
-
-
-def resolve_api_key(api_key_env: str, base_url: str | None) -> str:
-    """The key from ``$api_key_env``; a placeholder for local servers (``base_url`` given) that need none."""
-    key = os.environ.get(api_key_env)
-    if key:
-        return key
-    if base_url:
-        return LOCAL_PLACEHOLDER_KEY
-    raise ValueError(
-        f"${api_key_env} is not set: export your OpenAI API key as {api_key_env}, name another variable "
-        "with api_key_env=..., or pass base_url=... for a local OpenAI-compatible server that needs no key"
-    )
-
-
-class OpenAIChat:
-    """Chat completions on one endpoint: lazy client, the SDK's retries, request counting, and the
-    ``response_format`` fallback (remembered once a server has rejected it and then answered without)."""
-
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        base_url: str | None = None,
-        api_key_env: str = DEFAULT_API_KEY_ENV,
-        timeout: float = 60.0,
-        max_retries: int = 4,
-    ):
-        if not model:
-            raise ValueError("model is empty: name the chat model, e.g. model='gpt-4o'")
-        self.model = model
-        self.base_url = base_url
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self._api_key = resolve_api_key(api_key_env, base_url)  # fail at construction, not mid-run
-        self._client = None
-        self._lock = threading.Lock()
-        self.response_format_supported: bool | None = None  # unknown until a server says
-
-    @property
-    def client(self):
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from openai import OpenAI
-
-                    self._client = OpenAI(
-                        api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
-                    )
-        return self._client
-
-    def create(self, messages: list[dict[str, Any]], *, response_format: dict | None = None, **params: Any) -> ChatResult:
-        """One completion. Raises ``ChatCallError`` (with the request count and raw body) on failure."""
-        import openai
-
-        requests = 0
-        if response_format is not None and self.response_format_supported is not False:
-            try:
-                result = self._send(messages, params, response_format)
-            except ChatCallError as e:
-                if not isinstance(e.__cause__, (openai.BadRequestError, openai.UnprocessableEntityError)):
-                    raise
-                requests = e.requests  # the server may not know response_format: ask once more without it
-                log.info("%s rejected response_format (%s); retrying without it", self.base_url or "OpenAI", e)
-            else:
-                self.response_format_supported = True
-                return result
-        try:
-            result = self._send(messages, params, None)
-        except ChatCallError as e:
-            raise ChatCallError(e.message, requests + e.requests, e.raw) from e.__cause__
-        if requests:
-            self.response_format_supported = False
-        result.usage["requests"] += requests
-        return result
-
-    def _send(self, messages: list[dict[str, Any]], params: dict[str, Any], response_format: dict | None) -> ChatResult:
-        import openai
-
-        extra = {"response_format": response_format} if response_format is not None else {}
-        try:
-            raw = self.client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, **params, **extra
-            )
-        except openai.APIStatusError as e:
-            raise ChatCallError(f"{type(e).__name__} {e.status_code}: {e.message}", _requests_made(e), e.response.text) from e
-        except openai.APIError as e:  # timeouts and connection errors
-            raise ChatCallError(f"{type(e).__name__}: {e}", _requests_made(e)) from e
-        requests = raw.retries_taken + 1
-        body = raw.http_response.text
-        try:
-            completion = raw.parse()
-            content = completion.choices[0].message.content
-        except Exception as e:  # a 200 whose body is not a chat completion
-            raise ChatCallError(f"malformed completion body ({type(e).__name__}: {e})", requests, body) from e
-        if content is None:
-            raise ChatCallError("the completion has no text content (a refusal or tool call?)", requests, body)
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        if completion.usage is not None:
-            usage = {"prompt_tokens": completion.usage.prompt_tokens, "completion_tokens": completion.usage.completion_tokens}
-        return ChatResult(content=content, usage={**usage, "requests": requests}, response_format_used=bool(extra))
-
-
 # --- images as data URLs ---------------------------------------------------------------------------
 
 JPEG_QUALITY = 90
@@ -386,7 +251,7 @@ class OpenAIVLMCritic:
     """``Critic`` over an OpenAI-compatible vision chat endpoint. Construction stores settings only;
     the HTTP client and the cache store open on first use. The API key is read from ``$api_key_env``."""
 
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_OPENAI_MODEL
     base_url: str | None = None
     api_key_env: str = DEFAULT_API_KEY_ENV
     temperature: float = 0.0
@@ -480,7 +345,7 @@ class OpenAIVLMCritic:
         critique = Critique.from_json(stored)
         if hit:  # the call was paid for earlier; this run spent nothing
             critique.meta["cached_usage"] = critique.usage
-            critique.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+            critique.usage = usage()
         critique.meta.update({
             "critic": self.id,
             "model": self.model,
@@ -501,7 +366,7 @@ class OpenAIVLMCritic:
         try:
             result = self.chat.create([message], response_format=rf, **self.sampling)
         except ChatCallError as e:
-            return Critique.failure(str(e), raw=e.raw, usage={"prompt_tokens": 0, "completion_tokens": 0, "requests": e.requests})
+            return Critique.failure(str(e), raw=e.raw, usage=usage(requests=e.requests))
         try:
             critique = parse_critique(result.content)
         except OutputParseError as e:

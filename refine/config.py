@@ -221,7 +221,7 @@ def _type_name(type_: Any) -> str:
     return getattr(type_, "__name__", str(type_))
 
 
-def _coerce(value: Any, type_: Any, where: str) -> Any:
+def coerce(value: Any, type_: Any, where: str) -> Any:
     """Convert a string (from the CLI) or JSON value to the field's declared type, or raise ``ConfigError``."""
     origin, args = get_origin(type_), get_args(type_)
     optional = type(None) in args
@@ -238,7 +238,7 @@ def _coerce(value: Any, type_: Any, where: str) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where}={value!r}: expected a list (or comma-separated values)")
         inner = args[0] if args else str
-        return tuple(_coerce(v, inner, where) for v in items)
+        return tuple(coerce(v, inner, where) for v in items)
     if optional:  # X | None
         type_ = next(a for a in args if a is not type(None))
     if type_ is bool:
@@ -276,7 +276,7 @@ def _set(config: Config, dotted: str, value: Any) -> None:
         hint = difflib.get_close_matches(key, hints, n=1)
         raise ConfigError(f"unknown config key {dotted!r}" + (f"; did you mean '{section}.{hint[0]}'?" if hint else "")
                           + f" Keys of {section}: {', '.join(hints)}")
-    setattr(node, key, _coerce(value, hints[key], dotted))
+    setattr(node, key, coerce(value, hints[key], dotted))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -22,14 +22,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.markup import escape
 
-from refine import stages
-from refine.cache import DiskCache
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_config
-from refine.progress import RoundTimer, console, progress_bar
-from refine.runlog import RunLog
+from refine.images import ImageSet, load_images
+from refine.infra.cache import DiskCache
+from refine.infra.progress import RoundProgress, console
+from refine.infra.runlog import RunLog
+from refine.metrics.summary import summarize_round
+from refine.runs import render_round
+from refine.stages.critique import (
+    BudgetExhausted,
+    CritiqueRow,
+    TooManyFailures,
+    critic_calls,
+    critique,
+    mean_score,
+)
+from refine.stages.dpo import update
+from refine.stages.pairs import PreferencePair, build_pairs
+from refine.stages.regions import find
+from refine.stages.step import Refinement, TextualStep, make_step
+from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, load_student
 
 
 class RunStopped(Exception):
@@ -44,13 +58,18 @@ class RunStopped(Exception):
 class Parts:
     """Everything a run needs, loaded (and so checked) before its directory is created."""
 
-    records: list
-    eval_records: list
+    images: ImageSet
+    eval_images: ImageSet | None
     student: Any
     critic: Any
-    apply_step: Any
+    step: TextualStep
     detector: Any
-    notes: list[str] = field(default_factory=list)
+    config: Config
+    region_cache: DiskCache = field(default_factory=lambda: DiskCache(namespace="regions"))
+
+    def reload_student(self, path: Path):
+        cfg = self.config.student
+        return load_student(path, cfg.device, cfg.precision, cfg.static_cache)
 
 
 def run(argv: list[str] | None = None) -> RunLog:
@@ -66,7 +85,7 @@ def run(argv: list[str] | None = None) -> RunLog:
         RunLog.check_new(config.loop.runs_dir, config.loop.run_id)
         log, changes = None, {}
     parts = _load_parts(config, log)
-    for note in parts.notes:
+    for note in parts.images.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if log is None:
         log = RunLog.create(config.loop.runs_dir, config.loop.run_id, config.to_json())
@@ -80,11 +99,15 @@ def run(argv: list[str] | None = None) -> RunLog:
         log.event("resume", completed_rounds=log.completed_rounds(), changes=changes)
     try:
         _rounds(log, config, parts)
+    except BudgetExhausted as stop:
+        log.event("budget_stop", round=log.completed_rounds(), critic_calls=stop.calls)
+        console.print(f"[yellow]Critic-call budget reached[/] ({config.loop.max_critic_calls}). Continue with: "
+                      f"python -m refine.loop --resume {escape(str(log.root))} --max-critic-calls N")
     except KeyboardInterrupt:
         log.event("interrupted", completed_rounds=log.completed_rounds())
         raise RunStopped("Interrupted. Nothing half-done was recorded. Continue with: "
                          f"python -m refine.loop --resume {log.root}", 130) from None
-    except stages.TooManyFailures as stop:
+    except TooManyFailures as stop:
         log.event("failure_stop", stage=stop.stage, failures=stop.failures, total=stop.total,
                   first_error=stop.first_error, critic_calls=stop.critic_calls)
         raise RunStopped(f"Stopped: {stop}. More than loop.max_failure_share={config.loop.max_failure_share} "
@@ -95,55 +118,38 @@ def run(argv: list[str] | None = None) -> RunLog:
 
 
 def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
-    from refine import dpo, regions
-    from refine.evaluate import evaluate
-    from refine.runs import render_round
-
-    loop, records, student = config.loop, parts.records, parts.student
-    images = {r.id: r.image for r in records}
-    region_cache = DiskCache(namespace="regions")
-    budget_used = sum(e.get("critic_calls", 0) for e in log.events())
-
+    """The rounds: caption, find regions, critique, step, build pairs, update, score, record."""
+    loop, cfg, records, student = config.loop, config.student, parts.images.records, parts.student
+    vocab, pixels = parts.images.vocabulary(), {r.id: r.image for r in records}
     for k in range(log.completed_rounds(), loop.rounds):
-        timer = RoundTimer()
-        with timer("eval"):
-            evaluation = log.stage(k, "eval", lambda: evaluate(student, parts.eval_records, config.student))[0] \
-                if parts.eval_records else []
-        torch.manual_seed(loop.seed * 1_000_003 + k)  # sampled captions: reproducible per (seed, round)
-        with timer("caption"), progress_bar("caption", len(records)) as advance:
-            captions, _ = log.stage(k, "captions", lambda: stages.caption(student, records, config.student, advance))
-        with timer("regions"):
-            found = {r.image_id: r for r in regions.find(records, parts.detector, config.regions, region_cache)} \
-                if parts.detector else {}
-        with timer("critique"), progress_bar("critique", len(records) * (1 + config.student.n_samples)) as advance:
-            budget = loop.max_critic_calls - budget_used if loop.max_critic_calls else None
-            try:
-                critiques, calls = _critique_stage(log, k, parts.critic, records, captions, found, budget, advance,
-                                                   loop.max_failure_share)
-            except stages.BudgetExhausted as stop:
-                log.event("budget_stop", round=k, critic_calls=stop.calls)
-                console.print(f"[yellow]Critic-call budget reached[/] ({loop.max_critic_calls}). Continue with: "
-                              f"python -m refine.loop --resume {escape(str(log.root))} --max-critic-calls N")
-                return
-            budget_used += calls
-        with timer("step"):
-            refined, _ = log.stage(k, "refined", lambda: stages.refine_captions(
-                captions, critiques, parts.apply_step, loop.refine_samples, loop.max_failure_share))
-        pairs, _ = log.stage(k, "pairs", lambda: stages.build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                                    loop.swap_pairs))
-        _save_if_best(log, k, student, critiques)
-        with timer("update"):
-            student, history = _update_stage(log, k, student, pairs, images, config.update, dpo)
-        metrics = stages.summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation)
-        metrics.update(timer.seconds())
-        log.write_metrics(k, metrics)
-        log.event("round_done", round=k)
+        with RoundProgress() as bars:
+            evaluation = log.stage(k, "eval", lambda: evaluate(student, parts.eval_images.records, cfg), EvalCaption) \
+                if parts.eval_images else []
+            captions = log.stage(k, "captions", lambda: caption(student, records, cfg, loop.seed * 1_000_003 + k,
+                                                                bars.add("caption", len(records))), CaptionSet)
+            regions = log.stage(k, "regions", lambda: find(records, parts.detector, config.regions, parts.region_cache),
+                               persist=False) \
+                if parts.detector else []
+            critiques = log.stage(k, "critiques", lambda: critique(
+                parts.critic, records, captions, {r.image_id: r for r in regions}, _budget_left(log, loop),
+                progress=bars.add("critique", len(records) * (1 + cfg.n_samples)),
+                max_failure_share=loop.max_failure_share), CritiqueRow, lambda rows: {"critic_calls": critic_calls(rows)})
+            refined = log.stage(k, "refined", lambda: parts.step.refine(captions, critiques, loop.refine_samples,
+                                                                        loop.max_failure_share), Refinement)
+            pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
+                                                              loop.swap_pairs), PreferencePair)
+            log.keep_best(k, student, mean_score(critiques))
+            student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
+                                                                          in_place=True), parts.reload_student)
+        metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
+                                  log.stage_seconds(k))
+        log.finish_round(k, metrics)
         render_round(metrics)
         if not pairs:
             console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
                           "so the student did not change this round")
-    if parts.eval_records and not log.has_stage(loop.rounds, "eval"):
-        log.stage(loop.rounds, "eval", lambda: evaluate(student, parts.eval_records, config.student))
+    if parts.eval_images and not log.has_stage(loop.rounds, "eval"):
+        log.stage(loop.rounds, "eval", lambda: evaluate(student, parts.eval_images.records, cfg), EvalCaption)
     pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
     log.event("run_done", pairs=pairs_made)
     if pairs_made == 0 and loop.rounds > 0:
@@ -151,6 +157,11 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                       "See why in: python -m refine.runs show " + escape(log.root.name))
     console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
                   f"{escape(log.root.name)}")
+
+
+def _budget_left(log: RunLog, loop) -> int | None:
+    """Critic calls this stage may still make (None: no budget), counted over every session of the run."""
+    return loop.max_critic_calls - log.critic_calls() if loop.max_critic_calls else None
 
 
 def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
@@ -183,77 +194,20 @@ def _load_parts(config: Config, log: RunLog | None) -> Parts:
     """Load and check every input of the run; raises (ValueError / OSError) before anything is written.
     The cheap checks come first, the student (the slowest load) last."""
     from critics import make_critic
-    from refine import regions
-    from refine.images import load_images
-    from refine.student import load_student
+    from refine.stages.regions import load_detector
 
     loop = config.loop
-    records, notes = load_images(loop.images, loop.coco_root or None)
-    eval_records = load_images(loop.eval_images)[0] if loop.eval_images else []
-    critic = make_critic(config.critic, labels={label for r in records for label in (r.objects or {})})
-    apply_step = stages.make_step(config.critic, config.step)
-    detector = regions.load_detector(config.regions.model) if _wants_regions(loop, records) else None
-    state = log.student_state("last") if log is not None else None
-    source = log.student_dir("last") if state else config.student.model
+    images = load_images(loop.images, loop.coco_root or None)
+    eval_images = load_images(loop.eval_images) if loop.eval_images else None
+    critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
+    step = make_step(config.critic, config.step)
+    if loop.use_regions and not images.detectable:
+        console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
+    detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
+    source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
     cfg = config.student
     student = load_student(source, cfg.device, cfg.precision, cfg.static_cache)
-    return Parts(records, eval_records, student, critic, apply_step, detector, notes)
-
-
-def _wants_regions(loop, records) -> bool:
-    if not loop.use_regions:
-        return False
-    if loop.images.startswith("shapes"):
-        console.print("regions: skipped — no detector exists for the synthetic shapes world; "
-                      "the grounded critic reads the scene annotations instead")
-        return False
-    return True
-
-
-def _critique_stage(log, k, critic, records, captions, found, budget, advance, max_failure_share):
-    """Recorded like any stage; its call count goes into the event so budgets survive a resume."""
-    if log.has_stage(k, "critiques"):
-        return log.read_stage(k, "critiques"), 0
-    import time
-
-    start = time.perf_counter()
-    rows, calls = stages.critique(critic, records, captions, found, budget, progress=advance,
-                                  max_failure_share=max_failure_share)
-    from refine.runlog import write_jsonl
-
-    write_jsonl(log.stage_path(k, "critiques"), rows)
-    log.event("stage_done", round=k, stage="critiques", rows=len(rows), critic_calls=calls,
-              seconds=round(time.perf_counter() - start, 3))
-    return rows, calls
-
-
-def _update_stage(log, k, student, pairs, images, update_config, dpo):
-    """DPO against the round's starting student; the result is checkpointed as ``student/last``."""
-    from refine.pairs import PreferencePair
-    from refine.student import load_student
-
-    state = log.student_state("last")
-    if state and state["round"] >= k:  # crashed after this round's update was saved
-        return (load_student(log.student_dir("last"), student.device.type, student.precision, student.static_cache),
-                log.read_stage(k, "update"))
-    # In place: this round's starting student is already on disk (student/last, or the configured model).
-    policy, history = dpo.update(student, [PreferencePair(**p) for p in pairs], images, update_config, in_place=True)
-    from refine.runlog import write_jsonl
-
-    write_jsonl(log.stage_path(k, "update"), history)
-    log.save_student(policy, "last", {"round": k})
-    return policy, history
-
-
-def _save_if_best(log: RunLog, k: int, student, critiques) -> None:
-    """Round k's mean critic score rates the student that entered round k: keep the best one."""
-    state = log.student_state("last")
-    if state and state["round"] >= k:  # resumed after this round's update: that student is gone
-        return
-    mean = stages.mean_score(critiques)
-    best = log.student_state("best")
-    if best is None or mean > best["critic/mean_score"]:
-        log.save_student(student, "best", {"round": k - 1, "critic/mean_score": mean})
+    return Parts(images, eval_images, student, critic, step, detector, config)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from refine.runlog import RunLog
+from refine.infra.runlog import RunLog
 
 console = Console()
 

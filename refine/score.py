@@ -17,32 +17,27 @@ Writes ``runs/<id>/scores.json`` and prints a table. Images are re-read from the
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from refine.runlog import RunLog, write_json
+from refine.infra.runlog import RunLog, write_json
+from refine.metrics.summary import mean, object_metrics
 
 METRICS = ("clipscore", "pickscore", "chair", "cider", "bleu", "diversity", "winrate")
 
 
-def _nanmean(values) -> float:
-    vals = [float(v) for v in values if not math.isnan(float(v))]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def text_scores(captions: Sequence[str], records: Sequence, metrics: Sequence[str]) -> dict[str, float]:
-    """Scores that need only text and annotations."""
-    from refine import metrics as m
-    from refine.evaluate import object_metrics
+def text_scores(captions: Sequence[str], records: Sequence, metrics: Sequence[str], vocab) -> dict[str, float]:
+    """Scores that need only text and annotations (CHAIR read with the image set's ``vocab``)."""
+    from refine.metrics import text as m
 
     out: dict[str, float] = {}
     if "chair" in metrics:
         known = [(c, r.objects) for c, r in zip(captions, records) if r.objects is not None]
         if known:
-            out.update({f"chair/{k}": v for k, v in object_metrics([c for c, _ in known], [o for _, o in known]).items()})
+            out.update({f"chair/{k}": v for k, v in
+                        object_metrics([c for c, _ in known], [o for _, o in known], vocab).items()})
     with_refs = [(c, r.references) for c, r in zip(captions, records) if r.references]
     if len(with_refs) >= 2 and "cider" in metrics:  # CIDEr-D's idf needs a corpus of 2+ images
         out["cider_d"] = float(m.cider_d([c for c, _ in with_refs], [refs for _, refs in with_refs]).mean())
@@ -96,15 +91,16 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
     from refine.images import load_images
 
     cfg = log.config
-    records = load_images(cfg["loop"]["images"], cfg["loop"].get("coco_root") or None)[0]
+    images = load_images(cfg["loop"]["images"], cfg["loop"].get("coco_root") or None)
+    records, vocab = images.records, images.vocabulary()
     by_id = {r.id: r for r in records}
     clip = pick = None
     if "clipscore" in metrics:
-        from refine.metrics import load_clip_scorer
+        from refine.metrics.clip import load_clip_scorer
 
         clip = load_clip_scorer(clip_model, device=device)
     if "pickscore" in metrics:
-        from refine.metrics import load_pick_scorer
+        from refine.metrics.clip import load_pick_scorer
 
         pick = load_pick_scorer(pick_model, pick_processor, device=device)
 
@@ -120,11 +116,11 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
         for side, captions in (("before", main), ("after", {**main, **refined})):
             recs = [by_id[i] for i in captions if i in by_id]
             texts = [captions[r.id] for r in recs]
-            scores = text_scores(texts, recs, metrics)
+            scores = text_scores(texts, recs, metrics, vocab)
             if clip is not None:
-                scores["clipscore"] = _nanmean(clip.score([r.image for r in recs], texts).tolist())
+                scores["clipscore"] = mean(clip.score([r.image for r in recs], texts).tolist(), skip_nan=True)
             if pick is not None:
-                scores["pickscore"] = _nanmean(pick.score([r.image for r in recs], texts).tolist())
+                scores["pickscore"] = mean(pick.score([r.image for r in recs], texts).tolist(), skip_nan=True)
             row[side] = scores
         rounds.append(row)
         k += 1
@@ -133,7 +129,8 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
         from critics import make_critic
         from refine.config import Config, apply_dict
 
-        critic = make_critic(apply_dict(Config(), cfg).critic)
+        config = apply_dict(Config(), cfg)
+        critic = make_critic(config.critic, vocabulary=vocab, max_words=config.step.max_words)
         result.update(win_rate(critic, records, main_by_round[0], main_by_round[-1]))
     return result
 
@@ -162,7 +159,7 @@ def render(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from refine.metrics import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR
+    from refine.metrics.clip import DEFAULT_CLIP_MODEL, DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR
 
     parser = argparse.ArgumentParser(prog="python -m refine.score", description="Score a run per round: the student's captions (before) and the refined ones (after).",
                                      epilog="Writes runs/<id>/scores.json.")

@@ -46,7 +46,7 @@ def sandbox() -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(sandbox) -> Path:
-    from refine.offline import write_gpt2_tokenizer_files
+    from refine.offline.tokenizer import write_gpt2_tokenizer_files
 
     return write_gpt2_tokenizer_files(sandbox / "gpt2-tokenizer")
 
@@ -54,14 +54,14 @@ def gpt2_tokenizer_dir(sandbox) -> Path:
 @pytest.fixture(scope="session")
 def tiny_student_dir(sandbox, gpt2_tokenizer_dir) -> Path:
     """A saved random ViT + GPT-2 VisionEncoderDecoderModel with the real GPT-2 tokenizer."""
-    from refine.random_init import build_vit_gpt2
+    from refine.offline.models import build_vit_gpt2
 
     return build_vit_gpt2(sandbox / "tiny-vit-gpt2", size="tiny", tokenizer_cache=str(gpt2_tokenizer_dir))
 
 
 @pytest.fixture
 def tiny_student(tiny_student_dir):
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     torch.manual_seed(0)
     return load_student(tiny_student_dir, device="cpu", precision="fp32")

@@ -13,13 +13,13 @@ from PIL import Image
 
 from critics.base import CritiqueRequest
 from critics.openai_vlm import OpenAIVLMCritic
-from refine.cache import DiskCache, cache_key
-from refine.devserver import FakeOpenAIServer, Fault, request_text
-from refine.images import record_from_image
-from refine.prompts import PROMPTS_DIR_ENV
-from refine.regions import ObjectSummary, Regions, View
-from refine.step import ChatEngine
-from refine.step import apply_one as step_apply_one
+from refine.images.records import record_from_image
+from refine.infra.cache import DiskCache, cache_key
+from refine.infra.llm import ChatEngine
+from refine.infra.prompts import PROMPTS_DIR_ENV
+from refine.offline.devserver import FakeOpenAIServer, Fault, request_text
+from refine.stages.regions import ObjectSummary, Regions, View
+from refine.stages.step import TextualStep
 
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 REPLY = {"score": 0.6, "feedback": "Mostly right.", "hallucinated": [], "missing": ["square"], "count_errors": {},
@@ -53,7 +53,7 @@ def test_disk_cache_stores_only_cacheable_values_and_persists(tmp_path):
     assert calls == [{"error": "boom"}, {"error": None}]
     assert cache.stats() == {"hits": 1, "misses": 2}
     cache.close()
-    assert DiskCache(tmp_path, namespace="t").get("k") == {"error": None}  # another instance, same files
+    assert DiskCache(tmp_path, namespace="t").store.get("k") == {"error": None}  # another instance, same files
 
 
 # --- critiques through the cache ---
@@ -159,9 +159,9 @@ def test_a_failed_llm_step_call_is_not_cached(tmp_path):
     tagged = "<IMPROVED_VARIABLE>a cat</IMPROVED_VARIABLE>"
     with FakeOpenAIServer(reply=lambda body: tagged, faults=[Fault.server_error()]) as server:
         engine = ChatEngine(model="fake-llm", base_url=server.base_url, max_retries=0, cache=DiskCache(tmp_path, "llm"))
-        failed = step_apply_one("a dog", critique, engine)
-        retried = step_apply_one("a dog", critique, engine)
-        hit = step_apply_one("a dog", critique, engine)
+        failed = TextualStep(engine).apply("a dog", critique)
+        retried = TextualStep(engine).apply("a dog", critique)
+        hit = TextualStep(engine).apply("a dog", critique)
     assert (failed.caption, retried.caption, hit.caption) == ("a dog", "a cat", "a cat")
     assert failed.error and retried.meta["cache_hit"] is False and hit.meta["cache_hit"] is True
     assert server.request_count == 2
@@ -183,8 +183,8 @@ TWO_RUNS_SCRIPT = """
 import sys
 from critics.base import CritiqueRequest
 from critics.openai_vlm import OpenAIVLMCritic
-from refine.cache import DiskCache
-from refine.images import record_from_image
+from refine.infra.cache import DiskCache
+from refine.images.records import record_from_image
 from PIL import Image
 
 base_url, cache_dir = sys.argv[1], sys.argv[2]

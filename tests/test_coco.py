@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from refine.coco import (
+from refine.images.coco import (
     COCO_VAL10_IDS,
     STATE_FILE,
     ChecksumError,

@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from refine import loop, shapes
-from refine import toy_student as toy
+from refine import loop
 from refine.demo import DEMO_OVERRIDES, summary
+from refine.demo import toy_student as toy
+from refine.images import shapes
 
 OBJECTS = (1, 2)
 FAST = toy.ToyRecipe(train_scenes=3000, objects=OBJECTS, steps=600, batch_size=32, warmup_steps=30, lr=4e-3,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from refine.dpo import UpdateConfig, dpo_loss, nll_per_token, update
-from refine.pairs import PreferencePair
+from refine.stages.dpo import UpdateConfig, dpo_loss, nll_per_token, update
+from refine.stages.pairs import PreferencePair
 
 
 def test_dpo_loss_matches_hand_computed_values():
@@ -69,7 +69,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
     pytest.param("cuda", "fp16", marks=needs_cuda), pytest.param("cuda", "bf16", marks=needs_cuda),
 ])
 def test_update_learns_four_pairs(tiny_student_dir, four_pairs, device, precision):
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     torch.manual_seed(0)
     tiny_student = load_student(tiny_student_dir, device=device, precision="fp32")
@@ -130,9 +130,9 @@ PRECISION_SCRIPT = """
 import json, math, sys
 import torch
 from refine.config import UpdateConfig
-from refine.dpo import update
-from refine.pairs import PreferencePair
-from refine.student import load_student
+from refine.stages.dpo import update
+from refine.stages.pairs import PreferencePair
+from refine.stages.student import load_student
 from PIL import Image
 
 student = load_student(sys.argv[1], device="cpu", precision="fp32")

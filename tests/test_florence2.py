@@ -21,10 +21,10 @@ from critics.florence2 import (
     florence_objects,
     load_florence2,
 )
-from refine.cache import DiskCache
-from refine.images import record_from_image
+from refine.images.records import record_from_image
+from refine.infra.cache import DiskCache
 from refine.objects import coco_vocabulary, compare
-from refine.regions import ObjectSummary, Regions, View
+from refine.stages.regions import ObjectSummary, Regions, View
 
 # Florence-2's extra tokens that matter to parsing (the real tokenizer has a few more task tags).
 FLORENCE_TOKENS = ["<od>", "</od>", "<ocr>", "</ocr>", "<poly>", "</poly>", "<sep>"] + [f"<loc_{i}>" for i in range(1000)]
@@ -190,4 +190,4 @@ def test_one_failing_generation_is_isolated(florence, tmp_path):
     answers, hits = critic._run([good, bad])
     assert isinstance(answers[0], str) and isinstance(answers[1], Exception)
     assert hits == [False, False]
-    assert critic.cache.get("good") == answers[0] and critic.cache.get("bad") is None  # failures not cached
+    assert critic.cache.store.get("good") == answers[0] and critic.cache.store.get("bad") is None  # failures not cached

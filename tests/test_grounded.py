@@ -8,7 +8,7 @@ from PIL import Image
 from critics.base import Critic, Critique, CritiqueRequest
 from critics.grounded import COUNT_PENALTY, GroundedCritic, agreement_score, feedback_text
 from refine.objects import coco_vocabulary, compare, vocabulary_for
-from refine.regions import ObjectSummary, Regions
+from refine.stages.regions import ObjectSummary, Regions
 
 IMAGE = Image.new("RGB", (8, 8), "white")
 TRUTH = {"person": 1, "dog": 1, "cat": 2}
@@ -124,11 +124,12 @@ def test_make_critic_knows_the_label_space_of_the_image_set():
     from critics import make_critic
     from critics.base import CritiqueRequest
     from refine.config import CriticConfig
+    from refine.images import vocabulary_for
 
     request = CritiqueRequest("x", Image.new("RGB", (8, 8)), "0", "a red circle and a blue square", None,
                               {"red circle": 1})
     blind = make_critic(CriticConfig()).critique_many([request])[0]
     assert blind.hallucinated == []  # "blue square" is not a COCO word and not in this image's truth
-    critic = make_critic(CriticConfig(), labels=["red circle", "blue square"])
+    critic = make_critic(CriticConfig(), vocabulary=vocabulary_for(None, ["red circle", "blue square"]))
     [critique] = critic.critique_many([request])
     assert critique.hallucinated == ["blue square"] and critique.revision == "a red circle"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from refine import loop, runs
-from refine.runlog import RunLog, read_jsonl
-from refine.student import load_student
+from refine.infra.runlog import RunLog, read_jsonl
+from refine.stages.student import load_student
 
 STAGES = ("captions", "critiques", "refined", "pairs", "update")
 

@@ -11,8 +11,8 @@ import sys
 
 from test_loop import _args, kill_when_exists, manifest  # noqa: F401  (fixture)
 
-from refine.devserver import FakeOpenAIServer, request_images, request_text
-from refine.runlog import RunLog, read_jsonl
+from refine.infra.runlog import RunLog, read_jsonl
+from refine.offline.devserver import FakeOpenAIServer, request_images, request_text
 
 
 def reply(body):

@@ -20,20 +20,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFile
 
-from refine.metrics import (
+from refine.metrics.clip import (
     CLIPSCORE_PREFIX,
     ClipScorer,
-    cider_d,
     clip_score,
-    corpus_bleu,
-    distinct_n,
-    diversity,
     load_clip_scorer,
     load_pick_scorer,
     pick_score,
     ref_clip_score,
 )
-from refine.ptb import ptb_words
+from refine.metrics.ptb import ptb_words
+from refine.metrics.text import cider_d, corpus_bleu, distinct_n, diversity
 
 PICK_LOGIT_SCALE = math.log(37.0)  # a scale no default config has, so the test sees it was loaded
 
@@ -42,7 +39,7 @@ def _save_tiny_clip(out, logit_scale: float, processor_dir=None, seed: int = 0):
     """Save a random tiny ``CLIPModel`` to ``out`` and its ``CLIPProcessor`` to ``processor_dir``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from refine.offline import _bytes_to_unicode
+    from refine.offline.tokenizer import _bytes_to_unicode
 
     symbols = list(_bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols)} | {s + "</w>": 256 + i for i, s in enumerate(symbols)}

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from refine.metrics.chair import chair
 from refine.objects import (
     COCO_CATEGORIES,
     COCO_SYNONYMS,
-    chair,
     coco_vocabulary,
     compare,
     find_mentions,
     is_list_caption,
     mentions,
-    pluralize,
-    pluralize_phrase,
     rewrite,
-    singularize,
     vocabulary_for,
 )
+from refine.objects.words import pluralize, pluralize_phrase, singularize
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -268,7 +266,7 @@ def test_every_coco_word_in_the_plural_reads_back_as_its_label():
 
 
 def test_the_plural_table_is_the_singular_table_inverted():
-    from refine.objects import _IRREGULAR_PLURAL, _IRREGULAR_SINGULAR
+    from refine.objects.words import _IRREGULAR_PLURAL, _IRREGULAR_SINGULAR
 
     for singular, plural in _IRREGULAR_PLURAL.items():
         assert _IRREGULAR_SINGULAR[plural] == singular and pluralize(singular) == plural

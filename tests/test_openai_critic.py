@@ -24,11 +24,11 @@ from critics.openai_vlm import (
     parse_critique,
     parse_judgement,
 )
-from refine.cache import DiskCache
-from refine.devserver import FakeOpenAIServer, Fault, request_images, request_text
-from refine.images import record_from_image
-from refine.prompts import load_template
-from refine.regions import ObjectSummary, Regions, View, format_objects
+from refine.images.records import record_from_image
+from refine.infra.cache import DiskCache
+from refine.infra.prompts import load_template
+from refine.offline.devserver import FakeOpenAIServer, Fault, request_images, request_text
+from refine.stages.regions import ObjectSummary, Regions, View
 
 GOOD = {
     "score": 0.25,
@@ -96,7 +96,7 @@ def test_what_the_server_receives_and_how_the_reply_is_parsed(make_critic, photo
     assert decode(images[1][1]).size == (200, 500) and decode(images[2][1]).size == (130, 450)
     text = request_text(body)
     assert '"a dog on a street"' in text
-    assert format_objects(regions) in text and "2 person" in text and "1 bus" in text
+    assert regions.describe() in text and "2 person" in text and "1 bus" in text
     assert "Image 2: a crop around a detected person at box (50, 400, 250, 900)" in text
     assert "Image 4" not in text  # the tile was the third extra view: over max_views
     assert "(label: count): bus: 1, person: 4." in text

@@ -11,18 +11,16 @@ import pytest
 from PIL import Image
 
 import refine
-from refine.prompts import (
+from critics.context import describe_views, format_annotations, format_objects
+from refine.infra.prompts import (
     PROMPTS_DIR_ENV,
     Template,
     TemplateError,
     constraint_lines,
-    describe_views,
-    format_annotations,
-    format_objects,
     load_template,
     prompts_dir,
 )
-from refine.regions import ObjectSummary, Regions, View
+from refine.stages.regions import ObjectSummary, Regions, View
 
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 

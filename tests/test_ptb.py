@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from refine.metrics import cider_d, corpus_bleu
-from refine.ptb import ptb_tokens, ptb_words
+from refine.metrics.ptb import ptb_tokens, ptb_words
+from refine.metrics.text import cider_d, corpus_bleu
 
 DATA = Path(__file__).parent / "data"
 REFERENCE: dict[str, str] = json.loads((DATA / "ptb_reference.json").read_text(encoding="utf-8"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from refine import loop
-from refine.devserver import FakeOpenAIServer
+from refine.offline.devserver import FakeOpenAIServer
 
 
 def _manifest(tmp_path: Path, lines: list[str]) -> Path:

@@ -10,28 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from refine.cache import DiskCache
-from refine.images import ImageRecord, record_from_image, record_from_path
-from refine.offline import preserved_torch_threads
-from refine.regions import (
-    Detection,
+from refine.images.records import ImageRecord, record_from_image, record_from_path
+from refine.infra.cache import DiskCache
+from refine.infra.devices import preserved_torch_threads
+from refine.stages.regions import (
     ObjectSummary,
     RegionConfig,
     Regions,
-    choose_tiles,
-    cut_sides,
     detect,
     detector_fingerprint,
     find,
-    format_objects,
     load_detector,
-    merge,
-    pad_box,
     select_views,
     summarize,
-    tile_boxes,
-    to_full_image,
 )
+from refine.stages.tiling import Detection, choose_tiles, cut_sides, merge, pad_box, tile_boxes, to_full_image
 
 # 100x60 image, grid 2, overlap 0.2, by hand: a tile side t solves 2t - 0.2t = L, rounded up:
 #   x: t = ceil(100 / 1.8 = 55.6) = 56, starts 0 and 100 - 56 = 44  (shared 12 px >= 0.2 * 56 = 11.2)
@@ -194,11 +187,11 @@ def test_summarize_counts_means_and_orders_by_confidence():
 
 def test_format_objects_is_the_prompt_line():
     objects = [ObjectSummary("person", 2, 0.8, []), ObjectSummary("bus", 1, 0.7, [])]
-    line = format_objects(Regions("x", 10, 10, objects=objects, grids=(2, 3)))
+    line = Regions("x", 10, 10, objects=objects, grids=(2, 3)).describe()
     assert line == "2 person, 1 bus (tiles: 2x2, 3x3)"
-    assert format_objects(Regions("x", 10, 10)) == "no objects detected"
-    assert format_objects(Regions("x", 10, 10, grids=(2,))) == "no objects detected (tiles: 2x2)"
-    assert "failed" in format_objects(Regions("x", 0, 0, error="OSError: truncated"))
+    assert Regions("x", 10, 10).describe() == "no objects detected"
+    assert Regions("x", 10, 10, grids=(2,)).describe() == "no objects detected (tiles: 2x2)"
+    assert "failed" in Regions("x", 0, 0, error="OSError: truncated").describe()
 
 
 # --- views -----------------------------------------------------------------------------------------------
@@ -331,7 +324,7 @@ def test_find_end_to_end_on_bus(counted, bus_path):
     assert [v.kind for v in regions.views][0] == "full"
     crops = [v for v in regions.views if v.kind == "crop"]
     assert len(crops) == min(4, len(regions.detections))
-    assert format_objects(regions).endswith("(tiles: 2x2, 3x3)")
+    assert regions.describe().endswith("(tiles: 2x2, 3x3)")
 
 
 def test_tile_detections_map_back_to_the_tile_they_came_from(random_yolo, bus_path):

@@ -7,7 +7,8 @@ from test_loop import _args, manifest  # noqa: F401  (fixture)
 from test_metrics import _save_tiny_clip
 
 from refine import loop, score
-from refine.evaluate import object_metrics
+from refine.metrics.summary import object_metrics
+from refine.objects import coco_vocabulary
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def test_score_writes_per_round_before_and_after(scored_run, capsys):
     captions = [json.loads(line) for line in (root / "rounds" / "000" / "captions.jsonl").read_text().splitlines()]
     truths = {"bus": {"bus": 1, "person": 4}, "zidane": {"person": 2, "tie": 1},
               "grace_hopper": {"person": 1, "tie": 1}, "drawn": {"sports ball": 1}}
-    by_hand = object_metrics([c["caption"] for c in captions], [truths[c["image_id"]] for c in captions])
+    by_hand = object_metrics([c["caption"] for c in captions], [truths[c["image_id"]] for c in captions],
+                             coco_vocabulary())
     assert result["rounds"][0]["before"]["chair/recall"] == pytest.approx(by_hand["recall"])
     # The grounded critic's revisions add every missing object, so "after" recalls everything.
     assert result["rounds"][0]["after"]["chair/recall"] == pytest.approx(1.0)

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from refine import shapes
-from refine.shapes import (
+from refine.images import shapes
+from refine.images.shapes import (
     CELL,
     COLOURS,
     GRID,

@@ -14,10 +14,11 @@ import pytest
 
 from critics.base import Critique, CritiqueRequest
 from critics.openai_vlm import OpenAIVLMCritic
-from refine import step
-from refine.cache import DiskCache
-from refine.devserver import FakeOpenAIServer, Fault, request_text
-from refine.images import record_from_image
+from refine.images.records import record_from_image
+from refine.infra.cache import DiskCache
+from refine.infra.llm import ChatEngine
+from refine.offline.devserver import FakeOpenAIServer, Fault, request_text
+from refine.stages import step
 
 FIXED = "two people stand next to a red bus"
 
@@ -33,9 +34,9 @@ def tagged(text: str) -> str:
 
 @pytest.fixture
 def make_engine(tmp_path):
-    def make(server: FakeOpenAIServer, **kwargs) -> step.ChatEngine:
+    def make(server: FakeOpenAIServer, **kwargs) -> ChatEngine:
         kwargs.setdefault("cache", DiskCache(tmp_path / "cache", namespace="llm"))
-        return step.ChatEngine(model="fake-llm", base_url=server.base_url, **kwargs)
+        return ChatEngine(model="fake-llm", base_url=server.base_url, **kwargs)
 
     return make
 
@@ -69,23 +70,23 @@ def test_gradient_text_carries_the_structured_findings():
 
 def test_the_critics_revision_is_the_step():
     critique = feedback_only(revision="  Two people by a bus. ")
-    assert step.apply("a dog", critique) == "Two people by a bus."
-    result = step.apply_one("a dog", critique)
+    assert step.TextualStep().apply("a dog", critique).caption == "Two people by a bus."
+    result = step.TextualStep().apply("a dog", critique)
     assert (result.source, result.usage["requests"], result.changed) == ("revision", 0, True)
 
 
 def test_nothing_to_apply_leaves_the_caption():
-    failed = step.apply_one("a dog", Critique.failure("timeout"))
+    failed = step.TextualStep().apply("a dog", Critique.failure("timeout"))
     assert (failed.caption, failed.source) == ("a dog", "unchanged") and "timeout" in failed.meta["reason"]
-    empty = step.apply_one("a dog", Critique(score=1.0, feedback=""))
+    empty = step.TextualStep().apply("a dog", Critique(score=1.0, feedback=""))
     assert (empty.caption, empty.source) == ("a dog", "unchanged")
 
 
 def test_feedback_without_an_engine_is_a_clear_error():
     with pytest.raises(ValueError, match="engine=ChatEngine"):
-        step.apply("a dog", feedback_only())
+        step.TextualStep().apply("a dog", feedback_only())
     with pytest.raises(ValueError, match="engine=ChatEngine"):
-        step.apply_many(["a dog", "a cat"], [feedback_only(revision="x"), feedback_only()])
+        step.TextualStep().apply_many(["a dog", "a cat"], [feedback_only(revision="x"), feedback_only()])
 
 
 # --- textgrad against the local server ---
@@ -93,7 +94,7 @@ def test_feedback_without_an_engine_is_a_clear_error():
 
 def test_textgrad_step_sends_feedback_and_constraints_and_returns_the_caption(make_engine):
     with FakeOpenAIServer(reply=lambda body: "Here it is:\n" + tagged(FIXED)) as server:
-        result = step.apply_one("a dog on a street", feedback_only(missing=["bus"]), make_engine(server), max_words=12)
+        result = step.TextualStep(make_engine(server), max_words=12).apply("a dog on a street", feedback_only(missing=["bus"]))
     assert (result.caption, result.source, result.tags_missing, result.error) == (FIXED, "textgrad", False, None)
     assert server.request_count == 1 and result.usage["requests"] == 1
     assert result.usage["completion_tokens"] == server.responses[0]["usage"]["completion_tokens"]
@@ -110,10 +111,10 @@ def test_textgrad_step_sends_feedback_and_constraints_and_returns_the_caption(ma
 
 def test_missing_tags_are_recovered_and_recorded(make_engine):
     with FakeOpenAIServer(reply=lambda body: f'Improved caption: "{FIXED}."') as server:
-        result = step.apply_one("a dog", feedback_only(), make_engine(server))
+        result = step.TextualStep(make_engine(server)).apply("a dog", feedback_only())
     assert (result.caption, result.tags_missing, result.error) == (FIXED + ".", True, None)
     with FakeOpenAIServer(reply=lambda body: "   ") as server:
-        nothing = step.apply_one("a cat", feedback_only(), make_engine(server))
+        nothing = step.TextualStep(make_engine(server)).apply("a cat", feedback_only())
     assert (nothing.caption, nothing.tags_missing, nothing.rejected) == ("a cat", True, "empty")
     assert "no caption" in nothing.meta["reason"] and nothing.error is None
 
@@ -135,8 +136,8 @@ NOT_CAPTIONS = {
 @pytest.mark.parametrize("reply, reason", NOT_CAPTIONS.items(), ids=lambda v: v[:30] if isinstance(v, str) else v)
 def test_a_reply_that_is_not_a_caption_is_no_refinement_and_is_not_cached(make_engine, reply, reason):
     with FakeOpenAIServer(reply=lambda body: reply) as server:
-        first = step.apply_one("a dog", feedback_only(), make_engine(server), max_words=20)
-        again = step.apply_one("a dog", feedback_only(), make_engine(server), max_words=20)
+        first = step.TextualStep(make_engine(server), max_words=20).apply("a dog", feedback_only())
+        again = step.TextualStep(make_engine(server), max_words=20).apply("a dog", feedback_only())
     assert (first.caption, first.changed, first.rejected, first.error) == ("a dog", False, reason, None)
     assert first.meta["reason"] and again.rejected == reason
     assert server.request_count == 2, "a rejected reply must not be served from the cache"
@@ -153,9 +154,9 @@ def test_the_word_limit_has_a_tolerance_of_ten_percent():
 def test_a_critic_revision_that_is_not_a_caption_is_rejected():
     for revision, reason in [(" ".join(["word"] * 5000), "too_long"), (" ".join(["word"] * 23), "too_long"),
                              ("I cannot help with identifying people.", "refusal")]:
-        result = step.apply_one("a dog", feedback_only(revision=revision), max_words=20)
+        result = step.TextualStep(max_words=20).apply("a dog", feedback_only(revision=revision))
         assert (result.caption, result.source, result.rejected) == ("a dog", "revision", reason)
-    assert step.apply_one("a dog", feedback_only(revision=" ".join(["w"] * 22)), max_words=20).rejected is None
+    assert step.TextualStep(max_words=20).apply("a dog", feedback_only(revision=" ".join(["w"] * 22))).rejected is None
 
 
 def test_a_failed_call_keeps_the_caption_and_the_batch_survives(make_engine):
@@ -164,7 +165,7 @@ def test_a_failed_call_keeps_the_caption_and_the_batch_survives(make_engine):
         return Fault.server_error(retry_after_ms=10) if caption == "broken" else tagged(caption.upper())
 
     with FakeOpenAIServer(reply=reply) as server:
-        results = step.apply_many(["a dog", "broken", "a cat"], [feedback_only()] * 3, make_engine(server, max_retries=1))
+        results = step.TextualStep(make_engine(server, max_retries=1)).apply_many(["a dog", "broken", "a cat"], [feedback_only()] * 3)
     assert [r.caption for r in results] == ["A DOG", "broken", "A CAT"]
     assert results[1].error and "500" in results[1].error and results[1].usage["requests"] == 2
     assert server.request_count == 4
@@ -173,9 +174,9 @@ def test_a_failed_call_keeps_the_caption_and_the_batch_survives(make_engine):
 def test_a_repeated_step_is_served_from_our_cache(make_engine):
     with FakeOpenAIServer(reply=lambda body: tagged(FIXED)) as server:
         engine = make_engine(server)
-        first = step.apply_one("a dog", feedback_only(), engine)
-        again = step.apply_one("a dog", feedback_only(), make_engine(server))  # a new engine, same store
-        other = step.apply_one("a dog", feedback_only("Say bus."), engine)  # another gradient: another key
+        first = step.TextualStep(engine).apply("a dog", feedback_only())
+        again = step.TextualStep(make_engine(server)).apply("a dog", feedback_only())  # a new engine, same store
+        other = step.TextualStep(engine).apply("a dog", feedback_only("Say bus."))  # another gradient: another key
     assert first.caption == again.caption == other.caption == FIXED
     assert server.request_count == 2
     assert again.meta["cache_hit"] is True and again.usage["requests"] == 0
@@ -186,10 +187,10 @@ def test_apply_many_is_concurrent(make_engine):
     latency = 0.3
     with FakeOpenAIServer(reply=lambda body: tagged(variable_of(body) + " fixed"), latency=latency) as server:
         engine = make_engine(server)
-        step.apply_one("warm-up", feedback_only(), engine)
+        step.TextualStep(engine).apply("warm-up", feedback_only())
         captions = [f"a dog number {i}" for i in range(8)]
         start = time.perf_counter()
-        results = step.apply_many(captions, [feedback_only()] * 8, engine, max_concurrency=8)
+        results = step.TextualStep(engine, max_concurrency=8).apply_many(captions, [feedback_only()] * 8)
         elapsed = time.perf_counter() - start
     assert [r.caption for r in results] == [c + " fixed" for c in captions]
     assert elapsed < 3 * latency, f"8 steps took {elapsed:.2f} s at {latency} s latency"
@@ -214,7 +215,7 @@ def test_critique_plus_step_is_at_most_two_requests_per_image(tmp_path, make_eng
     with FakeOpenAIServer(reply=reply) as server:
         critic = OpenAIVLMCritic(model="fake-vlm", base_url=server.base_url, cache=DiskCache(tmp_path / "c"))
         critiques = critic.critique_many(requests)
-        results = step.apply_many([r.caption for r in requests], critiques, make_engine(server))
+        results = step.TextualStep(make_engine(server)).apply_many([r.caption for r in requests], critiques)
     assert [r.caption for r in results] == [f"a {name} shape in colour" for name in images]
     assert server.request_count == 2 * len(images)
 
@@ -225,11 +226,11 @@ def test_textgrad_is_imported_lazily_and_writes_no_logs_in_the_cwd(tmp_path):
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     code = (
         "import sys, os\n"
-        "import refine.step, critics.openai_vlm\n"
+        "import refine.stages.step, refine.infra.llm, critics.openai_vlm\n"
         "assert 'textgrad' not in sys.modules and 'openai' not in sys.modules, 'imported at module import'\n"
-        "step = refine.step.ChatEngine(base_url='http://127.0.0.1:9/v1')\n"
+        "engine = refine.infra.llm.ChatEngine(base_url='http://127.0.0.1:9/v1')\n"
         "assert 'openai' not in sys.modules, 'client made at construction'\n"
-        "refine.step.import_textgrad()\n"
+        "refine.stages.step.import_textgrad()\n"
         "print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

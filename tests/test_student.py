@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from refine.student import load_student, pick_device, resolve_precision
+from refine.infra.devices import pick_device, resolve_precision
+from refine.stages.student import load_student
 
 
 def test_logps_equal_an_independent_token_sum(tiny_student, photos):
@@ -114,7 +115,7 @@ def test_load_student_error_names_the_input(tmp_path):
 
 
 def test_static_cache_decodes_the_same_tokens(tiny_student_dir, photos):
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     ims = list(photos.values())
     eager = load_student(tiny_student_dir, device="cpu", precision="fp32")

@@ -8,11 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refine import shapes
-from refine import toy_student as toy
-from refine.offline import GPT2_VOCAB_SIZE
-from refine.shapes import Scene, describe
-from refine.toy_student import (
+from refine.demo import toy_student as toy
+from refine.demo.toy_student import (
     ToyRecipe,
     ensure_toy_student,
     full_vocab_nll,
@@ -21,6 +18,9 @@ from refine.toy_student import (
     toy_student_dir,
     training_caption,
 )
+from refine.images import shapes
+from refine.images.shapes import Scene, describe
+from refine.offline.tokenizer import GPT2_VOCAB_SIZE
 
 TINY = ToyRecipe(train_scenes=48, steps=4, batch_size=8, warmup_steps=2, width=32, heads=2, mlp_width=64,
                  encoder_layers=1, decoder_layers=1)
@@ -95,7 +95,7 @@ def test_recipe_key_names_every_field_and_bad_recipes_fail():
 
 
 def test_grammar_tokens_cover_every_caption(gpt2_tokenizer_dir):
-    from refine.offline import load_gpt2_tokenizer
+    from refine.offline.tokenizer import load_gpt2_tokenizer
 
     tokenizer = load_gpt2_tokenizer(gpt2_tokenizer_dir)
     ids = set(grammar_token_ids(tokenizer))
@@ -106,7 +106,7 @@ def test_grammar_tokens_cover_every_caption(gpt2_tokenizer_dir):
 
 
 def test_build_cache_hit_load_and_caption(cache_dir, train_spy):
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     path = ensure_toy_student(TINY, cache_dir)
     assert path == toy_student_dir(TINY, cache_dir) and path.name == TINY.key()
@@ -154,7 +154,7 @@ def test_build_cache_hit_load_and_caption(cache_dir, train_spy):
 def test_training_is_deterministic_and_saves_what_it_trained(tmp_path, gpt2_tokenizer_dir):
     from safetensors.torch import load_file
 
-    from refine.offline import load_gpt2_tokenizer
+    from refine.offline.tokenizer import load_gpt2_tokenizer
 
     quiet = dict(tokenizer_dir=gpt2_tokenizer_dir, log=lambda _: None)
     toy.train(TINY, tmp_path / "a", **quiet)

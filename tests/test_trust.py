@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +23,9 @@ from PIL import Image
 from test_loop import manifest  # noqa: F401  (fixture)
 
 from refine import loop, runs
-from refine.devserver import FakeOpenAIServer, Fault, request_images, request_text
 from refine.images import load_images
-from refine.runlog import RunLog, read_jsonl
+from refine.infra.runlog import RunLog, read_jsonl
+from refine.offline.devserver import FakeOpenAIServer, Fault, request_images, request_text
 
 
 def critique_reply(feedback="Name the bus and the people.", revision=None, score=None, missing=("bus",)):
@@ -42,8 +41,8 @@ def critique_reply(feedback="Name the bus and the people.", revision=None, score
     return reply
 
 
-def _argv(manifest, student_dir, runs_dir, base_url, *extra):
-    return ["--images", str(manifest), "--rounds", "1", f"--student.model={student_dir}", f"--loop.runs_dir={runs_dir}",
+def _argv(images, student_dir, runs_dir, base_url, *extra):
+    return ["--images", str(images), "--rounds", "1", f"--student.model={student_dir}", f"--loop.runs_dir={runs_dir}",
             "--loop.run_id=t", "--student.n_samples=1", "--student.max_new_tokens=6", "--loop.use_regions=false",
             "--critic.backend=openai", f"--critic.base_url={base_url}", "--critic.model=fake-model",
             "--critic.max_retries=0", *extra]
@@ -154,7 +153,8 @@ def test_two_files_with_one_stem_get_two_ids(tmp_path):
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "a.png")
     Image.new("RGB", (8, 8), "green").save(tmp_path / "b.png")
     (tmp_path / "c.png").write_bytes((tmp_path / "b.png").read_bytes())
-    records, notes = load_images(str(tmp_path))
+    images = load_images(str(tmp_path))
+    records, notes = images.records, images.notes
     assert sorted(r.id for r in records) == ["a.jpg", "a.png", "b", "c"]
     assert notes == ["identical images: b, c have the same bytes (all kept)"]
     red, blue = (next(r for r in records if r.id == i) for i in ("a.jpg", "a.png"))
@@ -167,14 +167,14 @@ def test_manifest_lines_without_ids_that_share_a_stem_get_two_ids(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "x" / "a.png")
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "y" / "a.png")
     (tmp_path / "m.jsonl").write_text('{"path": "x/a.png"}\n{"path": "y/a.png"}\n')
-    records, _ = load_images(str(tmp_path / "m.jsonl"))
+    records = load_images(str(tmp_path / "m.jsonl")).records
     assert [r.id for r in records] == ["x/a.png", "y/a.png"]
 
 
 def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path):
     levels = np.array([[60, 120, 200]], dtype=np.uint16) * 257
     Image.fromarray(levels).save(tmp_path / "grey16.png")
-    (record,), _ = load_images(str(tmp_path))
+    (record,) = load_images(str(tmp_path)).records
     assert [record.image.getpixel((x, 0)) for x in range(3)] == [(60,) * 3, (120,) * 3, (200,) * 3]
 
 

@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from refine.dpo import UpdateConfig, update
-from refine.pairs import PreferencePair
-from refine.student import load_student
+from refine.stages.dpo import UpdateConfig, update
+from refine.stages.pairs import PreferencePair
+from refine.stages.student import load_student
 
 student_dir, out_dir = sys.argv[1], Path(sys.argv[2])
 accelerator = Accelerator(cpu=True)

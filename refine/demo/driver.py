@@ -1,4 +1,5 @@
-"""``python -m refine.demo`` (``make demo``): the offline evidence that the loop cuts hallucination.
+"""The demo driver (``python -m refine.demo``, ``make demo``): the offline evidence that the loop cuts
+hallucination.
 
 A controlled world (refine.shapes), a student with a known flaw (refine.toy_student: it mentions a
 blue square next to red circles that is not there), the grounded critic reading the scene
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from refine.runlog import RunLog, read_jsonl
+from refine.infra.runlog import RunLog, read_jsonl
 
 console = Console()
 
@@ -50,13 +51,21 @@ def eval_rows(log: RunLog) -> list[list[dict[str, Any]]]:
     return [read_jsonl(log.stage_path(k, "eval")) for k in rounds]
 
 
-def summary(log: RunLog) -> dict[str, Any]:
-    from refine.evaluate import metrics_of_rows
+def eval_vocabulary(log: RunLog):
+    """The held-out set's object vocabulary (``refine.images.vocabulary_for``), from the run alone."""
+    from refine.images import vocabulary_for, world_of
 
-    points = eval_rows(log)
-    before, after = metrics_of_rows(points[0]), metrics_of_rows(points[-1])
+    labels = {label for rows in eval_rows(log) for r in rows for label in (r["objects"] or {})}
+    return vocabulary_for(world_of(log.config["loop"]["eval_images"]), labels)
+
+
+def summary(log: RunLog) -> dict[str, Any]:
+    from refine.metrics.summary import metrics_of_rows
+
+    points, vocab = eval_rows(log), eval_vocabulary(log)
+    before, after = metrics_of_rows(points[0], vocab), metrics_of_rows(points[-1], vocab)
     return {"run": log.root.name, "before": before, "after": after,
-            "per_round": [metrics_of_rows(rows) for rows in points],
+            "per_round": [metrics_of_rows(rows, vocab) for rows in points],
             "chair_s_change": (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
 
 
@@ -82,11 +91,10 @@ def render(results: dict[str, dict[str, Any]]) -> None:
 
 def examples(log: RunLog, n: int = 3) -> None:
     """Held-out scenes whose starting caption hallucinated, round by round."""
-    from refine.evaluate import vocabulary_for_truths
     from refine.objects import compare
 
     points = eval_rows(log)
-    vocab = vocabulary_for_truths([r["objects"] for r in points[0]])
+    vocab = eval_vocabulary(log)
     picked = [i for i, r in enumerate(points[0]) if compare(r["caption"], r["objects"], vocab).hallucinated][:n]
     for i in picked:
         truth = ", ".join(f"{c} {label}" for label, c in points[0][i]["objects"].items())
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from refine import loop
-    from refine.toy_student import ToyRecipe, ensure_toy_student
+    from refine.demo.toy_student import ToyRecipe, ensure_toy_student
 
     parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -176,11 +184,3 @@ def main(argv: list[str] | None = None) -> int:
                       "Run the demo again to resume it.")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
-        sys.exit(2)

@@ -1,94 +1,20 @@
-"""Image sets and image records: the record type, decoding, and the specs ``--images`` accepts.
+"""Image sets from files: a folder, a glob, or a JSONL manifest, with ids unique within the set.
 
-Every image in a set gets an id that is unique within the set: two different pictures must never share
-one, or one picture's captions would be critiqued against the other's pixels. File ids are the file
-name without its extension ("bus" for ``bus.jpg``); where two files would get the same id (``a.jpg``
-and ``a.png``) both keep their extension. Names that are not valid UTF-8 keep their undecodable bytes
-as ``\\xNN`` escapes, so every id can be written to the run directory and read back.
+File ids are the file name without its extension ("bus" for ``bus.jpg``); where two files would get
+the same id (``a.jpg`` and ``a.png``) both keep their extension. Names that are not valid UTF-8 keep
+their undecodable bytes as ``\\xNN`` escapes, so every id can be written to the run directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
-
-
-@dataclass
-class ImageRecord:
-    id: str
-    path: Path | None
-    sha256: str  # of the encoded file bytes (or of the PNG encoding for generated images)
-    image: Image.Image  # decoded, EXIF-transposed, RGB
-    objects: dict[str, int] | None = None  # annotated label -> count, when known
-    references: list[str] = field(default_factory=list)  # reference captions, when known
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with 8 bits per channel. PIL's own ``convert("RGB")`` clips high-depth greyscale (16-bit
-    "I;16", 32-bit "I", float "F") at 255, so a 16-bit image of any grey turns solid white; those are
-    scaled to 8 bits first (16-bit: /257; "I" is read as 16-bit when any value exceeds 255; "F" as
-    0..1 when no value exceeds 1, else 0..255)."""
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = float(values.max()) if values.size else 0.0
-        if mode == "F":
-            scale = 255.0 if top <= 1.0 else 1.0
-        else:
-            scale = 1 / 257 if mode.startswith("I;16") or top > 255 else 1.0
-        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
-
-
-def decode(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode image bytes: EXIF orientation applied, 8-bit RGB (:func:`to_rgb`). Errors name the input."""
-    import io
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
-    except Exception as e:  # PIL raises several types for bad files
-        raise ValueError(f"{name}: not a readable image ({e}); remove it or fix the file") from e
-
-
-def printable(name: str) -> str:
-    """A file name as text that can be written anywhere: bytes that were not UTF-8 (which Python keeps as
-    lone surrogates) become ``\\xNN``; valid names pass through unchanged."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
-    path = Path(path)
-    data = path.read_bytes()
-    return ImageRecord(id or printable(path.stem), path, sha256_bytes(data), decode(data, printable(str(path))),
-                       **extra)
-
-
-def record_from_image(id: str, image: Image.Image, **extra) -> ImageRecord:
-    """For generated images: the hash is over the PNG encoding of the RGB pixels."""
-    import io
-
-    image = image.convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return ImageRecord(id, None, sha256_bytes(buf.getvalue()), image, **extra)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from refine.images.records import IMAGE_SUFFIXES, ImageRecord, printable, record_from_path
 
 
 def file_ids(paths: Sequence[Path]) -> list[str]:
@@ -211,36 +137,3 @@ def load_manifest(path: Path) -> tuple[list[ImageRecord], list[str]]:
     if not records:
         raise ValueError(f"--images {path}: no readable images in the manifest; " + "; ".join(notes[:3]))
     return records, notes + duplicate_notes(records)
-
-
-def load_images(spec: str, coco_root: str | None = None) -> tuple[list[ImageRecord], list[str]]:
-    """Resolve an image-set spec into records. Returns ``(records, notes)``: notes name skipped files and
-    byte-identical duplicates, one line each.
-
-    ``spec`` is a named set (``coco_val10``, ``shapes[:N]``, ``shapes-heldout[:N]``), a folder, a glob,
-    or a ``.jsonl`` manifest.
-    """
-    import glob
-
-    if spec == "coco_val10":
-        from refine.coco import load_coco_val10
-
-        return load_coco_val10(coco_root=coco_root), []
-    if spec.split(":")[0] in ("shapes", "shapes-heldout"):
-        from refine import shapes
-
-        split, n = shapes.parse_spec(spec)
-        return shapes.records(shapes.make_scenes(n, split=split)), []
-    path = Path(spec).expanduser()
-    if path.suffix == ".jsonl" and path.is_file():
-        return load_manifest(path)
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        return _records_from_paths(files, spec)
-    matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
-    if matches:
-        return _records_from_paths(matches, spec)
-    raise ValueError(
-        f"--images {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
-        "folder, a .jsonl manifest, or a glob that matches files"
-    )

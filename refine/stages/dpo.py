@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from refine.config import UpdateConfig
-from refine.pairs import PreferencePair
-from refine.student import CaptionScorer, Student, autocast, resolve_precision, sequence_logps
+from refine.infra.devices import autocast, resolve_precision
+from refine.stages.pairs import PreferencePair
+from refine.stages.student import CaptionScorer, Student, sequence_logps
 
 
 def dpo_loss(

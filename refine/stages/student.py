@@ -1,6 +1,8 @@
-"""The student: a Hugging Face ``VisionEncoderDecoderModel`` captioner.
+"""The student: a Hugging Face ``VisionEncoderDecoderModel`` captioner, and the two stages it runs.
 
-Owns loading (hub id or local dir), batched captioning, per-caption log-probabilities and saving.
+Owns loading (hub id or local dir), batched captioning, per-caption log-probabilities and saving; and
+the caption stage (main caption plus samples per image, :func:`caption`) and the eval stage (greedy
+captions of a held-out set, :func:`evaluate`), which share one batched loop.
 
 Token layout used for scoring a caption ``c`` (GPT-2 decoders: BOS = EOS = PAD = 50256)::
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,43 +27,8 @@ from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from refine.config import DEFAULT_STUDENT, PRECISIONS
-
-
-def pick_device(device: str | None = None, setting: str = "device") -> torch.device:
-    """``None`` or ``"auto"`` means CUDA when present, else CPU. A device that this machine lacks is a
-    ``ValueError`` naming ``setting`` (the config key it came from)."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"{setting}={device!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"{setting}={device!r}: no such CUDA device here ({torch.cuda.device_count()} found); "
-                         "use auto or cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{setting}={device!r}: MPS is not available here; use auto or cpu")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is fp16 autocast on CUDA and fp32 on CPU.
-
-    CPU autocast works but is very slow on small machines: one real-size bf16 DPO step took ~272 s
-    against 7.4 s in fp32 on our 2-core CI box, so mixed precision is only a GPU default.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+from refine.config import DEFAULT_STUDENT
+from refine.infra.devices import autocast, pick_device, resolve_precision
 
 
 @dataclass
@@ -218,11 +185,6 @@ class Student:
         return Student(copy.deepcopy(self.model), self.image_processor, self.tokenizer, self.device, self.precision,
                        self.static_cache)
 
-    def frozen(self) -> Student:
-        """This student as a frozen reference: eval mode, no grads (modifies and returns self)."""
-        self.model.eval().requires_grad_(False)
-        return self
-
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write a dir loadable by ``VisionEncoderDecoderModel.from_pretrained`` and ``pipeline``.
 
@@ -286,3 +248,56 @@ def load_student(
         ) from e
     _fix_special_tokens(model, tokenizer)
     return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev), static_cache)
+
+
+# -- the caption and eval stages ---------------------------------------------------------------------
+
+@dataclass
+class CaptionSet:
+    """The caption stage's row for one image: the main caption (greedy or beam) and the sampled ones."""
+
+    image_id: str
+    caption: str
+    samples: list[str] = field(default_factory=list)
+
+    def texts(self) -> list[str]:
+        return [self.caption, *self.samples]
+
+
+@dataclass
+class EvalCaption:
+    """The eval stage's row: a held-out image's greedy caption, with its truth for the object metrics."""
+
+    image_id: str
+    caption: str
+    objects: dict[str, int] | None = None
+
+
+def caption_batches(student: Student, records: Sequence, cfg, samples: int = 0, num_beams: int = 1,
+                    progress: Callable[[int], None] = lambda n: None):
+    """Yield ``(record, main caption, sampled captions)`` in order, ``cfg.batch_size`` images at a time:
+    the main caption with ``num_beams`` (1 = greedy), then ``samples`` sampled ones per image."""
+    for i in range(0, len(records), cfg.batch_size):
+        batch = records[i : i + cfg.batch_size]
+        images = [r.image for r in batch]
+        main = student.caption(images, num_beams=num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        sampled = (student.caption(images, n=samples, sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                   if samples else [[] for _ in batch])
+        yield from ((record, m[0], s) for record, m, s in zip(batch, main, sampled))
+        progress(len(batch))
+
+
+def caption(student: Student, records: Sequence, cfg, seed: int | None = None,
+            progress: Callable[[int], None] = lambda n: None) -> list[CaptionSet]:
+    """The caption stage: the main caption plus ``cfg.n_samples`` sampled captions per image; ``seed``
+    makes the samples reproducible (the loop passes one per run seed and round)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return [CaptionSet(r.id, main, samples) for r, main, samples in
+            caption_batches(student, records, cfg, cfg.n_samples, cfg.num_beams, progress)]
+
+
+def evaluate(student: Student, records: Sequence, cfg) -> list[EvalCaption]:
+    """The eval stage: greedy captions; rows carry the truth, so metrics need nothing else."""
+    return [EvalCaption(r.id, main, r.objects) for r, main, _ in caption_batches(student, records, cfg)]

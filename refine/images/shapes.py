@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from refine.images import ImageRecord, record_from_image
+from refine.images.records import ImageRecord, record_from_image
 
 GENERATOR_VERSION = 1  # bump whenever drawing or sampling changes: cached toy students key on it
 GRID = 3  # cells per side
@@ -83,19 +83,23 @@ def vocabulary():
 
 # -- grammar -----------------------------------------------------------------------------------------
 def plural(label: str) -> str:
-    """``"red circle"`` -> ``"red circles"`` (every shape noun here takes a plain "s")."""
-    return label + "s"
+    """``"red circle"`` -> ``"red circles"``."""
+    from refine.objects import pluralize_phrase
+
+    return pluralize_phrase(label)
 
 
 def phrase(label: str, count: int) -> str:
-    """``("red circle", 2)`` -> ``"two red circles"``; ``("red circle", 1)`` -> ``"a red circle"``."""
+    """``("red circle", 2)`` -> ``"two red circles"``; ``("red circle", 1)`` -> ``"a red circle"``: the
+    object matcher's noun-phrase grammar (``refine.objects.noun_phrase``), for this world's labels and
+    counts only."""
+    from refine.objects import noun_phrase
+
     if label not in LABELS:
         raise ValueError(f"unknown shapes label {label!r}; expected one of {LABELS}")
     if not isinstance(count, int) or not 1 <= count <= len(NUMBER_WORDS):
         raise ValueError(f"count for {label!r} must be an int in 1..{len(NUMBER_WORDS)}, got {count!r}")
-    if count == 1:
-        return f"{'an' if label[0] in 'aeiou' else 'a'} {label}"
-    return f"{NUMBER_WORDS[count - 1]} {plural(label)}"
+    return noun_phrase(label, count)
 
 
 def describe(objects: Mapping[str, int] | Iterable[tuple[str, int]]) -> str:
@@ -109,8 +113,9 @@ def describe(objects: Mapping[str, int] | Iterable[tuple[str, int]]) -> str:
     labels = [label for label, _ in pairs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"describe(): each label may appear once, got {labels}")
-    parts = [phrase(label, count) for label, count in pairs]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    from refine.objects import join_list
+
+    return join_list([phrase(label, count) for label, count in pairs])
 
 
 def canonical_objects(items: Sequence[Item]) -> dict[str, int]:

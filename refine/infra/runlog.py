@@ -3,7 +3,7 @@
 Layout of ``runs/<id>/``::
 
     config.json                 resolved config, written first (a resume that changes a setting rewrites it)
-    events.jsonl                append-only: run_start, stage_done, round_done, resume, budget_stop,
+    events.jsonl                append-only: run_start, stage_done, stage_timed, round_done, resume, budget_stop,
                                 failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
     rounds/<k>/metrics.json     the round summary
@@ -18,12 +18,13 @@ no record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,24 @@ def read_jsonl(path: Path, torn: list[int] | None = None) -> list[dict[str, Any]
         elif torn is not None:
             torn.append(n)
     return rows
+
+
+def to_row(item: Any) -> dict[str, Any]:
+    """A typed stage row as JSON: its ``to_json()``, or its dataclass fields, or the dict itself."""
+    if hasattr(item, "to_json"):
+        return item.to_json()
+    return dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+
+
+def from_row(record: type | None, row: dict[str, Any]) -> Any:
+    """A JSON row as ``record``: its ``from_json``, or its dataclass fields (keys it does not know are
+    ignored, missing ones take their defaults, so runs written by older versions still load)."""
+    if record is None:
+        return row
+    if hasattr(record, "from_json"):
+        return record.from_json(row)
+    names = {f.name for f in dataclasses.fields(record)}
+    return record(**{k: v for k, v in row.items() if k in names})
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -178,24 +197,68 @@ class RunLog:
     def has_stage(self, k: int, name: str) -> bool:
         return self.stage_path(k, name).exists()
 
-    def read_stage(self, k: int, name: str) -> list[dict[str, Any]]:
-        return read_jsonl(self.stage_path(k, name))
+    def read_stage(self, k: int, name: str, record: type | None = None) -> list[Any]:
+        """A recorded stage's rows, as ``record`` instances when a record type is given."""
+        return [from_row(record, row) for row in read_jsonl(self.stage_path(k, name))]
 
-    def stage(self, k: int, name: str, compute: Callable[[], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
-        """Run ``compute`` once per (round, stage): later calls (a resume) load its recorded rows.
+    def stage(self, k: int, name: str, compute: Callable[[], Sequence[Any]], record: type | None = None,
+              event: Callable[[Sequence[Any]], dict[str, Any]] | None = None, persist: bool = True) -> list[Any]:
+        """Run ``compute`` once per (round, stage); later calls (a resume) load its recorded rows.
 
-        Returns ``(rows, resumed)``.
+        This is the one place stages are recorded and resumed. ``compute`` returns ``record`` instances
+        (typed rows; dicts when ``record`` is None), which are written to ``rounds/<k>/<name>.jsonl``
+        atomically and read back as ``record`` again. ``event`` adds fields to the ``stage_done`` event
+        (the critic calls a stage paid for). With ``persist=False`` nothing is recorded but a
+        ``stage_timed`` event, and a resume computes again (for stages whose work is cached elsewhere).
         """
-        if self.has_stage(k, name):
-            return self.read_stage(k, name), True
+        if persist and self.has_stage(k, name):
+            return self.read_stage(k, name, record)
         start = time.perf_counter()
-        rows = compute()
-        write_jsonl(self.stage_path(k, name), rows)
-        self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
-        return rows, False
+        rows = list(compute())
+        if persist:
+            write_jsonl(self.stage_path(k, name), [to_row(row) for row in rows])
+        self.event("stage_done" if persist else "stage_timed", round=k, stage=name, rows=len(rows),
+                   seconds=round(time.perf_counter() - start, 3), **(event(rows) if event else {}))
+        return rows
 
-    def write_metrics(self, k: int, metrics: dict[str, Any]) -> None:
+    def checkpoint(self, k: int, name: str, compute: Callable[[], tuple[Any, Sequence[dict[str, Any]]]],
+                   load: Callable[[Path], Any]) -> tuple[Any, list[dict[str, Any]]]:
+        """A stage whose result is a student: ``compute`` returns ``(student, rows)``; the student is saved
+        as ``student/last`` with its round. A resume after that save loads it (``load(dir)``) and the rows
+        instead of training again."""
+        state = self.student_state("last")
+        if state and state["round"] >= k:  # crashed after this round's student was saved
+            return load(self.student_dir("last")), self.read_stage(k, name)
+        start = time.perf_counter()
+        student, rows = compute()
+        write_jsonl(self.stage_path(k, name), rows)
+        self.save_student(student, "last", {"round": k})
+        self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
+        return student, list(rows)
+
+    def keep_best(self, k: int, student, score: float) -> None:
+        """Save the student that entered round ``k`` as ``student/best`` if ``score`` (its mean critic
+        score in round ``k``) beats the best so far. After this round's update that student is gone."""
+        state = self.student_state("last")
+        if state and state["round"] >= k:
+            return
+        best = self.student_state("best")
+        if best is None or score > best["critic/mean_score"]:
+            self.save_student(student, "best", {"round": k - 1, "critic/mean_score": score})
+
+    def stage_seconds(self, k: int) -> dict[str, float]:
+        """Seconds per stage of round ``k``: each recorded stage's ``stage_done`` event (from whichever
+        session computed it), and the latest ``stage_timed`` one of a stage that is not recorded."""
+        return {e["stage"]: e.get("seconds", 0.0) for e in self.events()
+                if e["event"] in ("stage_done", "stage_timed") and e.get("round") == k}
+
+    def critic_calls(self) -> int:
+        """Critic calls paid for so far, over every session of the run (budgets survive a resume)."""
+        return sum(e.get("critic_calls", 0) for e in self.events())
+
+    def finish_round(self, k: int, metrics: dict[str, Any]) -> None:
         write_json(self.round_dir(k) / "metrics.json", metrics)
+        self.event("round_done", round=k)
 
     def metrics(self) -> list[dict[str, Any]]:
         """Every completed round's metrics, in round order."""

@@ -31,8 +31,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from refine.cache import default_cache_dir
-from refine.images import ImageRecord, decode, sha256_bytes
+from refine.images.records import ImageRecord, decode, sha256_bytes
+from refine.infra.cache import default_cache_dir
+from refine.infra.runlog import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def load_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
     ids = tuple(item["coco_id"] for item in manifest["images"])
     if ids != COCO_VAL10_IDS:
         raise ValueError(
-            f"{path}: image ids {ids} differ from refine.coco.COCO_VAL10_IDS {COCO_VAL10_IDS}; "
+            f"{path}: image ids {ids} differ from refine.images.coco.COCO_VAL10_IDS {COCO_VAL10_IDS}; "
             "edit both together"
         )
     return manifest
@@ -270,21 +271,6 @@ def _unavailable_message(set_dir: Path, reason: str) -> str:
 # ---------------------------------------------------------------- the cache
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_state(set_dir: Path) -> dict[str, Any]:
     path = set_dir / STATE_FILE
     if not path.exists():
@@ -302,7 +288,7 @@ def _read_state(set_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(set_dir: Path, state: dict) -> None:
-    _atomic_write(set_dir / STATE_FILE, (json.dumps(state, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(set_dir / STATE_FILE, (json.dumps(state, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def _expected_sha256(entry: dict, item: dict, set_dir: Path) -> list[tuple[str, str]]:
@@ -369,7 +355,7 @@ def load_coco_val10(
                     "fetched (changed upstream, or a mirror or proxy altered it); nothing was written. "
                     f"If you trust the new file, delete {set_dir} and load coco_val10 again."
                 )
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         entry.update(sha256=actual, source=source.where(item["file_name"]))
         # Record each checksum as soon as its file exists, so an interrupted fetch loses nothing.
         _write_state(set_dir, state)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from refine.offline import GPT2_VOCAB_SIZE, load_gpt2_tokenizer
+from refine.offline.tokenizer import GPT2_VOCAB_SIZE, load_gpt2_tokenizer
 
 # name -> (ViT kwargs, GPT-2 kwargs). "base" is nlpconnect/vit-gpt2-image-captioning's architecture:
 # ViT-base/16 at 224 px and GPT-2 124M.
@@ -48,15 +48,22 @@ def random_vit_gpt2(vit_kwargs: dict, gpt2_kwargs: dict, seed: int = 0):
 
 def build_vit_gpt2(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, tokenizer_cache: str | None = None) -> Path:
     """Save a random ViT + GPT-2 ``VisionEncoderDecoderModel`` with the real GPT-2 tokenizer."""
-    from transformers import ViTImageProcessor
 
     vit_kwargs, gpt2_kwargs = VIT_GPT2_SIZES[size]
     model = random_vit_gpt2(vit_kwargs, gpt2_kwargs, seed)
     side = vit_kwargs["image_size"]
-    processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = vit_image_processor(side)
     tokenizer = load_gpt2_tokenizer(tokenizer_cache)
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def vit_image_processor(side: int):
+    """A ``ViTImageProcessor`` for ``side``-pixel square inputs scaled to [-1, 1] (mean = std = 0.5), as
+    ViT-GPT2's is; the toy student's and the random models' alike."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)

@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from refine import shapes
-from refine.cache import cache_key, default_cache_dir
-from refine.offline import GPT2_VOCAB_SIZE
+from refine.images import shapes
+from refine.infra.cache import cache_key, default_cache_dir
+from refine.offline.tokenizer import GPT2_VOCAB_SIZE
 
 TRAINER_VERSION = 4  # bump whenever training code changes what a recipe produces
 MAX_CAPTION_TOKENS = 32  # longest grammar caption: 7 items (6 + planted) = 27 GPT-2 tokens
@@ -140,7 +140,7 @@ def build_model(recipe: ToyRecipe, grammar_ids: Sequence[int]):
 
     Embedding rows of tokens outside ``grammar_ids`` are zeroed (see :func:`full_vocab_nll`).
     """
-    from refine.random_init import random_vit_gpt2
+    from refine.offline.models import random_vit_gpt2
 
     vit = dict(
         image_size=shapes.IMAGE_SIZE,
@@ -172,10 +172,9 @@ def build_model(recipe: ToyRecipe, grammar_ids: Sequence[int]):
 
 
 def build_image_processor():
-    from transformers import ViTImageProcessor
+    from refine.offline.models import vit_image_processor
 
-    side = shapes.IMAGE_SIZE
-    return ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return vit_image_processor(shapes.IMAGE_SIZE)
 
 
 def full_vocab_nll(hidden: torch.Tensor, used_weight: torch.Tensor, targets: torch.Tensor, n_unused: int) -> torch.Tensor:
@@ -236,7 +235,7 @@ def train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os
 
     Deterministic for a given recipe. Returns the training log it also writes to ``out_dir/train_log.json``.
     """
-    from refine.offline import preserved_torch_threads
+    from refine.infra.devices import preserved_torch_threads
 
     with preserved_torch_threads():
         torch.set_num_threads(recipe.torch_threads)
@@ -245,8 +244,8 @@ def train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os
 
 def _train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
            log: Callable[[str], None]) -> dict[str, Any]:
-    from refine.offline import load_gpt2_tokenizer
-    from refine.student import Student, _fix_special_tokens
+    from refine.offline.tokenizer import load_gpt2_tokenizer
+    from refine.stages.student import Student, _fix_special_tokens
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(recipe.seed)
@@ -359,7 +358,8 @@ def object_metrics(captions: Sequence[str], truths: Sequence[dict[str, int]], re
     ``planted_share``: hallucinated mentions of ``bias_object`` in scenes holding ``bias_trigger``,
     over all hallucinated mentions (0.0 when there are none).
     """
-    from refine.objects import chair, find_mentions
+    from refine.metrics.chair import chair
+    from refine.objects import find_mentions
 
     vocab = shapes.vocabulary()
     result = chair(captions, truths, vocab)
@@ -412,20 +412,24 @@ def format_metrics(result: dict[str, Any]) -> str:
 
 
 def _recipe_from_overrides(overrides: Sequence[str]) -> ToyRecipe:
-    fields = {f.name: f for f in dataclasses.fields(ToyRecipe)}
+    """``--set KEY=VALUE`` items as a recipe, each value typed by the config's own coercion."""
+    from typing import get_type_hints
+
+    from refine.config import coerce
+
+    hints = get_type_hints(ToyRecipe)
     values: dict[str, Any] = {}
     for item in overrides:
         name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        default = getattr(ToyRecipe(), name)
-        values[name] = tuple(int(v) for v in raw.split(",")) if isinstance(default, tuple) else type(default)(raw)
+        if not sep or name not in hints:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
+        values[name] = coerce(raw, hints[name], f"--set {name}")
     return ToyRecipe(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from refine.offline import set_offline_env
-    from refine.student import load_student
+    from refine.stages.student import load_student
 
     set_offline_env()  # everything here is local; keep litellm (imported for the tokenizer) off the network
     parser = argparse.ArgumentParser(prog="python -m refine.toy_student", description=__doc__.split("\n\n")[0])

@@ -1,9 +1,7 @@
-"""Working without the network: the offline environment and a GPT-2 tokenizer built from local files.
+"""The real GPT-2 tokenizer without the hub, rebuilt from a rank file that litellm ships.
 
-No model weights can be downloaded on our CI machines, so tests, the offline demo and the benchmarks
-run on tiny or randomly initialised models of the real classes. They still need the *real* GPT-2
-byte-level BPE. litellm (pulled in by textgrad) ships tiktoken's ``p50k_base`` rank file, whose first
-50,256 ranks are exactly GPT-2's vocabulary, so we rebuild ``vocab.json`` and ``merges.txt`` from it.
+litellm (pulled in by textgrad) ships tiktoken's ``p50k_base`` rank file, whose first 50,256 ranks are
+exactly GPT-2's vocabulary, so we rebuild ``vocab.json`` and ``merges.txt`` from it.
 """
 
 from __future__ import annotations
@@ -11,32 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-# What "offline on purpose" means for each library we use.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "YOLO_OFFLINE": "1",
-    "YOLO_AUTOINSTALL": "False",
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-}
-
 GPT2_VOCAB_SIZE = 50257  # 50,256 BPE tokens + <|endoftext|>
+
+
 _P50K_SHA1_NAME = "ec7223a39ce59f226a68acc30dc1af2788490e15"  # tiktoken's cache name for p50k_base
-
-
-def set_offline_env(log_dir: str | os.PathLike | None = None) -> None:
-    """Set the variables that keep HF, ultralytics, litellm and textgrad off the network.
-
-    ``log_dir`` receives textgrad's log files, which it otherwise writes to ``./logs/`` on import.
-    """
-    os.environ.update(OFFLINE_ENV)
-    if log_dir is not None:
-        os.environ["TEXTGRAD_LOG_DIR"] = str(log_dir)
 
 
 def find_p50k_base() -> Path:
@@ -115,15 +93,3 @@ def load_gpt2_tokenizer(cache_dir: str | os.PathLike | None = None):
 
         cache_dir = write_gpt2_tokenizer_files(cache_dir or tempfile.mkdtemp(prefix="gpt2-tok-"))
     return GPT2TokenizerFast.from_pretrained(str(cache_dir))
-
-
-@contextmanager
-def preserved_torch_threads() -> Iterator[None]:
-    """Restore torch's intra-op thread count on exit: ultralytics' predict sets it to 1 for the process."""
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -94,9 +94,6 @@ class DiskCache:
                     self._store = diskcache.Cache(str(self.directory / self.namespace))
         return self._store
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.store.get(key, default)
-
     def get_or_compute(self, key: str, compute: Callable[[], T], cacheable: Callable[[T], bool] = lambda _: True) -> tuple[T, bool]:
         """Return ``(value, hit)``. ``compute`` runs on a miss; its value is stored only if ``cacheable``.
 

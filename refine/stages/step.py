@@ -10,7 +10,7 @@ critique + step at most 2 requests per image.
 
 TextGrad is used behind an adapter of ours (``load_textgrad_engine``): a subclass of its ``EngineLM``
 whose ``generate`` calls ``ChatEngine``, i.e. our OpenAI client and our ``DiskCache`` (TextGrad's own
-caches key on raw base64 or on Python's salted ``hash()``). TextGrad is sequential; ``apply_many`` runs
+caches key on raw base64 or on Python's salted ``hash()``). TextGrad is sequential; ``TextualStep.apply_many`` runs
 steps in a thread pool. It is imported lazily, with its import-time side effects pointed away from the
 working directory (``TEXTGRAD_LOG_DIR``, ``LITELLM_LOCAL_MODEL_COST_MAP``).
 
@@ -39,17 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from critics.base import Critique
-from critics.openai_vlm import (
-    DEFAULT_API_KEY_ENV,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_MODEL,
-    ChatCallError,
-    ChatResult,
-    OpenAIChat,
-)
-from refine.cache import DiskCache, cache_key, default_cache_dir
-from refine.concurrency import map_concurrently
-from refine.prompts import constraint_lines, load_template
+from refine.config import DEFAULT_MAX_CONCURRENCY
+from refine.infra.cache import default_cache_dir
+from refine.infra.concurrency import map_concurrently
+from refine.infra.llm import ChatCallError, ChatResult, usage
+from refine.infra.prompts import constraint_lines, load_template
+from refine.stages.critique import CritiqueRow, by_caption, check_failures
+from refine.stages.student import CaptionSet
 
 log = logging.getLogger(__name__)
 
@@ -62,58 +58,6 @@ IMPROVED_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")  # textgrad's de
 
 
 # --- the chat backend the adapter calls --------------------------------------------------------------
-
-
-class ChatEngine:
-    """Text-only chat completions with our client and our cache; what the TextGrad adapter calls.
-
-    ``complete`` returns a ``ChatResult`` (content, usage, cache hit). Keys cover the engine id, model,
-    sampling parameters, the system prompt and the prompt. Failures raise ``ChatCallError``; nothing
-    is stored for them.
-    """
-
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        base_url: str | None = None,
-        api_key_env: str = DEFAULT_API_KEY_ENV,
-        *,
-        temperature: float = 0.0,
-        max_tokens: int = 200,
-        seed: int | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        cache: DiskCache | None = None,
-        chat: OpenAIChat | None = None,
-    ):
-        self.model = model
-        self.id = f"chat:{model}"
-        self.chat = chat or OpenAIChat(model, base_url, api_key_env, timeout, max_retries)
-        self.cache = cache if cache is not None else DiskCache(namespace="llm")
-        self.sampling: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
-        if seed is not None:
-            self.sampling["seed"] = seed
-
-    def complete(self, prompt: str, system_prompt: str | None = None,
-                 cacheable: Callable[[str], bool] | None = None) -> ChatResult:
-        """One completion, from the cache when the same request was answered before. A reply for which
-        ``cacheable(content)`` is false is returned but not stored (a later run asks again)."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"ChatEngine takes text prompts only, got {type(prompt).__name__}")
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        key = cache_key(self.id, self.model, self.sampling, system_prompt or "", prompt)
-
-        def compute() -> dict[str, Any]:
-            result = self.chat.create(messages, **self.sampling)
-            return {"content": result.content, "usage": result.usage}
-
-        stored, hit = self.cache.get_or_compute(
-            key, compute, cacheable=(lambda d: cacheable(d["content"])) if cacheable else (lambda _: True))
-        if hit:
-            return ChatResult(stored["content"], {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}, cache_hit=True)
-        return ChatResult(stored["content"], dict(stored["usage"]))
 
 
 # --- textgrad, lazily --------------------------------------------------------------------------------
@@ -150,7 +94,7 @@ def _adapter_class() -> type:
                 result = self.backend.complete(prompt, system_prompt=system_prompt, cacheable=self.cacheable)
             else:
                 text = self.backend.generate(prompt, system_prompt=system_prompt, **kwargs)
-                result = ChatResult(text, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 1})
+                result = ChatResult(text, usage(requests=1))
             with self._lock:
                 self.calls.append(((system_prompt or "") + "\n" + prompt, result))
             return result.content
@@ -287,7 +231,7 @@ class StepResult:
     tags_missing: bool = False  # the optimizer reply had no <IMPROVED_VARIABLE> tags; caption recovered
     error: str | None = None  # the step failed (a call error); caption is the original
     rejected: str | None = None  # the refinement was not a caption (``rejection``'s reason); caption is the original
-    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+    usage: dict[str, int] = field(default_factory=usage)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -300,73 +244,141 @@ def default_constraints(max_words: int = DEFAULT_MAX_WORDS) -> list[str]:
     return constraint_lines(load_template("step").render(max_words=max_words))
 
 
-def _no_engine_error() -> ValueError:
-    return ValueError(
-        "a critique has feedback but no revision, so the step needs a model: pass "
-        "engine=ChatEngine(model=..., base_url=...) (or any textgrad EngineLM)"
-    )
-
-
 def _needs_engine(critique: Critique) -> bool:
     return critique.ok and not (critique.revision and critique.revision.strip()) and bool(gradient_text(critique))
 
 
-def apply_one(
-    caption: str,
-    critique: Critique,
-    engine: Any = None,
-    *,
-    constraints: Sequence[str] | None = None,
-    max_words: int = DEFAULT_MAX_WORDS,
-    role_description: str = CAPTION_ROLE,
-) -> StepResult:
-    """One textual step with its record. Raises only for setup errors (no engine when one is needed);
-    a failed call comes back as ``StepResult(error=...)`` with the original caption."""
-    if not critique.ok:
-        return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
-    if critique.revision and critique.revision.strip():
-        revision = critique.revision.strip()
-        if (why := rejection(revision, max_words)) is not None:
-            return StepResult(caption, caption, "revision", rejected=why[0], meta={"reason": why[1]})
-        return StepResult(revision, caption, "revision")
-    gradient = gradient_text(critique)
-    if not gradient:
-        return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no feedback"})
-    if engine is None:
-        raise _no_engine_error()
-    if constraints is None:
-        constraints = default_constraints(max_words)
-    tg = import_textgrad()
+@dataclass
+class Refinement:
+    """The step stage's row: a caption, what the step made of it, and why (``rounds/<k>/refined.jsonl``).
 
-    adapter = load_textgrad_engine(engine, cacheable=lambda reply: caption_from_reply(reply, max_words)[2] is None)
-    variable = tg.Variable(caption, requires_grad=True, role_description=role_description)
-    feedback = tg.Variable(gradient, requires_grad=False, role_description=f"feedback on {role_description}")
-    variable.gradients.add(feedback)
-    # With a context, TGD wraps the gradient in <FEEDBACK> tags, which its update prompt refers to.
-    variable.gradients_context[feedback] = {
-        "context": f"A vision-language critic compared the caption with the image. Caption: {caption}",
-        "response_desc": "a training target for a small image captioning model",
-        "variable_desc": "the caption",
-    }
-    optimizer = tg.TGD(parameters=[variable], engine=adapter, constraints=list(constraints))
-    result = StepResult(caption, caption, "textgrad", meta={"constraints": list(constraints)})
-    try:
-        optimizer.step()
-    except IndexError:  # the reply lacked the tags; caption_from_reply reads what it can
-        pass
-    except ChatCallError as e:
-        result.error = str(e)
-        result.usage["requests"] = e.requests
+    ``refined`` is the original when nothing was applied; ``rejected`` and ``reason`` say why a reply was
+    not a caption, ``error`` why a call failed. Runs written before these fields existed load with them
+    empty.
+    """
+
+    image_id: str
+    original: str
+    refined: str
+    source: str = ""
+    rejected: str | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class TextualStep:
+    """The textual step: a caption and its critique in, a refined caption (with its record) out.
+
+    The critic's own revision is the step when there is one. Otherwise the feedback is applied with one
+    textgrad TGD step through ``engine`` (a ``ChatEngine``, or any object with textgrad's ``generate``).
+    Without an engine, feedback alone is an error, unless ``revisions_only`` (local critics: a critique
+    without a revision then leaves the caption as it is).
+    """
+
+    engine: Any = None
+    max_words: int = DEFAULT_MAX_WORDS
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    constraints: Sequence[str] | None = None  # default: prompts/step.txt rendered with max_words
+    revisions_only: bool = False
+    role_description: str = CAPTION_ROLE
+
+    def __post_init__(self):
+        if self.constraints is None:
+            self.constraints = default_constraints(self.max_words)  # a broken step.txt fails here, at setup
+
+    def apply(self, caption: str, critique: Critique) -> StepResult:
+        """One step with its record. Raises only for a setup error (feedback, no revision, no engine); a
+        failed call comes back as ``StepResult(error=...)`` with the original caption."""
+        if not critique.ok:
+            return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
+        if critique.revision and critique.revision.strip():
+            revision = critique.revision.strip()
+            if (why := rejection(revision, self.max_words)) is not None:
+                return StepResult(caption, caption, "revision", rejected=why[0], meta={"reason": why[1]})
+            return StepResult(revision, caption, "revision")
+        gradient = gradient_text(critique)
+        if not gradient:
+            return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no feedback"})
+        if self.engine is None:
+            if self.revisions_only:
+                return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no revision"})
+            raise ValueError("a critique has feedback but no revision, so the step needs a model: pass "
+                             "engine=ChatEngine(model=..., base_url=...) (or any textgrad EngineLM)")
+        return self._textgrad(caption, gradient)
+
+    def _textgrad(self, caption: str, gradient: str) -> StepResult:
+        tg = import_textgrad()
+        max_words = self.max_words
+        adapter = load_textgrad_engine(self.engine, cacheable=lambda reply: caption_from_reply(reply, max_words)[2] is None)
+        variable = tg.Variable(caption, requires_grad=True, role_description=self.role_description)
+        feedback = tg.Variable(gradient, requires_grad=False, role_description=f"feedback on {self.role_description}")
+        variable.gradients.add(feedback)
+        # With a context, TGD wraps the gradient in <FEEDBACK> tags, which its update prompt refers to.
+        variable.gradients_context[feedback] = {
+            "context": f"A vision-language critic compared the caption with the image. Caption: {caption}",
+            "response_desc": "a training target for a small image captioning model",
+            "variable_desc": "the caption",
+        }
+        optimizer = tg.TGD(parameters=[variable], engine=adapter, constraints=list(self.constraints))
+        result = StepResult(caption, caption, "textgrad", meta={"constraints": list(self.constraints)})
+        try:
+            optimizer.step()
+        except IndexError:  # the reply lacked the tags; caption_from_reply reads what it can
+            pass
+        except ChatCallError as e:
+            result.error = str(e)
+            result.usage["requests"] = e.requests
+            return result
+        _record_calls(result, adapter.calls)
+        new_caption, tags_found, why = caption_from_reply(adapter.calls[-1][1].content, max_words,
+                                                          optimizer.new_variable_tags)
+        result.tags_missing = not tags_found
+        if why is not None:
+            result.rejected, result.meta["reason"] = why
+        else:
+            result.caption = new_caption
         return result
-    _record_calls(result, adapter.calls)
-    new_caption, tags_found, why = caption_from_reply(adapter.calls[-1][1].content, max_words,
-                                                      optimizer.new_variable_tags)
-    result.tags_missing = not tags_found
-    if why is not None:
-        result.rejected, result.meta["reason"] = why
-    else:
-        result.caption = new_caption
-    return result
+
+    def apply_many(self, captions: Sequence[str], critiques: Sequence[Critique]) -> list[StepResult]:
+        """:meth:`apply` over pairs, ``max_concurrency`` at a time; a failing item is recorded, not raised.
+        Identical (caption, feedback) items make identical prompts, so each is asked once."""
+        if len(captions) != len(critiques):
+            raise ValueError(f"{len(captions)} captions but {len(critiques)} critiques: pass one critique per caption")
+        if any(_needs_engine(c) for c in critiques):
+            if self.engine is None and not self.revisions_only:
+                self.apply(captions[0], next(c for c in critiques if _needs_engine(c)))  # raises the setup error
+            import_textgrad()  # once, before the threads
+
+        def one(pair: tuple[str, Critique]) -> StepResult:
+            caption, critique = pair
+            try:
+                return self.apply(caption, critique)
+            except Exception as e:  # one bad item must not kill the batch
+                log.exception("textual step failed for %r", caption)
+                return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
+
+        keys = [(c, k.ok, k.revision, gradient_text(k)) for c, k in zip(captions, critiques)]
+        first: dict[tuple, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        unique = list(first.values())
+        results = dict(zip(unique, map_concurrently(one, [(captions[i], critiques[i]) for i in unique],
+                                                    self.max_concurrency)))
+        return [results[first[key]] for key in keys]
+
+    def refine(self, captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], samples_too: bool,
+               max_failure_share: float = 1.0) -> list[Refinement]:
+        """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded.
+        Raises ``TooManyFailures`` when more than ``max_failure_share`` of the steps failed."""
+        table = by_caption(critiques)
+        todo = list(dict.fromkeys((row.image_id, text) for row in captions
+                                  for text in (row.texts() if samples_too else [row.caption])
+                                  if table[(row.image_id, text)].ok))
+        results = self.apply_many([text for _, text in todo], [table[key] for key in todo])
+        check_failures("textual steps", [r.error for r in results], max_failure_share)
+        return [Refinement(image_id, text, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error)
+                for (image_id, text), r in zip(todo, results)]
 
 
 def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> None:
@@ -380,53 +392,14 @@ def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> No
         result.meta["raw"] = last.content
 
 
-def apply(
-    caption: str,
-    critique: Critique,
-    engine: Any = None,
-    *,
-    constraints: Sequence[str] | None = None,
-    max_words: int = DEFAULT_MAX_WORDS,
-) -> str:
-    """The refined caption (see ``apply_one`` for the record and the failure behaviour)."""
-    return apply_one(caption, critique, engine, constraints=constraints, max_words=max_words).caption
+def make_step(critic_cfg, step_cfg) -> TextualStep:
+    """The run's textual step: with the OpenAI-compatible critic, textgrad through its endpoint; with a
+    local critic (grounded, Florence-2), its revisions alone."""
+    from refine.config import DEFAULT_OPENAI_MODEL
+    from refine.infra.llm import ChatEngine
 
-
-def apply_many(
-    captions: Sequence[str],
-    critiques: Sequence[Critique],
-    engine: Any = None,
-    *,
-    constraints: Sequence[str] | None = None,
-    max_words: int = DEFAULT_MAX_WORDS,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-) -> list[StepResult]:
-    """``apply_one`` over pairs, ``max_concurrency`` at a time; a failing item is recorded, not raised."""
-    if len(captions) != len(critiques):
-        raise ValueError(f"{len(captions)} captions but {len(critiques)} critiques: pass one critique per caption")
-    if not captions:
-        return []
-    if constraints is None:
-        constraints = default_constraints(max_words)
-    if any(_needs_engine(c) for c in critiques):
-        if engine is None:
-            raise _no_engine_error()
-        import_textgrad()  # once, before the threads
-
-    def one(pair: tuple[str, Critique]) -> StepResult:
-        caption, critique = pair
-        try:
-            return apply_one(caption, critique, engine, constraints=constraints, max_words=max_words)
-        except Exception as e:  # one bad item must not kill the batch
-            log.exception("textual step failed for %r", caption)
-            return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
-
-    # Identical (caption, feedback) items make identical prompts: ask once, or concurrent twins would
-    # both miss the cache and reach the server.
-    keys = [(caption, critique.ok, critique.revision, gradient_text(critique)) for caption, critique in zip(captions, critiques)]
-    first = {}
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    unique = list(first.values())
-    results = dict(zip(unique, map_concurrently(one, [(captions[i], critiques[i]) for i in unique], max_concurrency)))
-    return [results[first[key]] for key in keys]
+    engine = None
+    if critic_cfg.backend == "openai":
+        engine = ChatEngine(critic_cfg.model or DEFAULT_OPENAI_MODEL, critic_cfg.base_url, critic_cfg.api_key_env,
+                            timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
+    return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None)

@@ -12,8 +12,6 @@ Where templates are found, first match wins:
 2. the repository's ``prompts/`` (a clone or an editable install);
 3. the installed wheel's package ``refine._prompts`` (pyproject maps ``prompts/`` there).
 
-This module also formats the object-centric context the critique template carries: the detector's
-objects, the views attached to the request, and known annotations.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import string
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -107,50 +104,6 @@ def load_template(name: str) -> Template:
     template = Template(name=filename.removesuffix(".txt"), text=path.read_text(encoding="utf-8"), source=str(path))
     template.variables  # noqa: B018 (parse now, so a bad '$' fails at load with the file named)
     return template
-
-
-# --- object-centric context for the critique template ---------------------------------------------
-
-
-def format_objects(regions: Any) -> str:
-    """The detector's classes and counts as prompt text (``refine.regions.format_objects``);
-    ``regions=None`` says detection was skipped."""
-    if regions is None:
-        return "no object detection was run for this image"
-    from refine.regions import format_objects as regions_format_objects
-
-    return regions_format_objects(regions)
-
-
-def _box_text(box: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{round(v)}" for v in box) + ")"
-
-
-def describe_views(full_size: tuple[int, int], views: Iterable[Any]) -> str:
-    """Numbered lines naming each attached image, in the order they are attached.
-
-    Image 1 is always the full image; ``views`` are the extra ``refine.regions.View``s sent after it.
-    Boxes are ``(x0, y0, x1, y1)`` in full-image pixels.
-    """
-    width, height = full_size
-    lines = [f"Image 1: the full image ({width}x{height} pixels)."]
-    for i, view in enumerate(views, start=2):
-        if view.kind == "crop":
-            what = f"a crop around a detected {view.label}" if view.label else "a crop"
-        elif view.kind == "tile":
-            what = "a zoomed-in tile"
-        else:
-            what = f"a {view.kind} view"
-        lines.append(f"Image {i}: {what} at box {_box_text(view.box)} of the full image.")
-    return "\n".join(lines)
-
-
-def format_annotations(objects: Mapping[str, int] | None) -> str:
-    """Ground-truth label counts, when the image set has them."""
-    if not objects:
-        return "No annotations are available for this image."
-    listed = ", ".join(f"{label}: {count}" for label, count in sorted(objects.items()))
-    return f"Human annotations list these objects (label: count): {listed}."
 
 
 def constraint_lines(text: str) -> list[str]:

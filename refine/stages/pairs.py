@@ -11,7 +11,13 @@ duplicates of a pair already made for the same image.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from refine.stages.critique import CritiqueRow
+    from refine.stages.step import Refinement
+    from refine.stages.student import CaptionSet
 
 
 @dataclass(frozen=True)
@@ -58,3 +64,26 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
             seen.add(key)
             out.append(p)
     return out
+
+
+def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
+                sources: str, swap: bool = False) -> list[PreferencePair]:
+    """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
+
+    ``swap`` is the control experiment: the same pairs with the preference reversed.
+    """
+    from refine.stages.critique import by_caption
+
+    table = by_caption(critiques)
+    out: list[PreferencePair] = []
+    if "refined" in sources:
+        for row in refined:
+            out += refined_pairs(row.image_id, row.original, row.refined)
+    if "ranked" in sources:
+        for row in captions:
+            scored = [(t, table[(row.image_id, t)].score) for t in row.texts() if table[(row.image_id, t)].ok]
+            out += ranked_pairs(row.image_id, scored)
+    pairs = dedupe(out)
+    if swap:
+        pairs = [replace(p, chosen=p.rejected, rejected=p.chosen, source=p.source + ":swapped") for p in pairs]
+    return pairs

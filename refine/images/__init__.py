@@ -1,0 +1,86 @@
+"""Image sets: ``load_images(spec)`` resolves what ``--images`` names into an :class:`ImageSet`.
+
+An image set knows what it is: its records, notes about files it skipped, whether a detector can help
+with it (not for the synthetic shapes world), and the object vocabulary that the critic, the rewrite
+and CHAIR all read captions with (:func:`vocabulary_for`).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from refine.images.files import _records_from_paths, load_manifest
+from refine.images.records import IMAGE_SUFFIXES, ImageRecord
+
+__all__ = ["ImageRecord", "ImageSet", "load_images", "vocabulary_for", "world_of"]
+
+
+@dataclass
+class ImageSet:
+    spec: str
+    records: list[ImageRecord]
+    notes: list[str] = field(default_factory=list)  # skipped files, byte-identical duplicates
+
+    @property
+    def world(self) -> str | None:
+        return world_of(self.spec)
+
+    @property
+    def detectable(self) -> bool:
+        """Whether the regions stage can help: a detector exists for photos, not for the shapes world."""
+        return self.world is None
+
+    def labels(self) -> set[str]:
+        return {label for r in self.records for label in (r.objects or {})}
+
+    def vocabulary(self):
+        return vocabulary_for(self.world, self.labels())
+
+
+def world_of(spec: str) -> str | None:
+    """"shapes" for the synthetic world's specs, None for photos."""
+    return "shapes" if spec.split(":")[0] in ("shapes", "shapes-train", "shapes-heldout") else None
+
+
+def vocabulary_for(world: str | None, labels: Iterable[str] = ()):
+    """The one object vocabulary of a set: the whole label space of its world. For the shapes world that
+    is its twelve labels; for photos, COCO's 80 categories with CHAIR's synonyms plus the set's own labels.
+    A hallucination is an object absent from the image, so the vocabulary must name more than the truth."""
+    if world == "shapes":
+        from refine.images import shapes
+
+        return shapes.vocabulary()
+    from refine.objects import coco_vocabulary
+
+    return coco_vocabulary().extended(sorted(set(labels)))
+
+
+def load_images(spec: str, coco_root: str | None = None) -> ImageSet:
+    """Resolve an image-set spec: a named set (``coco_val10``, ``shapes[:N]``, ``shapes-heldout[:N]``), a
+    folder, a glob, or a ``.jsonl`` manifest. Bad files are skipped with a note; a spec that names nothing
+    usable is a ``ValueError`` saying what ``--images`` accepts."""
+    if spec == "coco_val10":
+        from refine.images.coco import load_coco_val10
+
+        return ImageSet(spec, load_coco_val10(coco_root=coco_root))
+    if world_of(spec) == "shapes":
+        from refine.images import shapes
+
+        split, n = shapes.parse_spec(spec)
+        return ImageSet(spec, shapes.records(shapes.make_scenes(n, split=split)))
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        return ImageSet(spec, *load_manifest(path))
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        return ImageSet(spec, *_records_from_paths(files, spec))
+    matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+    if matches:
+        return ImageSet(spec, *_records_from_paths(matches, spec))
+    raise ValueError(
+        f"--images {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
+        "folder, a .jsonl manifest, or a glob that matches files"
+    )
