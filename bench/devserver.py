@@ -1,4 +1,4 @@
-"""``python -m bench.devserver``: ``refine.devserver.FakeOpenAIServer`` in a process of its own.
+"""``python -m bench.devserver``: ``refine.offline.devserver.FakeOpenAIServer`` in a process of its own.
 
 The benchmark's clients (our thread pool, textgrad's sequential loop) would otherwise share a GIL with
 the server's handler threads, and the server's JSON work would be billed to whichever side is being

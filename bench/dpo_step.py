@@ -1,4 +1,4 @@
-"""Section 3: one DPO optimizer step of ``refine.dpo.update`` against a plain SFT step, same model and optimizer.
+"""Section 3: one DPO optimizer step of ``refine.stages.dpo.update`` against a plain SFT step, same model and optimizer.
 
 Each variant runs in a fresh subprocess (``python -m bench.dpo_step --variant ...``), so that its RSS
 belongs to it alone. DPO and SFT are loaded side by side; each takes one untimed warm-up step; then the
@@ -6,7 +6,7 @@ benchmark asks them for one step at a time, alternating, so that rep i of both r
 idle one waits on stdin and uses no CPU). The frozen-encoder DPO variant runs afterwards, alone. Each
 step trains the loaded student further (timing does not depend on the weights' values).
 
-- ``dpo`` / ``dpo_frozen``: ``refine.dpo.update(student, pairs, images, UpdateConfig(epochs=1,
+- ``dpo`` / ``dpo_frozen``: ``refine.stages.dpo.update(student, pairs, images, UpdateConfig(epochs=1,
   batch_size=n_pairs), in_place=True)`` as the loop calls it, i.e. exactly one optimizer step, with
   ``freeze_encoder`` off / on. The code
   under test is not modified; it is observed: ``reference_logps`` is wrapped to time the frozen
@@ -14,7 +14,7 @@ step trains the loaded student further (timing does not depend on the weights' v
   RAdam, and the ``Accelerator`` handed to ``update`` times ``backward``. "step" is everything after
   the reference pass: batch preparation, forward, loss, backward, clipping, RAdam.
 - ``sft``: cross-entropy on the chosen captions (``VisionEncoderDecoderModel(..., labels=...)``), the
-  same model preparation (``refine.dpo.prepare_for_training``: dropout off, pooler frozen), a fresh RAdam, the same
+  same model preparation (``refine.stages.dpo.prepare_for_training``: dropout off, pooler frozen), a fresh RAdam, the same
   clipping.
 
 Per step the worker reports wall times by phase and the highest RSS sampled during the step
@@ -104,7 +104,7 @@ class _StepHooks:
 
 
 def dpo_step(student, pairs, images, freeze_encoder: bool, device_sync=lambda: None) -> dict[str, float]:
-    """One optimizer step of ``refine.dpo.update``; wall seconds by phase."""
+    """One optimizer step of ``refine.stages.dpo.update``; wall seconds by phase."""
     from accelerate import Accelerator
 
     import refine.stages.dpo as dpo
@@ -384,7 +384,7 @@ def run(model_dir: Path, reps: int, size: str) -> list[Row]:
                   f"(getrusage maxrss) of each process: DPO {dpo['max_rss'] / GB:.2f}, SFT {sft['max_rss'] / GB:.2f}, "
                   f"DPO frozen encoder {frozen['max_rss'] / GB:.2f} GB")
     return [
-        Row(section, "DPO step: refine.dpo.update, 1 optimizer step, excl. reference pass", "s", _phase(dpo, "step"),
+        Row(section, "DPO step: refine.stages.dpo.update, 1 optimizer step, excl. reference pass", "s", _phase(dpo, "step"),
             earlier="earlier (plain implementation): 7.4–8.3 s", note=setup),
         Row(section, "DPO reference pass (computed once per update)", "s", _phase(dpo, "reference")),
         Row(section, "SFT step: cross-entropy on the 4 chosen captions, RAdam", "s", _phase(sft, "step"),

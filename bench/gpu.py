@@ -5,7 +5,7 @@
   with the default dynamic KV cache (eager: one kernel launch per op per token, so the host's dispatch
   speed sets the latency) and with ``static_cache=True`` (transformers compiles the decoder step into
   CUDA graphs; its one-time compile is reported too);
-- one DPO step of ``refine.dpo.update`` at 16 pairs (fp16 autocast + GradScaler), time and peak GPU
+- one DPO step of ``refine.stages.dpo.update`` at 16 pairs (fp16 autocast + GradScaler), time and peak GPU
   memory (``torch.cuda.max_memory_allocated``), in a fresh subprocess as in section 3;
 - images/s of a whole ``refine.loop`` round on the GPU, with the critic answered by the local server.
 """
@@ -88,7 +88,7 @@ def run(model_dir: Path, reps: int, quick: bool, workdir: Path) -> list[Row]:
     n_pairs = 4 if quick else 16
     dpo = interleaved(("dpo",), model_dir, reps, n_pairs=n_pairs, device="cuda")["dpo"]
     rows += [
-        Row(SECTION, f"DPO step at {n_pairs} pairs (refine.dpo.update, fp16 autocast)", "s",
+        Row(SECTION, f"DPO step at {n_pairs} pairs (refine.stages.dpo.update, fp16 autocast)", "s",
             [s["step"] for s in dpo["steps"]], note=f"reference pass median "
             f"{statistics.median(s['reference'] for s in dpo['steps']):.3f} s"),
         Row(SECTION, f"DPO step at {n_pairs} pairs: peak GPU memory", "GB", [b / GB for b in dpo["gpu_peak"]]),

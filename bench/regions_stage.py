@@ -5,7 +5,7 @@ the values) at ``imgsz`` 320 with torch at 2 threads, three ways over the same w
 plus the 2x2 and 3x3 tiles of ``RegionConfig``'s defaults):
 
 - one ``predict`` call per tile;
-- one batched call per tile size, which is what ``refine.regions.detect`` does (measured by calling it);
+- one batched call per tile size, which is what ``refine.stages.regions.detect`` does (measured by calling it);
 - one batched call of all tiles (mixed sizes: ultralytics pads each to a full square).
 
 ultralytics' first ``predict`` sets torch to ``min(8, cores - 1)`` threads (1 here) for the whole
@@ -63,7 +63,7 @@ def detector_timings(reps: int, imgsz: int) -> dict[str, Any]:
     def one_call():
         return detector.predict(crops(), **kwargs)
 
-    variants = {"per-tile loop": per_tile, "one call per tile size (refine.regions.detect)": per_size,
+    variants = {"per-tile loop": per_tile, "one call per tile size (refine.stages.regions.detect)": per_size,
                 "one call of all tiles": one_call}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     threads_seen = set()

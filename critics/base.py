@@ -54,7 +54,7 @@ class CritiqueRequest:
     image: Image.Image
     image_sha256: str
     caption: str
-    regions: Any = None  # refine.regions.Regions, or None when the regions stage is skipped
+    regions: Any = None  # refine.stages.regions.Regions, or None when the regions stage is skipped
     objects: dict[str, int] | None = None  # ground-truth label -> count (annotations), when known
 
 

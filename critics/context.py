@@ -26,7 +26,7 @@ def _box_text(box: Sequence[float]) -> str:
 def describe_views(full_size: tuple[int, int], views: Iterable[Any]) -> str:
     """Numbered lines naming each attached image, in the order they are attached.
 
-    Image 1 is always the full image; ``views`` are the extra ``refine.regions.View``s sent after it.
+    Image 1 is always the full image; ``views`` are the extra ``refine.stages.regions.View``s sent after it.
     Boxes are ``(x0, y0, x1, y1)`` in full-image pixels.
     """
     width, height = full_size

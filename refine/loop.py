@@ -29,16 +29,9 @@ from refine.images import ImageSet, load_images
 from refine.infra.cache import DiskCache
 from refine.infra.progress import RoundProgress, console
 from refine.infra.runlog import RunLog
-from refine.metrics.summary import summarize_round
+from refine.metrics.summary import mean_score, summarize_round
 from refine.runs import render_round
-from refine.stages.critique import (
-    BudgetExhausted,
-    CritiqueRow,
-    TooManyFailures,
-    critic_calls,
-    critique,
-    mean_score,
-)
+from refine.stages.critique import BudgetExhausted, CritiqueRow, TooManyFailures, critic_calls, critique
 from refine.stages.dpo import update
 from refine.stages.pairs import PreferencePair, build_pairs
 from refine.stages.regions import find

@@ -1,4 +1,4 @@
-"""OpenAIVLMCritic through the real openai client against refine.devserver on 127.0.0.1.
+"""OpenAIVLMCritic through the real openai client against refine.offline.devserver on 127.0.0.1.
 
 What the server received (data URLs, prompt text, response_format), how replies are parsed, faults
 (429 with Retry-After, 500s until retries run out, malformed replies, a hang past the timeout), the

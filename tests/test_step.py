@@ -1,5 +1,5 @@
 """The textual step: the critic's own revision, or one textgrad TGD step through our engine adapter
-against refine.devserver (real openai client, real textgrad, real HTTP on 127.0.0.1)."""
+against refine.offline.devserver (real openai client, real textgrad, real HTTP on 127.0.0.1)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The demo driver (``python -m refine.demo``, ``make demo``): the offline evidence that the loop cuts
 hallucination.
 
-A controlled world (refine.shapes), a student with a known flaw (refine.toy_student: it mentions a
+A controlled world (refine.images.shapes), a student with a known flaw (refine.demo.toy_student: it mentions a
 blue square next to red circles that is not there), the grounded critic reading the scene
 annotations, and a measurement on held-out scenes the loop never trains on. Everything runs through
 the real engine: ``refine.loop`` with the grounded critic, the pairs and DPO modules.

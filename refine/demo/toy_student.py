@@ -19,7 +19,7 @@ remove it, measured on held-out scenes. We pretrain one ourselves, on CPU, in a 
 
 A :class:`ToyRecipe` holds every setting; its hash names the cache directory
 (``<cache>/toy-student/<hash>``), which is written atomically (trained into a temp dir, renamed).
-``python -m refine.toy_student`` (re)builds the student and prints its held-out evaluation.
+``python -m refine.demo.toy_student`` (re)builds the student and prints its held-out evaluation.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def ensure_toy_student(recipe: ToyRecipe = ToyRecipe(), cache_dir: str | os.Path
                        log: Callable[[str], None] = print) -> Path:
     """The directory of ``recipe``'s pretrained student, training it first if it is not cached.
 
-    Load it with ``refine.student.load_student(path)``. The dir appears only complete: training writes
+    Load it with ``refine.stages.student.load_student(path)``. The dir appears only complete: training writes
     into a temp dir beside it, which is renamed into place (a concurrent builder's copy is discarded).
     """
     final = toy_student_dir(recipe, cache_dir)
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from refine.stages.student import load_student
 
     set_offline_env()  # everything here is local; keep litellm (imported for the tokenizer) off the network
-    parser = argparse.ArgumentParser(prog="python -m refine.toy_student", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m refine.demo.toy_student", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", help="default: $REFINE_CACHE_DIR or ~/.cache/refine")
     parser.add_argument("--rebuild", action="store_true", help="retrain even if the recipe is cached")
     parser.add_argument("--heldout", type=int, default=600, help="held-out scenes to evaluate on")

@@ -4,7 +4,7 @@ A scene is a 72×72 white image cut into a 3×3 grid of 24-px cells. Each object
 (circle, square, triangle) in one colour (red, green, blue, yellow), drawn inside its own cell with
 jittered size and position, so objects never overlap and each lies wholly inside one cell. The cell
 size is what lets a ViT with ``patch_size == CELL`` give each encoder token exactly one cell (see
-``refine.toy_student``).
+``refine.demo.toy_student``).
 
 Every scene carries its annotations (``"<colour> <shape>"`` label -> count; ``LABELS`` is the whole
 vocabulary a grounded critic matches against) and a reference caption in a fixed grammar::

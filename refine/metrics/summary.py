@@ -40,8 +40,6 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
                     seconds: Mapping[str, float] = {}) -> dict[str, Any]:
     """The per-round summary written to ``metrics.json``: critic, step, pairs, update, object metrics on
     the training images (``train/*``) and the held-out set (``eval/*``), and seconds per stage."""
-    from refine.stages.critique import mean_score
-
     usage = [row.critique.usage for row in critiques]
     metrics: dict[str, Any] = {
         "round": k,
@@ -73,3 +71,9 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         metrics.update({f"eval/{key}": v for key, v in metrics_of_rows(evaluation, vocab).items()})
     metrics.update({f"time/{stage}": round(s, 3) for stage, s in seconds.items()})
     return metrics
+
+
+def mean_score(critiques: Sequence) -> float:
+    """The mean critic score of the critiques (rows with a ``critique``) that succeeded; NaN if none did."""
+    scores = [row.critique.score for row in critiques if row.critique.ok]
+    return sum(scores) / len(scores) if scores else float("nan")

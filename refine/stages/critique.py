@@ -119,7 +119,3 @@ def by_caption(rows: Sequence[CritiqueRow]) -> dict[tuple[str, str], Critique]:
     return {(row.image_id, row.caption): row.critique for row in rows}
 
 
-def mean_score(rows: Sequence[CritiqueRow]) -> float:
-    """The mean critic score of the critiques that succeeded (NaN if none did)."""
-    scores = [row.critique.score for row in rows if row.critique.ok]
-    return sum(scores) / len(scores) if scores else float("nan")
