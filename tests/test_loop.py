@@ -13,6 +13,7 @@ import torch
 
 from refine import loop, runs
 from refine.infra.runlog import RunLog, read_jsonl
+from refine.stages.step import Refinement
 from refine.stages.student import load_student
 
 STAGES = ("captions", "critiques", "refined", "pairs", "update")
@@ -151,3 +152,37 @@ def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir
     assert kinds.count("round_done") == 2 and kinds[-1] == "run_done"
     calls = sum(e.get("critic_calls", 0) for e in log.events())
     assert 3 < calls <= 100
+
+
+def test_a_run_written_before_the_package_layout_resumes(tmp_path, tiny_student_dir, bus_path, zidane_path):
+    """tests/data/run_before_packages: a run by the code before refine/ was split into packages (and
+    before the refinement records had source/rejected/error), SIGKILLed in round 1 after its pairs.
+    The student checkpoints are left out of the fixture (no weights in git): the resume trains round 1
+    from the configured model. Everything recorded loads; only round 1's update runs."""
+    import shutil
+
+    from PIL import Image
+
+    fixture = Path(__file__).parent / "data" / "run_before_packages"
+    for name, path in (("bus", bus_path), ("zidane", zidane_path)):
+        Image.open(path).convert("RGB").resize((64, 48)).save(tmp_path / f"{name}.png")
+    (tmp_path / "images.jsonl").write_text(
+        '{"path": "bus.png", "objects": {"bus": 1, "person": 4}, "references": ["a photo of bus"]}\n'
+        '{"path": "zidane.png", "objects": {"person": 2, "tie": 1}, "references": ["a photo of zidane"]}\n')
+    root = tmp_path / "runs" / "old"
+    shutil.copytree(fixture, root)
+    config = json.loads((root / "config.json").read_text())
+    config["loop"].update(images=str(tmp_path / "images.jsonl"), runs_dir=str(tmp_path / "runs"))
+    config["student"]["model"] = str(tiny_student_dir)
+    (root / "config.json").write_text(json.dumps(config))
+    recorded = {p.relative_to(root): p.read_bytes() for p in (root / "rounds").rglob("*.jsonl")}
+
+    log = loop.run(["--resume", "old", f"--loop.runs_dir={tmp_path / 'runs'}"])
+    assert log.status() == "done" and log.completed_rounds() == 2
+    assert all((root / p).read_bytes() == data for p, data in recorded.items()), "a recorded stage was rewritten"
+    new_stages = [(e["round"], e["stage"]) for e in log.events() if e["event"] == "stage_done"][len(
+        [e for e in read_jsonl(fixture / "events.jsonl") if e["event"] == "stage_done"]):]
+    assert new_stages == [(1, "update")]
+    refined = log.read_stage(1, "refined", Refinement)
+    assert refined and all(r.source == "" and r.rejected is None for r in refined)  # old rows: new fields empty
+    assert json.loads((log.round_dir(1) / "metrics.json").read_text())["pairs/total"] == len(log.read_stage(1, "pairs"))
