@@ -24,7 +24,7 @@ def make_critic(cfg, vocabulary=None, max_words: int = 20, cache=None) -> Critic
     if cfg.backend == "grounded":
         from critics.grounded import GroundedCritic
 
-        return GroundedCritic(vocabulary=vocabulary)
+        return GroundedCritic(vocabulary=vocabulary, noise=cfg.noise, seed=cfg.seed)
     if cfg.backend == "openai":
         from critics.openai_vlm import OpenAIVLMCritic
         from refine.infra.prompts import load_template

@@ -56,6 +56,7 @@ class CritiqueRequest:
     caption: str
     regions: Any = None  # refine.stages.regions.Regions, or None when the regions stage is skipped
     objects: dict[str, int] | None = None  # ground-truth label -> count (annotations), when known
+    sample: int = 0  # which of several critiques of the same caption this is (agreement); part of the key
 
 
 @runtime_checkable

@@ -9,10 +9,22 @@ gradient) and proposes ``refine.objects.rewrite`` as the revision.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from critics.base import Critique, CritiqueRequest
-from refine.objects import ObjectDiff, Vocabulary, coco_vocabulary, compare, noun_phrase, rewrite
+from refine.objects import (
+    ObjectDiff,
+    Vocabulary,
+    canonical_truth,
+    coco_vocabulary,
+    compare,
+    confusable,
+    mentions,
+    noun_phrase,
+    rewrite,
+)
 from refine.objects.words import number_word, pluralize_phrase
 
 # A miscounted object earns half the credit of a correctly counted one when the count is off by 100 %
@@ -76,17 +88,63 @@ def critique_from_truth(caption: str, truth: Mapping[str, int | None], vocab: Vo
     )
 
 
+NOISE_KINDS = ("missed_hallucination", "false_alarm", "dropped", "miscount", "swapped")
+
+
+def believe(caption: str, truth: Mapping[str, int | None], vocab: Vocabulary, noise: float,
+            rng: random.Random) -> tuple[dict[str, int | None], list[dict[str, Any]]]:
+    """What a critic that errs with probability ``noise`` per object believes the image holds.
+
+    Each hallucinated object is missed (believed present) with probability ``noise``; each present
+    object, with probability ``noise``, is believed absent (a false alarm if the caption names it,
+    else the revision drops it), miscounted by one, or swapped for an absent label that shares a word
+    with it (the revision names the wrong object). Returns ``(belief, injected errors)``; the critique
+    and revision made from the belief carry those errors, as a real critic's would.
+    """
+    said, true = mentions(caption, vocab), canonical_truth(truth, vocab)
+    belief, errors = dict(true), []
+    for label, count in said.items():
+        if label not in true and rng.random() < noise:
+            belief[label] = count or 1
+            errors.append({"kind": "missed_hallucination", "label": label})
+    for label, count in true.items():
+        if rng.random() >= noise:
+            continue
+        kind = rng.choice(["removed", "miscount", "swapped"])
+        if kind == "miscount" and count is not None:
+            belief[label] = count + 1 if count == 1 or rng.random() < 0.5 else count - 1
+            errors.append({"kind": "miscount", "label": label, "as": belief[label]})
+            continue
+        absent = sorted(other for other in vocab.labels if other not in true and other not in belief)
+        alike = [other for other in absent if confusable(other, label)]
+        if kind == "swapped" and (alike or absent):
+            instead = rng.choice(alike or absent)
+            belief[instead] = belief.pop(label)
+            errors.append({"kind": "swapped", "label": label, "as": instead})
+            continue
+        belief.pop(label)
+        errors.append({"kind": "false_alarm" if label in said else "dropped", "label": label})
+    return belief, errors
+
+
 class GroundedCritic:
     """``Critic`` backed by annotations or detections. Never raises for one item.
 
     Args:
         vocabulary: the objects the caption is read for; default COCO's 80 with CHAIR's synonyms. Labels in
             a request's truth that the vocabulary does not name are added for that request.
+        noise: the probability, per object and critique, of an error (:func:`believe`): 0 is a perfect
+            critic. Deterministic per (``seed``, image, caption, sample), so runs stay reproducible; the
+            injected errors are recorded in the critique's ``meta["noise"]``.
     """
 
-    def __init__(self, vocabulary: Vocabulary | None = None, id: str = "grounded"):
-        self.id = id
+    def __init__(self, vocabulary: Vocabulary | None = None, id: str = "grounded", noise: float = 0.0, seed: int = 0):
+        if not 0 <= noise < 1:
+            raise ValueError(f"noise={noise!r}: must be in [0, 1)")
+        self.id = id if not noise else f"{id}:noise={noise}:seed={seed}"
         self.vocabulary = vocabulary
+        self.noise = noise
+        self.seed = seed
 
     def truth_for(self, request: CritiqueRequest) -> tuple[dict[str, int], str] | None:
         """``(label -> count, source)`` with source "annotations" or "detector", or None."""
@@ -109,7 +167,11 @@ class GroundedCritic:
         if self.vocabulary is None:
             self.vocabulary = coco_vocabulary()
         vocab = self.vocabulary.extended(truth)
-        return critique_from_truth(request.caption, truth, vocab, meta={"critic": self.id, "truth_source": source})
+        meta: dict[str, Any] = {"critic": self.id, "truth_source": source}
+        if self.noise:
+            rng = random.Random(f"grounded-noise/{self.seed}/{request.image_id}/{request.sample}/{request.caption}")
+            truth, meta["noise"] = believe(request.caption, truth, vocab, self.noise, rng)
+        return critique_from_truth(request.caption, truth, vocab, meta=meta)
 
     def critique_many(self, requests: Sequence[CritiqueRequest]) -> list[Critique]:
         out = []

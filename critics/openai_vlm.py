@@ -336,6 +336,7 @@ class OpenAIVLMCritic:
         key = cache_key(
             self.id, self.model, self.sampling, prompt, request.image_sha256, view_boxes, request.caption,
             CRITIQUE_SCHEMA if self.structured_output else None, self._encoding,
+            *([{"sample": request.sample}] if request.sample else []),  # agreement: each sample its own answer
         )
 
         def compute() -> dict[str, Any]:

@@ -32,6 +32,7 @@ DEFAULT_MAX_CONCURRENCY = 16
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Backend = Literal["grounded", "openai", "florence2"]
+LossType = Literal["sigmoid", "robust"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PAIR_SOURCES = ("refined", "ranked")
@@ -118,8 +119,21 @@ class CriticConfig:
     temperature: float = 0.0
     max_views: int = 4  # crops/tiles attached besides the full image
     template: str = "critique"
+    # Agreement (a defence against a wrong critic): critiques per caption. With more than one, a
+    # refinement becomes a training pair only if more than loop.min_agreement of them produce it. For
+    # the OpenAI critic each sample is its own request (use temperature > 0); for the grounded critic
+    # each sample draws its own noise.
+    samples: int = 1
+    # The grounded critic's error rate per object and critique (a test harness for defences): it misses
+    # hallucinations, flags present objects, miscounts, drops or swaps objects. 0 = perfect.
+    noise: float = 0.0
+    seed: int = 0  # seeds the grounded critic's noise (per image, caption and sample)
 
     def validate(self) -> None:
+        _require(self.samples >= 1, "critic.samples", self.samples, "must be >= 1 critiques per caption")
+        _require(0 <= self.noise < 1, "critic.noise", self.noise, "must be in [0, 1)")
+        _require(self.noise == 0 or self.backend == "grounded", "critic.noise", self.noise,
+                 "only the grounded critic can be made noisy; set it to 0 or use --critic.backend=grounded")
         if self.base_url is not None:
             url = urlparse(self.base_url)
             _require(url.scheme in ("http", "https") and bool(url.netloc), "critic.base_url", self.base_url,
@@ -153,6 +167,13 @@ class UpdateConfig:
     precision: Precision = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU (or what accelerate launch set)
     freeze_encoder: bool = False  # train only the decoder (and cross-attention)
     seed: int = 0
+    # Robust losses against flipped preferences (TRL's loss_type options): "sigmoid" with label_smoothing
+    # is conservative DPO (Mitchell 2023); "robust" is Chowdhury et al. 2024's unbiased estimator.
+    loss: LossType = "sigmoid"
+    label_smoothing: float = 0.0  # the assumed share of flipped pairs, ε
+    # mDPO (Wang et al. 2024): also prefer the chosen caption with its image over the same caption with
+    # a corrupted image (a crop keeping 0-20% of it), plus the anchor that keeps the chosen reward > 0.
+    image_negatives: bool = False
 
     def validate(self) -> None:
         _require(self.beta > 0, "update.beta", self.beta, "must be > 0, e.g. 0.1")
@@ -161,6 +182,8 @@ class UpdateConfig:
         _require(self.epochs >= 0, "update.epochs", self.epochs, "must be >= 0")
         _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
         _require(self.max_grad_norm > 0, "update.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _require(0 <= self.label_smoothing < 0.5, "update.label_smoothing", self.label_smoothing,
+                 "must be in [0, 0.5): the assumed share of flipped preferences")
 
 
 @dataclass
@@ -180,11 +203,17 @@ class LoopConfig:
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     eval_images: str = ""  # optional held-out set, captioned greedily after every round
+    # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
+    verify_refinements: bool = False  # critique each refined caption too; keep its pair only if it scores higher
+    min_agreement: float = 0.5  # with critic.samples > 1: a refinement needs more than this share of votes
+    pair_gate: bool = False  # reject refinements that name no object or are under half the original's length
 
     def validate(self) -> None:
         _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
         _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
                  "must be >= 0 (0 = unlimited)")
+        _require(0 <= self.min_agreement < 1, "loop.min_agreement", self.min_agreement,
+                 "must be in [0, 1): a refinement needs more than this share of the critiques to agree")
         _require(0 <= self.max_failure_share <= 1, "loop.max_failure_share", self.max_failure_share,
                  "must be in [0, 1] (a share of a round's requests; 1 = never stop)")
         sources = [s.strip() for s in self.pair_sources.split(",") if s.strip()]

@@ -33,7 +33,7 @@ from refine.metrics.summary import mean_score, summarize_round
 from refine.runs import render_round
 from refine.stages.critique import BudgetExhausted, CritiqueRow, TooManyFailures, critic_calls, critique
 from refine.stages.dpo import update
-from refine.stages.pairs import PreferencePair, build_pairs
+from refine.stages.pairs import PreferencePair, build_pairs, to_verify
 from refine.stages.regions import find
 from refine.stages.step import Refinement, TextualStep, make_step
 from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, load_student
@@ -125,17 +125,20 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                 if parts.detector else []
             critiques = log.stage(k, "critiques", lambda: critique(
                 parts.critic, records, captions, {r.image_id: r for r in regions}, _budget_left(log, loop),
-                progress=bars.add("critique", len(records) * (1 + cfg.n_samples)),
-                max_failure_share=loop.max_failure_share), CritiqueRow, lambda rows: {"critic_calls": critic_calls(rows)})
+                progress=bars.add("critique", len(records) * (1 + cfg.n_samples) * config.critic.samples),
+                max_failure_share=loop.max_failure_share, samples=config.critic.samples), CritiqueRow, _paid)
             refined = log.stage(k, "refined", lambda: parts.step.refine(captions, critiques, loop.refine_samples,
                                                                         loop.max_failure_share), Refinement)
+            verified = log.stage(k, "verify", lambda: critique(
+                parts.critic, records, to_verify(refined), {r.image_id: r for r in regions}, _budget_left(log, loop),
+                max_failure_share=loop.max_failure_share), CritiqueRow, _paid) if loop.verify_refinements else None
             pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                              loop.swap_pairs), PreferencePair)
+                                                              loop.swap_pairs, verified), PreferencePair)
             log.keep_best(k, student, mean_score(critiques))
             student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
                                                                           in_place=True), parts.reload_student)
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
-                                  log.stage_seconds(k))
+                                  log.stage_seconds(k), verified)
         log.finish_round(k, metrics)
         render_round(metrics)
         if not pairs:
@@ -150,6 +153,11 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                       "See why in: python -m refine.runs show " + escape(log.root.name))
     console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
                   f"{escape(log.root.name)}")
+
+
+def _paid(rows) -> dict[str, int]:
+    """The event fields of a stage that asks the critic: the calls it paid for (budgets survive resumes)."""
+    return {"critic_calls": critic_calls(rows)}
 
 
 def _budget_left(log: RunLog, loop) -> int | None:
@@ -193,7 +201,7 @@ def _load_parts(config: Config, log: RunLog | None) -> Parts:
     images = load_images(loop.images, loop.coco_root or None)
     eval_images = load_images(loop.eval_images) if loop.eval_images else None
     critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
-    step = make_step(config.critic, config.step)
+    step = make_step(config.critic, config.step, images.vocabulary() if loop.pair_gate else None, loop.min_agreement)
     if loop.use_regions and not images.detectable:
         console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
     detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None

@@ -353,3 +353,20 @@ def test_distinct_n_and_diversity_by_hand():
     assert distinct_n(["one", "two"], 2) == 0.0  # no bigrams at all
     with pytest.raises(ValueError, match="empty"):
         diversity([])
+
+
+def test_object_errors_split_into_substitutions_additions_and_omissions():
+    from refine.images.shapes import vocabulary as shapes_vocabulary
+    from refine.metrics.chair import chair
+    from refine.objects import compare
+
+    vocab = shapes_vocabulary()
+    truth = {"green triangle": 1, "blue circle": 1, "red square": 1}
+    diff = compare("a green triangle, a blue square and a yellow circle", truth, vocab)
+    # blue square for the blue circle (same colour); the yellow circle shares no word with the red square
+    assert diff.substitutions == [("blue square", "blue circle")]
+    assert diff.additions == ["yellow circle"] and diff.omissions == ["red square"]
+    scores = chair(["a green triangle, a blue square and a yellow circle", "a red square"],
+                   [truth, {"red square": 1}], vocab)
+    assert (scores["substitutions"], scores["additions"], scores["omissions"]) == (1, 1, 1)
+    assert scores["subst_rate"] == 0.5 and scores["hallucinated_mentions"] == 2

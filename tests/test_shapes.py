@@ -142,11 +142,25 @@ def test_records_carry_annotations_and_reference():
 
 
 def test_parse_spec():
-    assert parse_spec("shapes:12") == ("train", 12)
-    assert parse_spec("shapes-heldout:500") == ("heldout", 500)
-    assert parse_spec("shapes-train:7") == ("train", 7)
-    assert parse_spec("shapes") == ("train", shapes.DEFAULT_SCENES["train"])
-    assert parse_spec("shapes-heldout") == ("heldout", shapes.DEFAULT_SCENES["heldout"])
+    assert parse_spec("shapes:12") == ("train", 12, 0)
+    assert parse_spec("shapes-heldout:500") == ("heldout", 500, 0)
+    assert parse_spec("shapes-train:7") == ("train", 7, 0)
+    assert parse_spec("shapes") == ("train", shapes.DEFAULT_SCENES["train"], 0)
+    assert parse_spec("shapes-heldout") == ("heldout", shapes.DEFAULT_SCENES["heldout"], 0)
+    assert parse_spec("shapes-val:30") == ("train", 30, shapes.VALIDATION_SEED)
+
+
+def test_the_validation_set_is_new_scenes_of_the_training_split():
+    """Never a held-out scene (the split is by image hash); a fresh generator seed, so only the few
+    one-object scenes that any draw can repeat coincide with the loop's training scenes."""
+    from refine.images import load_images
+
+    records = load_images("shapes-val:480").records
+    val = {r.sha256 for r in records}
+    train = {r.sha256 for r in load_images("shapes:300").records}
+    heldout = {r.sha256 for r in load_images("shapes-heldout:480").records}
+    assert len(records) == 480 and not val & heldout
+    assert len(val & train) <= 0.02 * len(val)
     for bad in ("shapes:", "shape:3", "shapes:-1", "shapes-test:3", "shapes:3x"):
         with pytest.raises(ValueError, match="shapes-heldout:N"):
             parse_spec(bad)

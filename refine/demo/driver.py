@@ -42,7 +42,19 @@ DEMO_OVERRIDES = [
     "--update.beta=0.2", "--update.nll_weight=0.5", "--update.lr=1e-4", "--update.epochs=3", "--update.batch_size=32",
 ]
 METRICS = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"), ("exact", "exact"),
-           ("mean_len", "mean length")]
+           ("mean_len", "mean length"), ("additions", "additions"), ("substitutions", "substitutions"),
+           ("omissions", "omissions")]
+# The defences against a wrong critic, by name (``--defences verify,mdpo``); README, "A critic that is
+# sometimes wrong", says what each does and how its setting was chosen.
+DEFENCES = {
+    "verify": ["--loop.verify_refinements=true"],
+    "agree": ["--critic.samples=3"],
+    "cdpo": ["--update.label_smoothing=0.2"],
+    "robust": ["--update.loss=robust", "--update.label_smoothing=0.2"],
+    "mdpo": ["--update.image_negatives=true"],
+    "gate": ["--loop.pair_gate=true"],
+}
+EVAL_SETS = {"heldout": "shapes-heldout", "val": "shapes-val"}
 
 
 def eval_rows(log: RunLog) -> list[list[dict[str, Any]]]:
@@ -69,7 +81,7 @@ def summary(log: RunLog) -> dict[str, Any]:
             "chair_s_change": (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
 
 
-def render(results: dict[str, dict[str, Any]]) -> None:
+def render(results: dict[str, dict[str, Any]], scenes: str = "held-out scenes") -> None:
     """One "before" column when every run started from the same student (the demo's case), then "after" per run."""
     shared = all(r["before"] == next(iter(results.values()))["before"] for r in results.values())
     columns = [("before", "before", name) for name in list(results)[:1]] if shared else []
@@ -77,16 +89,20 @@ def render(results: dict[str, dict[str, Any]]) -> None:
         if not shared:
             columns.append((f"{name}: before", "before", name))
         columns.append((f"{name}: after" if len(results) > 1 else "after", "after", name))
-    table = Table(title="held-out scenes: before → after the loop")
+    table = Table(title=f"{scenes}: before → after the loop")
     table.add_column("metric")
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     for key, label in METRICS:
-        table.add_row(label, *(f"{results[name][when][key]:.3f}" for _, when, name in columns))
+        table.add_row(label, *(_fmt(results[name][when][key]) for _, when, name in columns))
     table.add_row("CHAIR_s change", *(
         f"{results[name]['chair_s_change']:+.0%}" if when == "after" and results[name]["chair_s_change"] is not None
         else "" for _, when, name in columns))
     console.print(table)
+
+
+def _fmt(value: float | int) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def examples(log: RunLog, n: int = 3) -> None:
@@ -103,6 +119,15 @@ def examples(log: RunLog, n: int = 3) -> None:
             console.print(f"  round {k}: {escape(rows[i]['caption'])}")
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """``demo-shapes-seed0``, plus what differs from the default demo: ``-noise25``, the defences, ``-val``."""
+    name = f"demo-shapes-seed{args.seed}"
+    if args.noise:
+        name += f"-noise{round(args.noise * 100)}"
+    name += "".join(f"-{d}" for d in args.defences)
+    return name + ("-val" if args.eval_set == "val" else "")
+
+
 def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bool) -> list[str]:
     """``refine.loop`` arguments for one demo run. A run that exists already is resumed (a finished one
     returns at once), but only if it was made with these settings: otherwise a ``ValueError`` says so."""
@@ -111,8 +136,10 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     common = [f"--loop.runs_dir={args.runs_dir}", f"--loop.run_id={run_id}"]
     fresh = [
         "--images", f"shapes:{args.train}", f"--student.model={student_dir}", f"--rounds={args.rounds}",
-        f"--loop.eval_images=shapes-heldout:{args.heldout}", f"--loop.seed={args.seed}",
-        f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", *common, *DEMO_OVERRIDES,
+        f"--loop.eval_images={EVAL_SETS[args.eval_set]}:{args.heldout}", f"--loop.seed={args.seed}",
+        f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", f"--critic.noise={args.noise}",
+        f"--critic.seed={args.seed}", *common, *DEMO_OVERRIDES,
+        *(flag for name in args.defences for flag in DEFENCES[name]),
     ]
     stored = Path(args.runs_dir) / run_id / "config.json"
     if not stored.exists():
@@ -141,11 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the toy student's pretraining and the loop's sampling and shuffling")
     parser.add_argument("--control", action="store_true",
                         help="also run the swapped-pair control, in a second process beside the real run")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="the grounded critic's error rate per object and critique (0 = a perfect critic)")
+    parser.add_argument("--defences", default="", help=f"comma-separated defences: {', '.join(DEFENCES)}")
+    parser.add_argument("--eval-set", choices=sorted(EVAL_SETS), default="heldout",
+                        help="measure on the held-out scenes, or on validation scenes (for choosing settings)")
     parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args(argv)
+    args.defences = [d.strip() for d in args.defences.split(",") if d.strip()]
+    unknown = [d for d in args.defences if d not in DEFENCES]
+    if unknown:
+        parser.error(f"unknown defence(s) {', '.join(unknown)}; choose from {', '.join(DEFENCES)}")
 
     student_dir = ensure_toy_student(ToyRecipe(seed=args.seed))
-    run_id = f"demo-shapes-seed{args.seed}"
+    run_id = run_name(args)
     control = None
     if args.control:
         # The control runs in its own process on the second core; one torch thread each is faster
@@ -174,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             failed = True
     results = {name: summary(log) for name, log in logs.items()}
-    render(results)
+    render(results, "validation scenes" if args.eval_set == "val" else "held-out scenes")
     examples(logs["refine"])
     out = Path(args.runs_dir) / run_id / "demo.json"
     out.write_text(json.dumps(results, indent=2))

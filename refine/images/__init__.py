@@ -42,7 +42,7 @@ class ImageSet:
 
 def world_of(spec: str) -> str | None:
     """"shapes" for the synthetic world's specs, None for photos."""
-    return "shapes" if spec.split(":")[0] in ("shapes", "shapes-train", "shapes-heldout") else None
+    return "shapes" if spec.split(":")[0] in ("shapes", "shapes-train", "shapes-val", "shapes-heldout") else None
 
 
 def vocabulary_for(world: str | None, labels: Iterable[str] = ()):
@@ -69,8 +69,8 @@ def load_images(spec: str, coco_root: str | None = None) -> ImageSet:
     if world_of(spec) == "shapes":
         from refine.images import shapes
 
-        split, n = shapes.parse_spec(spec)
-        return ImageSet(spec, shapes.records(shapes.make_scenes(n, split=split)))
+        split, n, seed = shapes.parse_spec(spec)
+        return ImageSet(spec, shapes.records(shapes.make_scenes(n, split=split, seed=seed)))
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
         return ImageSet(spec, *load_manifest(path))

@@ -225,22 +225,29 @@ def records(scenes: Iterable[Scene]) -> list[ImageRecord]:
     ]
 
 
-# What a bare "shapes" / "shapes-heldout" means: the loop's 300 training scenes (the DPO rounds'
-# prompt set) and a held-out set large enough (>= 400) to measure CHAIR_s to about ±2 points.
-DEFAULT_SCENES = {"train": 300, "heldout": 400}
-_SPEC = re.compile(r"^shapes(?:-(train|heldout))?(?::(\d+))?$")
+# What a bare "shapes" / "shapes-val" / "shapes-heldout" means: the loop's 300 training scenes (the
+# DPO rounds' prompt set), a validation set for choosing settings, and a held-out set large enough
+# (>= 400) to measure CHAIR_s to about ±2 points.
+DEFAULT_SCENES = {"train": 300, "val": 480, "heldout": 400}
+# The validation set is drawn from the training split (its image hashes), with a generator seed that
+# no toy student pretrains on (they use seeds 0, 1, ...) and the loop does not train on (seed 0): its
+# scenes are as new to the student as held-out ones, and settings can be chosen on them.
+VALIDATION_SEED = 1000
+_SPEC = re.compile(r"^shapes(?:-(train|val|heldout))?(?::(\d+))?$")
 
 
-def parse_spec(spec: str) -> tuple[str, int]:
-    """``"shapes:N"`` -> ``("train", N)``, the first N training scenes; ``"shapes-heldout:N"`` -> ``("heldout", N)``.
+def parse_spec(spec: str) -> tuple[str, int, int]:
+    """``"shapes:N"`` -> ``("train", N, 0)``, the first N training scenes; ``"shapes-val:N"`` ->
+    ``("train", N, VALIDATION_SEED)``; ``"shapes-heldout:N"`` -> ``("heldout", N, 0)``.
 
-    Without ``:N`` the size is ``DEFAULT_SCENES[split]``. ``"shapes-train:N"`` is accepted too.
+    Without ``:N`` the size is ``DEFAULT_SCENES``'s. ``"shapes-train:N"`` is accepted too.
     """
     m = _SPEC.match(spec.strip())
     if m is None:
         raise ValueError(
-            f"image set {spec!r} is not a shapes spec; write shapes, shapes:N, shapes-train:N, "
+            f"image set {spec!r} is not a shapes spec; write shapes, shapes:N, shapes-train:N, shapes-val:N, "
             "shapes-heldout or shapes-heldout:N (N = number of scenes)"
         )
-    split = m.group(1) or "train"
-    return split, int(m.group(2)) if m.group(2) is not None else DEFAULT_SCENES[split]
+    kind = m.group(1) or "train"
+    n = int(m.group(2)) if m.group(2) is not None else DEFAULT_SCENES[kind]
+    return ("train", n, VALIDATION_SEED) if kind == "val" else (kind, n, 0)

@@ -21,6 +21,10 @@ def chair(captions: Sequence[str], truths: Sequence[Mapping[str, int | None]], v
       and every definite count said equals the true count (counts said vaguely, "some dogs", and true
       counts given as None are not checked); this is ``ObjectDiff.exact``. Not part of CHAIR.
     - ``mean_len`` = mean number of word tokens per caption.
+    - ``substitutions``, ``additions``, ``omissions``: the object errors by mechanism
+      (``ObjectDiff.substitutions``: a present object named as another that shares a word with it, a
+      blue square for a blue circle; additions: other hallucinated objects; omissions: other missing
+      ones), summed over captions; ``subst_rate`` = substitutions per caption. Not part of CHAIR.
 
     Truths are label -> count (the reference builds its truth from segmentation labels plus objects
     named in the reference captions; union those in beforehand to reproduce it). Ratios with an empty
@@ -30,6 +34,7 @@ def chair(captions: Sequence[str], truths: Sequence[Mapping[str, int | None]], v
         raise ValueError(f"chair: {len(captions)} captions but {len(truths)} truths; pass one truth per "
                          "caption")
     n_mentions = n_hall_mentions = n_hall_caps = n_true = n_true_said = n_exact = n_words = 0
+    n_subst = n_add = n_omit = 0
     for caption, truth in zip(captions, truths, strict=True):
         true = canonical_truth(truth, vocab)
         found = find_mentions(caption, vocab)
@@ -39,7 +44,11 @@ def chair(captions: Sequence[str], truths: Sequence[Mapping[str, int | None]], v
         n_hall_caps += hall > 0
         n_true += len(true)
         n_true_said += len({m.label for m in found} & set(true))
-        n_exact += compare(caption, truth, vocab).exact
+        diff = compare(caption, truth, vocab)
+        n_exact += diff.exact
+        n_subst += len(diff.substitutions)
+        n_add += len(diff.additions)
+        n_omit += len(diff.omissions)
         n_words += sum(t.is_word for t in tokenize(caption))
     n = len(captions)
 
@@ -52,6 +61,10 @@ def chair(captions: Sequence[str], truths: Sequence[Mapping[str, int | None]], v
         "recall": ratio(n_true_said, n_true),
         "exact": ratio(n_exact, n),
         "mean_len": ratio(n_words, n),
+        "subst_rate": ratio(n_subst, n),
+        "substitutions": n_subst,
+        "additions": n_add,
+        "omissions": n_omit,
         "captions": n,
         "hallucinated_captions": n_hall_caps,
         "object_mentions": n_mentions,

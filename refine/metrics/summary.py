@@ -37,9 +37,12 @@ def mean(values: Iterable[float], skip_nan: bool = False) -> float:
 
 def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Sequence, refined: Sequence,
                     pairs: Sequence, history: Sequence[Mapping[str, float]], evaluation: Sequence, vocab,
-                    seconds: Mapping[str, float] = {}) -> dict[str, Any]:
-    """The per-round summary written to ``metrics.json``: critic, step, pairs, update, object metrics on
-    the training images (``train/*``) and the held-out set (``eval/*``), and seconds per stage."""
+                    seconds: Mapping[str, float] = {}, verified: Sequence | None = None) -> dict[str, Any]:
+    """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
+    ``critic/noise/*``), step, pairs (``pairs/unverified``: refinements the critic did not score above
+    their original), update, object metrics on the training images (``train/*``) and the held-out set
+    (``eval/*``), and seconds per stage."""
+    from collections import Counter
     usage = [row.critique.usage for row in critiques]
     metrics: dict[str, Any] = {
         "round": k,
@@ -55,7 +58,10 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         **{f"step/rejected/{why}": sum(1 for r in refined if r.rejected == why)
            for why in sorted({r.rejected for r in refined if r.rejected})},
         "step/errors": sum(1 for r in refined if r.error),
+        **{f"critic/noise/{kind}": n for kind, n in sorted(Counter(
+            e["kind"] for row in critiques for e in row.critique.meta.get("noise", [])).items())},
         "pairs/total": len(pairs),
+        **({"pairs/unverified": len(unverified(refined, critiques, verified))} if verified is not None else {}),
         **{f"pairs/{s}": sum(1 for p in pairs if p.source == s) for s in sorted({p.source for p in pairs})},
     }
     if history:
@@ -77,3 +83,38 @@ def mean_score(critiques: Sequence) -> float:
     """The mean critic score of the critiques (rows with a ``critique``) that succeeded; NaN if none did."""
     scores = [row.critique.score for row in critiques if row.critique.ok]
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+def samples_by_caption(rows: Sequence) -> dict[tuple[str, str], list]:
+    """``{(image_id, caption): [critique of each sample]}``."""
+    table: dict[tuple[str, str], list] = {}
+    for row in rows:
+        table.setdefault((row.image_id, row.caption), []).append(row.critique)
+    return table
+
+
+def consensus_score(critiques: Sequence) -> float:
+    """The mean score of the critiques of one caption that succeeded (NaN if none did)."""
+    scores = [c.score for c in critiques if c.ok]
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def unverified(refined: Sequence, critiques: Sequence, verified: Sequence) -> list[tuple[str, str]]:
+    """``(image_id, original)`` of each refinement whose own critique does not score it above the
+    original's (a failed verification counts as not better). Rows are the step's ``Refinement``s and
+    the critique stage's rows."""
+    before, after = samples_by_caption(critiques), samples_by_caption(verified)
+    out = []
+    for r in refined:
+        if normalized(r.refined) == normalized(r.original):
+            continue
+        score = consensus_score(after.get((r.image_id, r.refined), []))
+        if not score > consensus_score(before[(r.image_id, r.original)]):  # NaN (failed) is not better
+            out.append((r.image_id, r.original))
+    return out
+
+
+def normalized(caption: str) -> str:
+    """A caption up to case, surrounding space and a final full stop: two captions equal in this form
+    carry no preference (the pairs stage's tie)."""
+    return " ".join(caption.lower().strip().rstrip(".").split())

@@ -24,7 +24,15 @@ while "a man and a woman" is two people; a label said in several places is count
 reaches only the next noun phrase ("without a hat or a dog" still mentions the dog).
 """
 
-from refine.objects.mentions import Mention, ObjectDiff, canonical_truth, compare, find_mentions, mentions
+from refine.objects.mentions import (
+    Mention,
+    ObjectDiff,
+    canonical_truth,
+    compare,
+    confusable,
+    find_mentions,
+    mentions,
+)
 from refine.objects.rewrite import is_list_caption, join_list, noun_phrase, rewrite
 from refine.objects.vocabulary import (
     COCO_CATEGORIES,
@@ -46,7 +54,7 @@ from refine.objects.words import (
 )
 
 __all__ = [
-    "COCO_CATEGORIES", "COCO_MODIFIERS", "COCO_NON_OBJECTS", "COCO_SYNONYMS", "Mention", "ObjectDiff", "Token",
+    "COCO_CATEGORIES", "COCO_MODIFIERS", "COCO_NON_OBJECTS", "COCO_SYNONYMS", "Mention", "ObjectDiff", "Token", "confusable",
     "Vocabulary", "canonical_truth", "coco_vocabulary", "compare", "find_mentions", "indefinite_article",
     "is_list_caption", "join_list", "mentions", "noun_phrase", "number_word", "pluralize", "pluralize_phrase",
     "rewrite", "singularize", "tokenize", "vocabulary_for",

@@ -202,6 +202,37 @@ class ObjectDiff:
         """No hallucinated or missing object and no wrong definite count."""
         return not (self.hallucinated or self.missing or self.count_errors)
 
+    @property
+    def substitutions(self) -> list[tuple[str, str]]:
+        """``(said, true)`` pairs where the caption named a present object as another it resembles: a
+        hallucinated label and a missing one that share a word ("blue square" for a present "blue
+        circle", "red circle" for "green circle"). Matched greedily in mention order, each label once."""
+        pairs, free = [], list(self.missing)
+        for said in self.hallucinated:
+            match = next((true for true in free if confusable(said, true)), None)
+            if match is not None:
+                free.remove(match)
+                pairs.append((said, match))
+        return pairs
+
+    @property
+    def additions(self) -> list[str]:
+        """Hallucinated labels that are not substitutions: objects added out of nowhere."""
+        substituted = {said for said, _ in self.substitutions}
+        return [label for label in self.hallucinated if label not in substituted]
+
+    @property
+    def omissions(self) -> list[str]:
+        """Missing labels that are not substitutions: objects left out."""
+        substituted = {true for _, true in self.substitutions}
+        return [label for label in self.missing if label not in substituted]
+
+
+def confusable(a: str, b: str) -> bool:
+    """Two different labels that share a word: the same colour or the same shape in the shapes world
+    ("blue square", "blue circle"); in COCO's, pairs such as "wine glass" / "glass" rarely matter."""
+    return a != b and bool(set(a.split()) & set(b.split()))
+
 
 def canonical_truth(truth: Mapping[str, int | None], vocab: Vocabulary) -> dict[str, int | None]:
     """Map truth labels through the vocabulary and merge them ("man": 1, "woman": 1 -> person: 2).

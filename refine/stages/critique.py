@@ -24,13 +24,15 @@ class CritiqueRow:
     image_id: str
     caption: str
     critique: Critique
+    sample: int = 0  # which of ``critic.samples`` critiques of this caption
 
     def to_json(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "caption": self.caption, "critique": self.critique.to_json()}
+        return {"image_id": self.image_id, "caption": self.caption, "sample": self.sample,
+                "critique": self.critique.to_json()}
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> CritiqueRow:
-        return cls(row["image_id"], row["caption"], Critique.from_json(row["critique"]))
+        return cls(row["image_id"], row["caption"], Critique.from_json(row["critique"]), row.get("sample", 0))
 
     @property
     def paid(self) -> bool:
@@ -77,8 +79,9 @@ def critique(
     chunk: int = 32,
     progress: Callable[[int], None] = lambda n: None,
     max_failure_share: float = 1.0,
+    samples: int = 1,
 ) -> list[CritiqueRow]:
-    """Critique every distinct (image, caption), in caption order.
+    """Critique every distinct (image, caption), ``samples`` times each, in caption order.
 
     ``budget`` caps the calls that miss the cache; hits are free. When it runs out, raises
     :class:`BudgetExhausted` after the calls it did make are cached, so a resume re-asks nothing.
@@ -93,8 +96,8 @@ def critique(
         for text in row.texts():
             if (record.id, text) not in seen:
                 seen.add((record.id, text))
-                requests.append(CritiqueRequest(record.id, record.image, record.sha256, text,
-                                                regions.get(record.id), record.objects))
+                requests += [CritiqueRequest(record.id, record.image, record.sha256, text, regions.get(record.id),
+                                             record.objects, sample) for sample in range(samples)]
     rows: list[CritiqueRow] = []
     i = 0
     while i < len(requests):
@@ -102,7 +105,7 @@ def critique(
         if take <= 0:
             raise BudgetExhausted(critic_calls(rows))
         batch = requests[i : i + take]
-        rows += [CritiqueRow(request.image_id, request.caption, result)
+        rows += [CritiqueRow(request.image_id, request.caption, result, request.sample)
                  for request, result in zip(batch, critic.critique_many(batch))]
         progress(len(batch))
         i += take
@@ -115,7 +118,11 @@ def critique(
 
 
 def by_caption(rows: Sequence[CritiqueRow]) -> dict[tuple[str, str], Critique]:
-    """``{(image_id, caption): critique}`` for looking critiques up by what they judged."""
-    return {(row.image_id, row.caption): row.critique for row in rows}
+    """``{(image_id, caption): critique}`` for looking critiques up by what they judged (the first
+    sample; ``samples_by_caption`` has them all)."""
+    table: dict[tuple[str, str], Critique] = {}
+    for row in rows:
+        table.setdefault((row.image_id, row.caption), row.critique)
+    return table
 
 

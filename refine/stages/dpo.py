@@ -28,22 +28,72 @@ def dpo_loss(
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
     beta: float,
+    label_smoothing: float = 0.0,
+    loss: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO loss, Rafailov et al. 2023, Eq. 7.
+    """DPO loss (Rafailov et al. 2023, Eq. 7), with TRL's two answers to flipped preferences.
 
-        loss = -log σ(β · [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])
+    With ``z = β · [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]`` and ``ε =
+    label_smoothing`` (the assumed share of flipped pairs):
+
+    - ``"sigmoid"``: ``-(1 - ε) log σ(z) - ε log σ(-z)``; ε = 0 is DPO, ε > 0 conservative DPO
+      (Mitchell 2023, "A note on DPO with noisy preferences").
+    - ``"robust"``: ``(-(1 - ε) log σ(z) + ε log σ(-z)) / (1 - 2ε)``, Chowdhury et al. 2024, "Provably
+      Robust DPO": unbiased for the loss on clean labels when a share ε is flipped.
 
     Args: four ``[B]`` tensors of summed sequence log-probs; ``beta`` is the KL strength (the paper
     uses 0.1-0.5; smaller lets the policy drift further from the reference).
 
     Returns: ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``. Rewards are the implicit
-    ``β · log π/π_ref`` and carry no gradient; gradients reach only the policy inputs. When policy == reference every loss is ln 2.
+    ``β · log π/π_ref`` and carry no gradient; gradients reach only the policy inputs. When policy ==
+    reference every loss is ln 2 (for "sigmoid", whatever ε).
     """
     # The reference is a constant of the objective: detach so no gradient can ever reach it.
     chosen_logratios = policy_chosen_logps - reference_chosen_logps.detach()
     rejected_logratios = policy_rejected_logps - reference_rejected_logps.detach()
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    z = beta * (chosen_logratios - rejected_logratios)
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(z) if not label_smoothing else \
+            -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
+    else:
+        raise ValueError(f"loss={loss!r}: choose sigmoid or robust")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def image_preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_corrupted_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_corrupted_logps: torch.Tensor,
+    beta: float,
+    anchor: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mDPO's image-side terms (Wang et al. 2024, "mDPO: Conditional Preference Optimization for
+    Multimodal Large Language Models", Eqs. 3-4), for the chosen caption ``y_w`` with its image ``m``
+    and with a corrupted image ``m'``:
+
+        conditional = -log σ(β · [(log π(y_w|m) - log π_ref(y_w|m)) - (log π(y_w|m') - log π_ref(y_w|m'))])
+        anchor      = -log σ(β · (log π(y_w|m) - log π_ref(y_w|m)) - δ)
+
+    The first makes the caption depend on the image it describes (a caption the model would write
+    for any picture gains nothing); the second keeps the chosen caption's reward above ``δ`` (0), so
+    preferring it never means making it less likely. Inputs ``[B]``; returns two ``[B]`` losses.
+    """
+    chosen = policy_chosen_logps - reference_chosen_logps.detach()
+    corrupted = policy_corrupted_logps - reference_corrupted_logps.detach()
+    return -F.logsigmoid(beta * (chosen - corrupted)), -F.logsigmoid(beta * chosen - anchor)
+
+
+def corrupt_image(image: Image.Image, rng: random.Random, keep: tuple[float, float] = (0.0, 0.2)) -> Image.Image:
+    """mDPO's corrupted image: a random crop keeping a share of the area drawn from ``keep`` (at least
+    one pixel), same aspect ratio; the processor resizes it like any image."""
+    width, height = image.size
+    side = max(rng.uniform(*keep), 1e-6) ** 0.5
+    w, h = max(1, round(width * side)), max(1, round(height * side))
+    x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+    return image.crop((x, y, x + w, y + h))
 
 
 def nll_per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -63,16 +113,31 @@ def _batches(n: int, batch_size: int, rng: random.Random | None) -> list[list[in
 
 
 class _PairBatch:
-    """Pairs of one minibatch as tensors: each distinct image once, chosen then rejected captions."""
+    """Pairs of one minibatch as tensors: each distinct image once, chosen then rejected captions, and
+    with ``corrupted`` images (one per pair, mDPO) the chosen captions again on those images."""
 
-    def __init__(self, student: Student, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image]):
+    def __init__(self, student: Student, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image],
+                 corrupted: Sequence[Image.Image] | None = None):
         ids = list(dict.fromkeys(p.image_id for p in pairs))
         row = {image_id: i for i, image_id in enumerate(ids)}
         self.n = len(pairs)
-        self.pixel_values = student.pixel_values([images[i] for i in ids])
-        self.captions = student.tokenize([p.chosen for p in pairs] + [p.rejected for p in pairs])
         index = [row[p.image_id] for p in pairs]
-        self.image_index = torch.tensor(index + index, device=student.device)
+        captions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        if corrupted is not None:
+            captions += [p.chosen for p in pairs]
+            index_corrupt = [len(ids) + i for i in range(self.n)]
+            self.pixel_values = student.pixel_values([images[i] for i in ids] + list(corrupted))
+            self.image_index = torch.tensor(index + index + index_corrupt, device=student.device)
+        else:
+            self.pixel_values = student.pixel_values([images[i] for i in ids])
+            self.image_index = torch.tensor(index + index, device=student.device)
+        self.captions = student.tokenize(captions)
+        self.weights = torch.tensor([p.weight for p in pairs], device=student.device)
+
+    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(chosen, rejected, chosen on corrupted images or None)`` of a ``[B]`` log-prob vector."""
+        n = self.n
+        return logps[:n], logps[n : 2 * n], (logps[2 * n :] if len(logps) > 2 * n else None)
 
 
 @torch.no_grad()
@@ -82,18 +147,24 @@ def reference_logps(
     images: Mapping[str, Image.Image],
     batch_size: int = 16,
     precision: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(chosen, rejected)`` log-probs under the frozen reference, ``[N]`` each, computed once per round."""
+    corrupted: Sequence[Image.Image] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(chosen, rejected, chosen on corrupted)`` log-probs under the frozen reference, ``[N]`` each
+    (the last None without ``corrupted`` images), computed once per round."""
     precision = precision or reference.precision
     reference.model.eval()
-    chosen, rejected = [], []
+    chosen, rejected, on_corrupted = [], [], []
     for idx in _batches(len(pairs), batch_size, rng=None):
-        batch = _PairBatch(reference, [pairs[i] for i in idx], images)
+        batch = _PairBatch(reference, [pairs[i] for i in idx], images,
+                           [corrupted[i] for i in idx] if corrupted is not None else None)
         with autocast(reference.device, precision):
-            logps = sequence_logps(reference.model, batch.pixel_values, batch.captions, batch.image_index)
-        chosen.append(logps[: batch.n].float())
-        rejected.append(logps[batch.n :].float())
-    return torch.cat(chosen), torch.cat(rejected)
+            logps = sequence_logps(reference.model, batch.pixel_values, batch.captions, batch.image_index).float()
+        c, r, x = batch.split(logps)
+        chosen.append(c)
+        rejected.append(r)
+        if x is not None:
+            on_corrupted.append(x)
+    return torch.cat(chosen), torch.cat(rejected), (torch.cat(on_corrupted) if corrupted is not None else None)
 
 
 def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -> list[torch.nn.Parameter]:
@@ -200,7 +271,11 @@ def update(
     pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]
     torch.manual_seed(config.seed)
 
-    ref_chosen, ref_rejected = reference_logps(student, pairs, images, config.batch_size, precision)
+    # mDPO's corrupted images, one per pair, drawn once per round so the reference sees the same ones.
+    corrupted = [corrupt_image(images[p.image_id], random.Random(f"mdpo/{config.seed}/{p.image_id}/{i}"))
+                 for i, p in enumerate(pairs)] if config.image_negatives else None
+    ref_chosen, ref_rejected, ref_corrupted = reference_logps(student, pairs, images, config.batch_size, precision,
+                                                              corrupted)
     policy = student if in_place else student.copy()
     policy.precision = precision
 
@@ -215,15 +290,24 @@ def update(
     history = []
     for _ in range(config.epochs):
         for idx in _batches(len(pairs), config.batch_size, rng):
-            batch = _PairBatch(policy, [pairs[i] for i in idx], images)
+            batch = _PairBatch(policy, [pairs[i] for i in idx], images,
+                               [corrupted[i] for i in idx] if corrupted is not None else None)
             with autocast(policy.device, policy.precision):
                 logps = scorer(batch.pixel_values, batch.captions, batch.image_index).float()
-            policy_chosen, policy_rejected = logps[: batch.n], logps[batch.n :]
+            policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta
+                policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta,
+                config.label_smoothing, config.loss,
             )
             nll = nll_per_token(policy_chosen, batch.captions.lengths[: batch.n])
-            loss = losses.mean() + config.nll_weight * nll.mean()
+            w = batch.weights  # a pair's weight: the share of critiques that agreed on it (1 without agreement)
+            loss = (w * losses).mean() + config.nll_weight * (w * nll).mean()
+            extra = {}
+            if policy_corrupted is not None:
+                conditional, anchor = image_preference_loss(policy_chosen, policy_corrupted, ref_chosen[idx],
+                                                            ref_corrupted[idx], config.beta)
+                loss = loss + (w * conditional).mean() + (w * anchor).mean()
+                extra = {"mdpo/conditional": conditional.mean().item(), "mdpo/anchor": anchor.mean().item()}
 
             accelerator.backward(scaler.scale(loss))
             scaler.unscale_(optimizer)
@@ -243,6 +327,7 @@ def update(
                 "logps/chosen": policy_chosen.detach().mean().item(),
                 "logps/rejected": policy_rejected.detach().mean().item(),
                 "grad_norm": float(grad_norm),
+                **extra,
             })
     policy.model = accelerator.unwrap_model(scorer).model.eval()
     return policy, history

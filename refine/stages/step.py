@@ -34,6 +34,7 @@ import math
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,8 @@ from refine.infra.cache import default_cache_dir
 from refine.infra.concurrency import map_concurrently
 from refine.infra.llm import ChatCallError, ChatResult, usage
 from refine.infra.prompts import constraint_lines, load_template
-from refine.stages.critique import CritiqueRow, by_caption, check_failures
+from refine.metrics.summary import samples_by_caption
+from refine.stages.critique import CritiqueRow, check_failures
 from refine.stages.student import CaptionSet
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,8 @@ class Refinement:
     rejected: str | None = None
     reason: str | None = None
     error: str | None = None
+    votes: int = 1  # critiques whose step gave this refinement (agreement, ``critic.samples`` > 1)
+    of: int = 1  # critiques of the caption that succeeded
 
 
 @dataclass
@@ -282,6 +286,8 @@ class TextualStep:
     constraints: Sequence[str] | None = None  # default: prompts/step.txt rendered with max_words
     revisions_only: bool = False
     role_description: str = CAPTION_ROLE
+    gate: Any = None  # a Vocabulary: reject refinements that name none of its objects or are far shorter
+    min_agreement: float = 0.5  # with several critiques per caption: the share of votes a refinement needs
 
     def __post_init__(self):
         if self.constraints is None:
@@ -370,15 +376,54 @@ class TextualStep:
     def refine(self, captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], samples_too: bool,
                max_failure_share: float = 1.0) -> list[Refinement]:
         """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded.
-        Raises ``TooManyFailures`` when more than ``max_failure_share`` of the steps failed."""
-        table = by_caption(critiques)
+
+        With several critiques per caption, each is applied, and the refinement most of them give is
+        kept only if more than ``min_agreement`` of them give it. With a ``gate``, a refinement that
+        names no object of it, or has under half the original's words, is rejected. Raises
+        ``TooManyFailures`` when more than ``max_failure_share`` of the steps failed.
+        """
+        table = samples_by_caption(critiques)
         todo = list(dict.fromkeys((row.image_id, text) for row in captions
                                   for text in (row.texts() if samples_too else [row.caption])
-                                  if table[(row.image_id, text)].ok))
-        results = self.apply_many([text for _, text in todo], [table[key] for key in todo])
+                                  if any(c.ok for c in table[(row.image_id, text)])))
+        jobs = [(key, c) for key in todo for c in table[key] if c.ok]
+        results = self.apply_many([text for (_, text), _ in jobs], [c for _, c in jobs])
         check_failures("textual steps", [r.error for r in results], max_failure_share)
-        return [Refinement(image_id, text, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error)
-                for (image_id, text), r in zip(todo, results)]
+        grouped: dict[tuple[str, str], list[StepResult]] = {}
+        for (key, _), result in zip(jobs, results):
+            grouped.setdefault(key, []).append(result)
+        return [self._consensus(image_id, text, grouped[(image_id, text)]) for image_id, text in todo]
+
+    def _consensus(self, image_id: str, original: str, results: list[StepResult]) -> Refinement:
+        """One refinement from the step results of a caption's critiques: their agreed one, gated."""
+        if len(results) == 1:
+            r = results[0]
+            out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error)
+        else:
+            votes = Counter(r.caption for r in results if not (r.error or r.rejected))
+            refined, n = votes.most_common(1)[0] if votes else (original, 0)
+            first = next((r for r in results if r.caption == refined), results[0])
+            out = Refinement(image_id, original, refined, first.source, votes=n, of=len(results))
+            if refined != original and n / len(results) <= self.min_agreement:
+                out.refined, out.rejected = original, "disagreement"
+                out.reason = f"{n} of {len(results)} critiques agree on {refined!r}"
+        if self.gate is not None and out.refined != original and (why := gate_rejection(original, out.refined, self.gate)):
+            out.rejected, out.reason = why
+            out.refined = original
+        return out
+
+
+def gate_rejection(original: str, refined: str, vocabulary) -> tuple[str, str] | None:
+    """The pair gate: ``(reason, detail)`` when a refinement cannot be a good training target whatever the
+    critic said: it names no object of ``vocabulary`` (``no_object``), or it has fewer than half the
+    original's words (``too_short``: a rewrite that threw most of the caption away)."""
+    from refine.objects import mentions
+
+    if not mentions(refined, vocabulary):
+        return "no_object", f"names no object: {refined!r}"
+    if len(refined.split()) < 0.5 * len(original.split()):
+        return "too_short", f"{len(refined.split())} words where the caption had {len(original.split())}: {refined!r}"
+    return None
 
 
 def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> None:
@@ -392,9 +437,10 @@ def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> No
         result.meta["raw"] = last.content
 
 
-def make_step(critic_cfg, step_cfg) -> TextualStep:
+def make_step(critic_cfg, step_cfg, gate=None, min_agreement: float = 0.5) -> TextualStep:
     """The run's textual step: with the OpenAI-compatible critic, textgrad through its endpoint; with a
-    local critic (grounded, Florence-2), its revisions alone."""
+    local critic (grounded, Florence-2), its revisions alone. ``gate``: the vocabulary of the pair gate
+    (None: no gate)."""
     from refine.config import DEFAULT_OPENAI_MODEL
     from refine.infra.llm import ChatEngine
 
@@ -402,4 +448,5 @@ def make_step(critic_cfg, step_cfg) -> TextualStep:
     if critic_cfg.backend == "openai":
         engine = ChatEngine(critic_cfg.model or DEFAULT_OPENAI_MODEL, critic_cfg.base_url, critic_cfg.api_key_env,
                             timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
-    return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None)
+    return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None,
+                       gate=gate, min_agreement=min_agreement)

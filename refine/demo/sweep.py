@@ -1,0 +1,129 @@
+"""``python -m refine.demo.sweep --plan NAME``: many demo runs, one JSON table, resumable.
+
+Each cell is one ``python -m refine.demo`` run (a seed, a critic noise, a set of defences, a scene set),
+with the swapped-pair control beside it when the plan asks for one. A cell whose run finished is read
+back, not run again, so the command can be stopped and started again at any time; an unfinished run is
+resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
+after metrics and is rewritten after each cell.
+
+Plans:
+
+- ``tune``: the settings search, on validation scenes only (``--eval-set val``), no controls;
+- ``readme``: the README's table on the held-out scenes, with controls: seeds 0-5 x {perfect critic,
+  25% noise} x {plain DPO, the chosen defences}, plus each defence alone under noise on seeds 0 and 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from refine.demo.driver import DEFENCES, run_name
+
+# The defences the README's "best combination" uses, chosen on validation scenes (plan "tune"); see
+# README, "A critic that is sometimes wrong".
+BEST = ("verify", "gate")
+NOISE = 0.25
+
+
+@dataclass(frozen=True)
+class Cell:
+    seed: int
+    noise: float = 0.0
+    defences: tuple[str, ...] = ()
+    eval_set: str = "heldout"
+    control: bool = False
+
+    def args(self) -> list[str]:
+        return ["--seed", str(self.seed), "--noise", str(self.noise), "--defences", ",".join(self.defences),
+                "--eval-set", self.eval_set, *(["--control"] if self.control else [])]
+
+    @property
+    def name(self) -> str:
+        return run_name(argparse.Namespace(seed=self.seed, noise=self.noise, defences=list(self.defences),
+                                           eval_set=self.eval_set))
+
+
+def plan(name: str) -> list[Cell]:
+    seeds = range(6)
+    if name == "tune":
+        cells = [Cell(s, eval_set="val") for s in seeds]
+        cells += [Cell(s, NOISE, eval_set="val") for s in (0, 1)]
+        cells += [Cell(s, NOISE, (d,), eval_set="val") for s in (0, 1) for d in DEFENCES]
+        cells += [Cell(s, NOISE, BEST, eval_set="val") for s in (0, 1)]
+        return cells
+    if name == "readme":
+        cells = [Cell(s, noise, defences, control=True) for noise in (0.0, NOISE) for s in seeds
+                 for defences in ((), BEST)]
+        cells += [Cell(s, NOISE, (d,), control=True) for s in (0, 1) for d in DEFENCES if (d,) != BEST]
+        return cells
+    raise SystemExit(f"unknown plan {name!r}: choose tune or readme")
+
+
+def result_of(cell: Cell, runs_dir: Path) -> dict[str, Any] | None:
+    path = runs_dir / cell.name / "demo.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    return results if (not cell.control or "swapped control" in results) else None
+
+
+def run_cell(cell: Cell, runs_dir: Path, log_dir: Path) -> int:
+    """One demo run in a process of its own (one torch thread; the demo's control takes another)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log_dir / f"{cell.name}.log", "a") as out:
+        return subprocess.run([sys.executable, "-m", "refine.demo", *cell.args(), "--runs-dir", str(runs_dir)],
+                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refine.demo.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", required=True, help="tune | readme")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores)")
+    args = parser.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    log_dir = runs_dir / "sweep-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cells = plan(args.plan)
+    table_path = runs_dir / f"sweep-{args.plan}.json"
+
+    def write_table() -> None:
+        rows = [{**asdict(c), "run": c.name, "results": r} for c in cells if (r := result_of(c, runs_dir))]
+        table_path.write_text(json.dumps({"plan": args.plan, "cells": len(cells), "rows": rows}, indent=1))
+
+    todo = [c for c in cells if result_of(c, runs_dir) is None]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}", flush=True)
+    jobs = max(1, args.jobs // 2) if all(c.control for c in todo) else args.jobs
+    start = time.time()
+    # Pretrain the toy students first, one process per seed: cells of one seed would otherwise train it twice.
+    seeds = sorted({c.seed for c in todo})
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda s: subprocess.run(
+            [sys.executable, "-c", f"from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
+                                   f"ensure_toy_student(ToyRecipe(seed={s}))"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True), seeds))
+    print(f"toy students ready for seeds {seeds} ({time.time() - start:.0f} s)", flush=True)
+
+    def one(cell: Cell) -> None:
+        code = run_cell(cell, runs_dir, log_dir)
+        print(f"{cell.name}: exit {code} ({time.time() - start:.0f} s)", flush=True)
+        write_table()
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+    write_table()
+    print(f"table: {table_path}")
+    return 0 if all(result_of(c, runs_dir) for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
