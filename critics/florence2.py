@@ -26,6 +26,7 @@ from critics.base import Critique, CritiqueRequest
 from critics.grounded import critique_from_truth
 from refine.config import DEFAULT_FLORENCE2_MODEL
 from refine.infra.cache import DiskCache, cache_key
+from refine.infra.hub import load_failure
 from refine.objects import Vocabulary, coco_vocabulary, mentions
 
 DEFAULT_FLORENCE2 = DEFAULT_FLORENCE2_MODEL
@@ -59,8 +60,11 @@ def load_florence2(model_id: str = DEFAULT_FLORENCE2, device: str | None = None,
         dtype = "fp16" if dev.type == "cuda" else "fp32"
     if dtype not in dtypes:
         raise ValueError(f"load_florence2: dtype={dtype!r} is not one of {['auto', *dtypes]}")
-    processor = AutoProcessor.from_pretrained(model_id)
-    model = Florence2ForConditionalGeneration.from_pretrained(model_id, dtype=dtypes[dtype]).to(dev).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = Florence2ForConditionalGeneration.from_pretrained(model_id, dtype=dtypes[dtype]).to(dev).eval()
+    except OSError as e:
+        raise load_failure("Florence-2 critic", model_id, e, "critic.model") from e
     return Florence2(model, processor)
 
 
@@ -250,7 +254,9 @@ class Florence2Critic:
                 continue
             try:
                 out[r] = self._critique(request, mine)
-                out[r].meta["cache_hits"] = cache_hits
+                # A local model: no paid requests (usage stays empty); a critique counts as a cache hit
+                # when every Florence-2 answer it needed came from the cache.
+                out[r].meta.update(cache_hits=cache_hits, cache_hit=cache_hits == len(mine))
             except Exception as e:
                 out[r] = Critique.failure(f"florence2 critic: image {request.image_id!r}: {type(e).__name__}: {e}")
         return out
@@ -265,5 +271,5 @@ class Florence2Critic:
                                        meta={"critic": self.id, "truth_source": "florence2", "florence": seen})
         critique.raw = json.dumps({"florence": seen, "critique": json.loads(critique.raw)}, sort_keys=True,
                                   default=str)
-        critique.usage = {"requests": len(answers)}
+        critique.meta["generate_calls"] = len(answers)
         return critique

@@ -87,7 +87,6 @@ class RegionConfig:
     device: str | None = None  # ultralytics device string; None lets ultralytics choose
 
     def __post_init__(self):
-        self.grids = tuple(self.grids)
         self.validate()
 
     def validate(self) -> None:
@@ -206,7 +205,7 @@ class LoopConfig:
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
     verify_refinements: bool = False  # critique each refined caption too; keep its pair only if it scores higher
     min_agreement: float = 0.5  # with critic.samples > 1: a refinement needs more than this share of votes
-    pair_gate: bool = False  # reject refinements that name no object or are under half the original's length
+    pair_gate: bool = False  # reject refinements that name no object or have under a third of the original's words
 
     def validate(self) -> None:
         _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
@@ -336,15 +335,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
-    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
+def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``{section: {key: value}}`` as ``{"section.key": value}``; ``source`` names the file in errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a table of sections, not a {type(data).__name__}")
+    out: dict[str, Any] = {}
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a table of keys, got {values!r}")
-        for key, value in values.items():
-            _set(config, f"{section}.{key}", value)
+        out.update({f"{section}.{key}": value for key, value in values.items()})
+    return out
+
+
+def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
+    for key, value in flatten(data, source).items():
+        _set(config, key, value)
     return config.validate()
 
 
@@ -422,12 +428,7 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")
     args, rest = parser.parse_known_args(argv)
     config = Config()
-    overrides: dict[str, Any] = {}
-    if args.config:
-        for section, values in read_config_file(args.config).items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"--config {args.config}: section {section!r} must be a table of keys, got {values!r}")
-            overrides.update({f"{section}.{key}": value for key, value in values.items()})
+    overrides = flatten(read_config_file(args.config), f"--config {args.config}") if args.config else {}
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")

@@ -1,6 +1,7 @@
 """``python -m refine.runs list | show RUN [--image ID] | diff RUN_A RUN_B``: read runs/, draw tables.
 
-This is the only module that draws tables. It needs nothing but the run directories. Everything read
+It draws the run tables (the loop prints its round summary with them too) and needs nothing but the run
+directories. Everything read
 from a run (captions, critic feedback, image ids, errors) is data, never rich markup: it goes through
 ``escape`` (or into a ``Text``), so "[dog]" prints as "[dog]" and a stray "[/]" cannot crash a view.
 """
@@ -65,12 +66,19 @@ def render_round(metrics: dict[str, Any], out: Console | None = None) -> None:
 
 
 def cmd_list(runs_dir: Path) -> None:
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"--runs-dir {runs_dir}: no such directory (runs are written under runs/ by default)")
     table = Table(title=escape(f"runs in {runs_dir}"))
-    for col in ("run", "images", "critic", "rounds", "score first→last", "pairs", "status"):
+    table.add_column("run", overflow="fold")  # whole ids, wrapped if need be: they are meant to be copied
+    for col in ("images", "critic", "rounds", "score first→last", "pairs", "status"):
         table.add_column(col)
-    for root in sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()) if runs_dir.is_dir() else []:
+    for root in sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file()):
         log = RunLog(root)
-        cfg, metrics = log.config, log.metrics()
+        try:
+            cfg, metrics = log.config, log.metrics()
+        except (ValueError, KeyError) as e:  # one broken run must not hide the others
+            table.add_row(escape(root.name), "", "", "", "", "", escape(f"unreadable ({type(e).__name__})"))
+            continue
         scores = [m.get("critic/mean_score") for m in metrics]
         table.add_row(escape(root.name), escape(str(cfg["loop"]["images"])), escape(str(cfg["critic"]["backend"])),
                       f"{len(metrics)}/{cfg['loop']['rounds']}",
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd_diff(RunLog.open(args.run_a, args.runs_dir), RunLog.open(args.run_b, args.runs_dir))
     except (FileNotFoundError, LookupError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     return 0
 

@@ -125,6 +125,8 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
         rounds.append(row)
         k += 1
     result: dict[str, Any] = {"run": log.root.name, "metrics": list(metrics), "rounds": rounds}
+    if "winrate" in metrics and len(main_by_round) < 2:
+        result["winrate/note"] = "the win rate compares the last round with round 0: it needs 2 rounds or more"
     if "winrate" in metrics and len(main_by_round) > 1:
         from critics import make_critic
         from refine.config import Config, apply_dict
@@ -144,7 +146,7 @@ def render(result: dict[str, Any]) -> None:
 
     keys = sorted({k for row in result["rounds"] for side in ("before", "after") for k in row[side]})
     table = Table(title=escape(f"scores: {result['run']}  (before = student caption, after = refined)"))
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for row in result["rounds"]:
         table.add_column(f"r{row['round']} before", justify="right")
         table.add_column(f"r{row['round']} after", justify="right")
@@ -152,6 +154,8 @@ def render(result: dict[str, Any]) -> None:
         table.add_row(key, *[fmt(row[side].get(key)) for row in result["rounds"] for side in ("before", "after")])
     console = Console()
     console.print(table)
+    if "winrate/note" in result:
+        console.print(f"[yellow]{result['winrate/note']}[/]")
     if "winrate/last_vs_first" in result:
         console.print(f"critic win rate, last round vs round 0: {fmt(result['winrate/last_vs_first'])} "
                       f"over {result['winrate/judged']} images"

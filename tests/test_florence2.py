@@ -158,7 +158,7 @@ def test_critic_end_to_end_with_cache(florence, tmp_path):
         assert c.meta["critic"] == critic.id and c.meta["truth_source"] == "florence2"
         assert isinstance(seen["caption"], str) and isinstance(seen["od_labels"], list)
         assert len(seen["regions"]) == n_regions
-        assert c.usage == {"requests": 2 + n_regions}
+        assert c.meta["generate_calls"] == 2 + n_regions and c.usage == {}  # local: no paid requests
         assert seen["objects"] == florence_objects({"labels": seen["od_labels"]}, [seen["caption"]], vocab,
                                                    seen["regions"])
         diff = compare(request.caption, seen["objects"], vocab)  # the critique is the comparison with them
@@ -166,21 +166,24 @@ def test_critic_end_to_end_with_cache(florence, tmp_path):
         assert 0.0 <= c.score <= 1.0 and c.feedback
         assert c.revision is None or isinstance(c.revision, str)
         assert json.loads(c.raw)["florence"]["caption"] == seen["caption"]
-        assert c.meta["cache_hits"] == 0
+        assert c.meta["cache_hits"] == 0 and c.meta["cache_hit"] is False
     assert critic.cache.stats() == {"hits": 0, "misses": 6}  # 2 tasks x 2 images + 2 regions
 
     # A new critic on the same cache: every Florence-2 answer is a hit, and the critiques are the same.
     again = Florence2Critic(*florence, cache=DiskCache(cache_dir, namespace="florence2"), max_new_tokens=6,
                             num_beams=1, max_regions=2, batch_size=2).critique_many(requests[:2])
     assert [c.meta.pop("cache_hits") for c in again] == [4, 2]
+    assert [c.meta.pop("cache_hit") for c in again] == [True, True]
     assert [c.to_json() for c in again] == [{**c.to_json(), "meta": {k: v for k, v in c.meta.items()
-                                                                      if k != "cache_hits"}} for c in out[:2]]
+                                                                      if k not in ("cache_hits", "cache_hit")}}
+                                            for c in out[:2]]
     # Other generation settings are other keys; two captions of one image share its Florence-2 answers.
     fresh = Florence2Critic(*florence, cache=DiskCache(cache_dir, namespace="florence2"), max_new_tokens=7,
                             num_beams=1, max_regions=0)
     two = fresh.critique_many([requests[1], make_request("other", other, "two red circles")])
     assert fresh.cache.stats() == {"hits": 0, "misses": 2}
-    assert two[0].meta["florence"] == two[1].meta["florence"] and two[0].usage == two[1].usage == {"requests": 2}
+    assert two[0].meta["florence"] == two[1].meta["florence"]
+    assert two[0].meta["generate_calls"] == two[1].meta["generate_calls"] == 2
 
 
 def test_one_failing_generation_is_isolated(florence, tmp_path):

@@ -124,12 +124,12 @@ def test_make_critic_knows_the_label_space_of_the_image_set():
     from critics import make_critic
     from critics.base import CritiqueRequest
     from refine.config import CriticConfig
-    from refine.images import vocabulary_for
+    from refine.images import object_vocabulary
 
     request = CritiqueRequest("x", Image.new("RGB", (8, 8)), "0", "a red circle and a blue square", None,
                               {"red circle": 1})
     blind = make_critic(CriticConfig()).critique_many([request])[0]
     assert blind.hallucinated == []  # "blue square" is not a COCO word and not in this image's truth
-    critic = make_critic(CriticConfig(), vocabulary=vocabulary_for(None, ["red circle", "blue square"]))
+    critic = make_critic(CriticConfig(), vocabulary=object_vocabulary(None, ["red circle", "blue square"]))
     [critique] = critic.critique_many([request])
     assert critique.hallucinated == ["blue square"] and critique.revision == "a red circle"

@@ -139,19 +139,36 @@ def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):
     assert json.loads((log.student_dir("last") / "refine_state.json").read_text())["round"] == 1
 
 
-def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir, tmp_path):
-    runs_dir = tmp_path / "runs"
-    log = loop.run(_args(manifest, tiny_student_dir, runs_dir, "--loop.use_regions=false", "--max-critic-calls", "3"))
-    events = log.events()
-    assert events[-1]["event"] == "budget_stop" and events[-1]["critic_calls"] == 3
-    assert log.has_stage(0, "captions") and not log.has_stage(0, "critiques")
-    assert runs.main(["--runs-dir", str(runs_dir), "list"]) == 0
+def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir, tmp_path, monkeypatch):
+    """The budget counts paid calls (critiques and textgrad steps that reached the API), each once over
+    the whole run, resumes included: the events' sum is what the server received."""
+    from test_trust import critique_reply
 
-    loop.run(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
-    kinds = [e["event"] for e in log.events()]
-    assert kinds.count("round_done") == 2 and kinds[-1] == "run_done"
-    calls = sum(e.get("critic_calls", 0) for e in log.events())
-    assert 3 < calls <= 100
+    from refine.offline.devserver import FakeOpenAIServer
+
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        openai = ["--critic.backend=openai", f"--critic.base_url={server.base_url}", "--critic.model=fake"]
+        log = loop.run(_args(manifest, tiny_student_dir, runs_dir, "--loop.use_regions=false", "--max-critic-calls",
+                             "3", *openai))
+        events = log.events()
+        assert events[-1]["event"] == "budget_stop" and events[-1]["critic_calls"] == 3 == server.request_count
+        assert log.has_stage(0, "captions") and not log.has_stage(0, "critiques")
+        assert runs.main(["--runs-dir", str(runs_dir), "list"]) == 0
+
+        loop.run(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
+        kinds = [e["event"] for e in log.events()]
+        assert kinds.count("round_done") == 2 and kinds[-1] == "run_done"
+        calls = sum(e.get("critic_calls", 0) for e in log.events())
+        assert 3 < calls <= 100 and calls == server.request_count
+
+
+def test_a_local_critic_spends_no_budget(manifest, tiny_student_dir, tmp_path):
+    """The grounded critic costs nothing: a budget never stops it, so a resumed run always finishes."""
+    log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--loop.use_regions=false",
+                         "--max-critic-calls", "1"))
+    assert log.status() == "done" and sum(e.get("critic_calls", 0) for e in log.events()) == 0
 
 
 def test_a_run_written_before_the_package_layout_resumes(tmp_path, tiny_student_dir, bus_path, zidane_path):

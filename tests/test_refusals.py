@@ -85,6 +85,15 @@ CASES = [
     ("critique template missing", lambda t, u: ["--critic.backend=openai", f"--critic.base_url={u}",
                                                 "--critic.template=nope"], "no template 'nope.txt'"),
     ("resume a run that does not exist", lambda t, u: ["--resume", "no-such-run"], "no run 'no-such-run'"),
+    ("more tokens than the decoder holds", lambda t, u: ["--student.max_new_tokens=5000"],
+     "student.max_new_tokens=5000: the student's decoder holds 64 tokens"),
+    ("detector that is not a model", lambda t, u: ["--loop.use_regions=true", f"--regions.model={t / 'work' / 'img.png'}"],
+     "is not a detector ultralytics can run"),
+    ("empty image set", lambda t, u: ["--images", "shapes:0"], "--images shapes:0: the image set is empty"),
+    ("empty held-out set", lambda t, u: ["--loop.eval_images=shapes-heldout:0"],
+     "--loop.eval_images shapes-heldout:0: the image set is empty"),
+    ("held-out set that does not exist", lambda t, u: [f"--loop.eval_images={t / 'nowhere'}"],
+     "--loop.eval_images '"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("CUDA without a GPU", lambda t, u: ["--student.device=cuda"], "student.device='cuda': no such CUDA device"))

@@ -48,13 +48,13 @@ def feedback_only(feedback="There is no dog; two people stand by a red bus.", **
 # --- pure helpers ---
 
 
-def test_extract_improved_recovers_from_missing_tags():
-    assert step.extract_improved(f"Sure. {tagged(' a bus ')} Done.") == ("a bus", True)
-    assert step.extract_improved('Improved caption: "A red bus on a street."') == ("A red bus on a street.", False)
-    assert step.extract_improved("<IMPROVED_VARIABLE> a bus parked\nwith notes") == ("a bus parked", False)
-    assert step.extract_improved("a bus by the curb</IMPROVED_VARIABLE>") == ("a bus by the curb", False)
-    assert step.extract_improved("```\ncaption: two  dogs\n```") == ("two dogs", False)
-    assert step.extract_improved("   ") == ("", False)
+def test_the_caption_is_recovered_from_a_reply_without_tags():
+    assert step.caption_from_reply(f"Sure. {tagged(' a bus ')} Done.", 20)[:2] == ("a bus", True)
+    assert step.caption_from_reply('Improved caption: "A red bus on a street."', 20)[:2] == ("A red bus on a street.", False)
+    assert step.caption_from_reply("<IMPROVED_VARIABLE> a bus parked\nwith notes", 20)[:2] == ("a bus parked", False)
+    assert step.caption_from_reply("a bus by the curb</IMPROVED_VARIABLE>", 20)[:2] == ("a bus by the curb", False)
+    assert step.caption_from_reply("```\ncaption: two  dogs\n```", 20)[:2] == ("two dogs", False)
+    assert step.caption_from_reply("   ", 20)[:2] == ("", False)
 
 
 def test_gradient_text_carries_the_structured_findings():
@@ -147,7 +147,9 @@ def test_the_word_limit_has_a_tolerance_of_ten_percent():
     assert step.word_limit(20) == 22 and step.word_limit(10) == 11
     assert step.rejection(" ".join(["w"] * 22), 20) is None
     assert step.rejection(" ".join(["w"] * 23), 20)[0] == "too_long"
-    for caption in ("A man holds a cup of coffee.", "two dogs, a cat and a bird on a sofa", "A St. Bernard dog"):
+    for caption in ("A man holds a cup of coffee.", "two dogs, a cat and a bird on a sofa", "A St. Bernard dog",
+                    "Great Dane lying on a couch", "I-95 highway full of cars at dusk", "OK Corral sign in the desert",
+                    "A sign that says sorry we are closed", "A man holding a sign with a caption"):
         assert step.rejection(caption, 20) is None, caption
 
 
@@ -251,3 +253,12 @@ def test_engine_adapter_is_a_textgrad_engine(make_engine):
     with pytest.raises(TypeError, match="text prompts only"):
         adapter.generate(["ping", b"\x89PNG"])
 
+
+
+def test_a_revision_that_is_no_caption_falls_back_to_the_feedback(make_engine):
+    """A critic whose revision is a refusal still gave usable feedback: with a model, the step applies it."""
+    with FakeOpenAIServer(reply=lambda body: tagged(FIXED)) as server:
+        result = step.TextualStep(make_engine(server)).apply(
+            "a dog", feedback_only(revision="I'm sorry, but I can't help with that."))
+    assert (result.caption, result.source, result.rejected) == (FIXED, "textgrad", None)
+    assert result.meta["revision_rejected"] == "refusal" and server.request_count == 1

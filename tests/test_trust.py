@@ -296,7 +296,7 @@ def test_a_torn_event_line_is_repaired_and_the_budget_still_counts(manifest, tin
         assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--max-critic-calls=100"]) == 0
         assert "dropped 1 torn line" in capsys.readouterr().err
     assert log.status() == "done"
-    assert sum(e.get("critic_calls", 0) for e in log.events()) == sum(1 for b in server.requests if request_images(b))
+    assert sum(e.get("critic_calls", 0) for e in log.events()) == server.request_count  # critiques and steps
     assert all(isinstance(row, dict) for row in read_jsonl(events))
     assert b"stage_do\n" not in events.read_bytes()
 
@@ -342,3 +342,86 @@ def test_score_judges_an_openai_run_and_survives_a_failed_judgement(manifest, ti
     assert 0.0 <= result["winrate/last_vs_first"] <= 1.0
     # The judge saw each image itself: the four requests carry the four pictures' pixels.
     assert sorted(_image_width(b) for b in judge_requests) == [96, 512, 810, 1280]
+
+
+# --- errors mid-run, and runs used from elsewhere -------------------------------------------------
+
+def test_a_resume_whose_images_vanished_is_refused_before_anything(tmp_path, tiny_student_dir, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (16, 16), colour).save(folder / f"{name}.png")
+    args = ["--images", str(folder), "--rounds", "2", f"--student.model={tiny_student_dir}", "--loop.run_id=v",
+            f"--loop.runs_dir={tmp_path / 'runs'}", "--student.n_samples=0", "--student.max_new_tokens=4",
+            "--loop.use_regions=false", "--critic.backend=openai", "--critic.base_url=http://127.0.0.1:9/v1",
+            "--loop.max_failure_share=1.0", "--critic.max_retries=0", "--critic.timeout=1"]
+    assert loop.main(args) == 0  # every critique fails (nothing listens on port 9), and that share is allowed
+    (folder / "b.png").unlink()
+    events = (tmp_path / "runs" / "v" / "events.jsonl").read_bytes()
+    capsys.readouterr()
+    assert loop.main(["--resume", "v", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 0  # a done run: nothing to do
+    log = RunLog(tmp_path / "runs" / "v")
+    with open(log.root / "events.jsonl", "rb+") as f:  # make it unfinished again
+        f.truncate(len(events) - len(events.splitlines(keepends=True)[-1]))
+    before = (log.root / "events.jsonl").read_bytes()
+    capsys.readouterr()
+    assert loop.main(["--resume", "v", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 2
+    assert "1 image(s) of the run are no longer in" in capsys.readouterr().err
+    assert (log.root / "events.jsonl").read_bytes() == before, "a refused resume must write nothing"
+
+
+def test_a_second_session_of_a_run_is_refused_while_the_first_holds_it(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--max-critic-calls=2")) == 0
+        log = RunLog(tmp_path / "runs" / "t")
+        with log.lock():  # another process holding the run, as far as this one can tell
+            capsys.readouterr()
+            assert loop.main(["--resume", "t", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 2
+            assert "is in use by another refine process" in capsys.readouterr().err
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={tmp_path / 'runs'}", "--max-critic-calls=100"]) == 0
+    assert log.status() == "done"
+
+
+def test_an_error_mid_run_is_a_recorded_stop_with_its_traceback(manifest, tiny_student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A full disk while round 0's summary is written: exit 1 (not 2: the input was fine), a "crashed"
+    event, the traceback in crash.log, and the run resumes once the disk has room again."""
+    from refine.infra import runlog
+
+    real = runlog.RunLog.finish_round
+
+    def disk_full(self, k, metrics):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runlog.RunLog, "finish_round", disk_full)
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        argv = _argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url)
+        assert loop.main(argv) == 1
+        err = capsys.readouterr().err
+        log = RunLog(tmp_path / "runs" / "t")
+        assert "No space left on device" in err and "--resume" in err and "crash.log" in err
+        assert log.events()[-1]["event"] == "crashed" and "No space left" in (log.root / "crash.log").read_text()
+        assert log.status() == "stopped by an error (resumable)"
+        monkeypatch.setattr(runlog.RunLog, "finish_round", real)
+        asked = server.request_count
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 0
+        assert server.request_count == asked, "the recorded stages are not asked again"
+    assert log.status() == "done"
+
+
+def test_a_run_resumes_and_scores_from_another_directory(tmp_path, tiny_student_dir, monkeypatch):
+    from refine import score
+
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    Image.new("RGB", (16, 16), "red").save(work / "photos" / "a.png")
+    (work / "photos" / "m.jsonl").write_text('{"path": "a.png", "objects": {"dog": 1}, "references": ["a dog"]}\n')
+    monkeypatch.chdir(work)
+    args = ["--images", "photos/m.jsonl", "--rounds", "2", f"--student.model={tiny_student_dir}", "--loop.run_id=r",
+            "--loop.runs_dir=runs", "--student.n_samples=0", "--student.max_new_tokens=4", "--loop.use_regions=false",
+            "--max-critic-calls=1", "--critic.backend=openai", "--critic.model=fake"]
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        assert loop.main([*args, f"--critic.base_url={server.base_url}"]) == 0  # stops at the budget
+        monkeypatch.chdir(tmp_path)
+        assert loop.main(["--resume", str(work / "runs" / "r"), "--max-critic-calls=100"]) == 0
+    assert RunLog(work / "runs" / "r").status() == "done"
+    assert score.main([str(work / "runs" / "r"), "--metrics", "chair,diversity"]) == 0

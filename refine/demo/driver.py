@@ -64,11 +64,11 @@ def eval_rows(log: RunLog) -> list[list[dict[str, Any]]]:
 
 
 def eval_vocabulary(log: RunLog):
-    """The held-out set's object vocabulary (``refine.images.vocabulary_for``), from the run alone."""
-    from refine.images import vocabulary_for, world_of
+    """The held-out set's object vocabulary (``refine.images.object_vocabulary``), from the run alone."""
+    from refine.images import object_vocabulary, world_of
 
     labels = {label for rows in eval_rows(log) for r in rows for label in (r["objects"] or {})}
-    return vocabulary_for(world_of(log.config["loop"]["eval_images"]), labels)
+    return object_vocabulary(world_of(log.config["loop"]["eval_images"]), labels)
 
 
 def summary(log: RunLog) -> dict[str, Any]:
@@ -144,11 +144,15 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     stored = Path(args.runs_dir) / run_id / "config.json"
     if not stored.exists():
         return fresh
-    want = json.loads(json.dumps(load_config(fresh)[0].to_json()))  # tuples as JSON lists, like the stored file
+    from refine.loop import absolute_paths
+
+    config = load_config(fresh)[0]
+    absolute_paths(config)  # as the loop stores them
+    want = json.loads(json.dumps(config.to_json()))  # tuples as JSON lists, like the stored file
     have = json.loads(stored.read_text())
     differ = [f"{section}.{key}: {have.get(section, {}).get(key)!r} (wanted {value!r})"
               for section, values in want.items() for key, value in values.items()
-              if have.get(section, {}).get(key) != value]
+              if have.get(section, {}).get(key) != value and key != "runs_dir"]
     if differ:
         raise ValueError(f"{stored.parent} was made with other settings ({'; '.join(differ[:4])}). "
                          f"Remove it, or pass --runs-dir to write the demo elsewhere.")

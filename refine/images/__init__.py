@@ -2,7 +2,7 @@
 
 An image set knows what it is: its records, notes about files it skipped, whether a detector can help
 with it (not for the synthetic shapes world), and the object vocabulary that the critic, the rewrite
-and CHAIR all read captions with (:func:`vocabulary_for`).
+and CHAIR all read captions with (:func:`object_vocabulary`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from refine.images.files import _records_from_paths, load_manifest
 from refine.images.records import IMAGE_SUFFIXES, ImageRecord
 
-__all__ = ["ImageRecord", "ImageSet", "load_images", "vocabulary_for", "world_of"]
+__all__ = ["ImageRecord", "ImageSet", "load_images", "object_vocabulary", "world_of"]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ImageSet:
         return {label for r in self.records for label in (r.objects or {})}
 
     def vocabulary(self):
-        return vocabulary_for(self.world, self.labels())
+        return object_vocabulary(self.world, self.labels())
 
 
 def world_of(spec: str) -> str | None:
@@ -45,7 +45,7 @@ def world_of(spec: str) -> str | None:
     return "shapes" if spec.split(":")[0] in ("shapes", "shapes-train", "shapes-val", "shapes-heldout") else None
 
 
-def vocabulary_for(world: str | None, labels: Iterable[str] = ()):
+def object_vocabulary(world: str | None, labels: Iterable[str] = ()):
     """The one object vocabulary of a set: the whole label space of its world. For the shapes world that
     is its twelve labels; for photos, COCO's 80 categories with CHAIR's synonyms plus the set's own labels.
     A hallucination is an object absent from the image, so the vocabulary must name more than the truth."""
@@ -58,10 +58,17 @@ def vocabulary_for(world: str | None, labels: Iterable[str] = ()):
     return coco_vocabulary().extended(sorted(set(labels)))
 
 
-def load_images(spec: str, coco_root: str | None = None) -> ImageSet:
+def load_images(spec: str, coco_root: str | None = None, flag: str = "--images") -> ImageSet:
     """Resolve an image-set spec: a named set (``coco_val10``, ``shapes[:N]``, ``shapes-heldout[:N]``), a
     folder, a glob, or a ``.jsonl`` manifest. Bad files are skipped with a note; a spec that names nothing
-    usable is a ``ValueError`` saying what ``--images`` accepts."""
+    usable, or no image at all, is a ``ValueError`` naming ``flag`` (the setting it came from)."""
+    images = _load(spec, coco_root, flag)
+    if not images.records:
+        raise ValueError(f"{flag} {spec}: the image set is empty; name at least one image")
+    return images
+
+
+def _load(spec: str, coco_root: str | None, flag: str) -> ImageSet:
     if spec == "coco_val10":
         from refine.images.coco import load_coco_val10
 
@@ -73,14 +80,14 @@ def load_images(spec: str, coco_root: str | None = None) -> ImageSet:
         return ImageSet(spec, shapes.records(shapes.make_scenes(n, split=split, seed=seed)))
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
-        return ImageSet(spec, *load_manifest(path))
+        return ImageSet(spec, *load_manifest(path, flag))
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        return ImageSet(spec, *_records_from_paths(files, spec))
+        return ImageSet(spec, *_records_from_paths(files, spec, flag))
     matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
     if matches:
-        return ImageSet(spec, *_records_from_paths(matches, spec))
+        return ImageSet(spec, *_records_from_paths(matches, spec, flag))
     raise ValueError(
-        f"--images {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
+        f"{flag} {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
         "folder, a .jsonl manifest, or a glob that matches files"
     )

@@ -50,7 +50,7 @@ def duplicate_notes(records: Sequence[ImageRecord]) -> list[str]:
             if len(ids) > 1]
 
 
-def _records_from_paths(paths: list[Path], source: str) -> tuple[list[ImageRecord], list[str]]:
+def _records_from_paths(paths: list[Path], source: str, flag: str = "--images") -> tuple[list[ImageRecord], list[str]]:
     """Decode each path; a bad file is skipped with a note, never fatal for the set."""
     paths = sorted(paths)
     records, notes = [], []
@@ -58,12 +58,12 @@ def _records_from_paths(paths: list[Path], source: str) -> tuple[list[ImageRecor
         try:
             records.append(record_from_path(path, id=id_))
         except (OSError, ValueError) as e:
-            notes.append(f"skipped {printable(str(path))}: {e}")
+            notes.append(f"skipped {e}" if isinstance(e, ValueError) else f"skipped {printable(str(path))}: {e}")
     if not paths:
-        raise ValueError(f"--images {source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) there; "
+        raise ValueError(f"{flag} {source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) there; "
                          "point --images at a folder of images, a glob or a .jsonl manifest")
     if not records:
-        raise ValueError(f"--images {source}: no readable images ({len(notes)} skipped); " + "; ".join(notes[:3]))
+        raise ValueError(f"{flag} {source}: no readable images ({len(notes)} skipped); " + "; ".join(notes[:3]))
     return records, notes + duplicate_notes(records)
 
 
@@ -100,7 +100,7 @@ def _manifest_row(line: str, where: str) -> dict[str, Any]:
     return row
 
 
-def load_manifest(path: Path) -> tuple[list[ImageRecord], list[str]]:
+def load_manifest(path: Path, flag: str = "--images") -> tuple[list[ImageRecord], list[str]]:
     """A JSONL manifest: one ``{"path": ..., "id"?: ..., "objects"?: {label: count}, "references"?: [...]}`` a line.
 
     Relative paths are resolved against the manifest's folder. A malformed line or a repeated id is an
@@ -112,7 +112,7 @@ def load_manifest(path: Path) -> tuple[list[ImageRecord], list[str]]:
         if line.strip():
             rows.append((f"{path}:{n}", _manifest_row(line, f"{path}:{n}")))
     if not rows:
-        raise ValueError(f"--images {path}: the manifest has no lines; write one JSON object per image")
+        raise ValueError(f"{flag} {path}: the manifest has no lines; write one JSON object per image")
     given: dict[str, str] = {}
     for where, row in rows:
         if "id" in row:
@@ -133,7 +133,7 @@ def load_manifest(path: Path) -> tuple[list[ImageRecord], list[str]]:
             records.append(record_from_path((path.parent / row["path"]).resolve(), id=row.get("id") or derived[where],
                                             objects=row.get("objects"), references=list(row.get("references", []))))
         except (OSError, ValueError) as e:
-            notes.append(f"skipped {where}: {e}")
+            notes.append(f"skipped {where}: {e}")  # the line, then the file's own message
     if not records:
-        raise ValueError(f"--images {path}: no readable images in the manifest; " + "; ".join(notes[:3]))
+        raise ValueError(f"{flag} {path}: no readable images in the manifest; " + "; ".join(notes[:3]))
     return records, notes + duplicate_notes(records)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 @dataclass
@@ -55,7 +55,8 @@ def decode(data: bytes, name: str = "<bytes>") -> Image.Image:
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
     except Exception as e:  # PIL raises several types for bad files
-        raise ValueError(f"{name}: not a readable image ({e}); remove it or fix the file") from e
+        why = "not a format PIL can read" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{name}: not a readable image ({why}); remove it or fix the file") from e
 
 
 def printable(name: str) -> str:

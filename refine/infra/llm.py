@@ -74,7 +74,8 @@ def resolve_api_key(api_key_env: str, base_url: str | None) -> str:
         return LOCAL_PLACEHOLDER_KEY
     raise ValueError(
         f"${api_key_env} is not set: export your OpenAI API key as {api_key_env}, name another variable "
-        "with api_key_env=..., or pass base_url=... for a local OpenAI-compatible server that needs no key"
+        "with --critic.api_key_env=NAME, or pass --critic.base_url=URL for a local OpenAI-compatible server "
+        "that needs no key"
     )
 
 

@@ -84,6 +84,10 @@ def read_jsonl(path: Path, torn: list[int] | None = None) -> list[dict[str, Any]
     return rows
 
 
+class RunInUse(OSError):
+    """Another process holds the run (``RunLog.lock``)."""
+
+
 def to_row(item: Any) -> dict[str, Any]:
     """A typed stage row as JSON: its ``to_json()``, or its dataclass fields, or the dict itself."""
     if hasattr(item, "to_json"):
@@ -141,6 +145,31 @@ class RunLog:
     def config(self) -> dict[str, Any]:
         return json.loads((self.root / "config.json").read_text())
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run for this process (an exclusive ``flock`` on ``.lock``): two sessions of one run
+        would both write its stages and checkpoints. Raises ``RunInUse`` when another process holds it."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise RunInUse(f"run {self.root} is in use by another refine process" + (f" (pid {holder})" if holder else "")
+                           + "; wait for it to finish or stop it, then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield self
+        finally:
+            f.close()  # closing the file releases the lock
+
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.root / "config.json", config)
 
@@ -149,13 +178,13 @@ class RunLog:
 
     def status(self) -> str:
         """One phrase for ``refine.runs``: done, or how it stopped and that it can be resumed."""
-        kinds = [e["event"] for e in self.events()]
-        last = next((e for e in reversed(self.events()) if e["event"] != "stage_done"), {})
-        if "run_done" in kinds:
-            done = next(e for e in self.events() if e["event"] == "run_done")
+        events = self.events()
+        done = next((e for e in events if e["event"] == "run_done"), None)
+        if done is not None:
             return "done, no pairs" if done.get("pairs") == 0 else "done"
+        last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed")), {})
         stops = {"budget_stop": "budget stop", "failure_stop": "stopped: too many failed requests",
-                 "interrupted": "interrupted"}
+                 "interrupted": "interrupted", "crashed": "stopped by an error"}
         return f"{stops.get(last.get('event'), 'incomplete')} (resumable)"
 
     # -- events --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from refine.infra.hub import load_failure
 from refine.metrics.text import check_texts
 
 log = logging.getLogger(__name__)
@@ -251,10 +252,8 @@ def load_clip_embedder(
         processor = AutoProcessor.from_pretrained(processor_id)
         model = CLIPModel.from_pretrained(model_id, dtype=dtype)
     except OSError as e:
-        raise OSError(
-            f"could not load CLIP model {model_id!r} / processor {processor_id!r}: {e}. Hub ids are fetched "
-            "on first use; run once with network access or pass local directories."
-        ) from e
+        raise load_failure("CLIP-style model", model_id if processor_id == model_id else f"{model_id}, {processor_id}",
+                           e, "--clip-model / --pick-model / --pick-processor") from e
     return ClipEmbedder(model.to(device).eval(), processor, device, batch_size)
 
 

@@ -58,6 +58,8 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         **{f"step/rejected/{why}": sum(1 for r in refined if r.rejected == why)
            for why in sorted({r.rejected for r in refined if r.rejected})},
         "step/errors": sum(1 for r in refined if r.error),
+        "step/requests": sum(r.usage.get("requests", 0) for r in refined),
+        "step/tokens": sum(r.usage.get("prompt_tokens", 0) + r.usage.get("completion_tokens", 0) for r in refined),
         **{f"critic/noise/{kind}": n for kind, n in sorted(Counter(
             e["kind"] for row in critiques for e in row.critique.meta.get("noise", [])).items())},
         "pairs/total": len(pairs),

@@ -36,38 +36,77 @@ class CritiqueRow:
 
     @property
     def paid(self) -> bool:
-        """Whether this critique cost a call (it did not come from the cache)."""
-        return not self.critique.meta.get("cache_hit")
+        """Whether this critique reached a paid API (a request was sent; cache hits and local critics
+        cost nothing)."""
+        return self.critique.usage.get("requests", 0) > 0
+
+
+@dataclass
+class Spend:
+    """The run's paid requests against its budget (``loop.max_critic_calls``; None: no budget): what
+    earlier stages and sessions recorded (``spent``), and what the stage in progress has made so far
+    (``pending``). A stage's event records its pending calls when it finishes (``settle``), and so does
+    the stop event of a stage that does not, so every call made is counted once, across resumes."""
+
+    limit: int | None
+    spent: int = 0
+    pending: int = 0
+
+    def left(self) -> int | None:
+        return None if self.limit is None else self.limit - self.spent - self.pending
+
+    def settle(self) -> int:
+        """The pending calls, now counted as spent (for the event that records them)."""
+        n, self.pending = self.pending, 0
+        self.spent += n
+        return n
 
 
 class BudgetExhausted(Exception):
-    """The critic-call budget ran out mid-stage. Finished critiques are in the disk cache."""
+    """The critic-call budget ran out mid-stage. Finished requests are in the disk cache."""
 
-    def __init__(self, calls: int):
-        super().__init__(f"critic-call budget exhausted after {calls} calls")
-        self.calls = calls
+    def __init__(self, stage: str):
+        super().__init__(f"the critic-call budget ran out during the {stage}")
 
 
 class TooManyFailures(Exception):
     """More of a stage's requests failed than ``loop.max_failure_share`` allows. Nothing of the stage is
     recorded; the answers that did arrive are in the disk cache, so a resume asks only the failed ones."""
 
-    def __init__(self, stage: str, failures: int, total: int, first_error: str, critic_calls: int = 0):
+    def __init__(self, stage: str, failures: int, total: int, first_error: str):
         super().__init__(f"{failures} of {total} {stage} failed; the first error: {first_error}")
         self.stage, self.failures, self.total, self.first_error = stage, failures, total, first_error
-        self.critic_calls = critic_calls
 
 
-def check_failures(stage: str, errors: Sequence[str | None], max_share: float, critic_calls: int = 0) -> None:
-    """Raise :class:`TooManyFailures` when the share of non-None ``errors`` exceeds ``max_share``."""
-    failed = [e for e in errors if e is not None]
-    if failed and len(failed) / len(errors) > max_share:
-        raise TooManyFailures(stage, len(failed), len(errors), failed[0], critic_calls)
+def in_chunks(stage: str, items: Sequence[Any], ask: Callable[[list], list], paid: Callable[[Any], bool],
+              error: Callable[[Any], str | None], spend: Spend | None = None, max_failure_share: float = 1.0,
+              chunk: int = 32, progress: Callable[[int], None] = lambda n: None) -> list:
+    """``ask`` the items ``chunk`` at a time: how every stage that pays for requests runs.
 
-
-def critic_calls(rows: Sequence[CritiqueRow]) -> int:
-    """Calls the stage paid for: every critique that did not come from the cache."""
-    return sum(row.paid for row in rows)
+    Before a chunk, the budget (``spend``) caps its size, and :class:`BudgetExhausted` is raised when
+    nothing is left. After a chunk, its paid results are added to ``spend``, and :class:`TooManyFailures`
+    is raised as soon as more than ``max_failure_share`` of all the items have failed (the stage can no
+    longer succeed) or, at the end, of those asked.
+    """
+    results: list = []
+    i = 0
+    while i < len(items):
+        take = chunk
+        if spend is not None and (left := spend.left()) is not None:
+            if left <= 0:
+                raise BudgetExhausted(stage)
+            take = min(chunk, left)
+        batch = items[i : i + take]
+        out = ask(list(batch))
+        results += out
+        if spend is not None:
+            spend.pending += sum(paid(r) for r in out)
+        progress(len(batch))
+        i += take
+        failed = [e for r in results if (e := error(r)) is not None]
+        if failed and len(failed) > max_failure_share * len(items):
+            raise TooManyFailures(stage, len(failed), len(results), failed[0])
+    return results
 
 
 def critique(
@@ -75,20 +114,14 @@ def critique(
     records: Sequence[ImageRecord],
     captions: Sequence[CaptionSet],
     regions: Mapping[str, Any],
-    budget: int | None = None,
+    spend: Spend | None = None,
     chunk: int = 32,
     progress: Callable[[int], None] = lambda n: None,
     max_failure_share: float = 1.0,
     samples: int = 1,
 ) -> list[CritiqueRow]:
-    """Critique every distinct (image, caption), ``samples`` times each, in caption order.
-
-    ``budget`` caps the calls that miss the cache; hits are free. When it runs out, raises
-    :class:`BudgetExhausted` after the calls it did make are cached, so a resume re-asks nothing.
-    Raises :class:`TooManyFailures` as soon as more than ``max_failure_share`` of the stage's critiques
-    have failed (the stage can then no longer succeed); failures are never cached, so a resume asks
-    them again.
-    """
+    """Critique every distinct (image, caption), ``samples`` times each, in caption order, through
+    :func:`in_chunks` (budget, failure share). Failures are never cached, so a resume asks them again."""
     by_id = {r.id: r for r in records}
     requests, seen = [], set()
     for row in captions:
@@ -98,23 +131,12 @@ def critique(
                 seen.add((record.id, text))
                 requests += [CritiqueRequest(record.id, record.image, record.sha256, text, regions.get(record.id),
                                              record.objects, sample) for sample in range(samples)]
-    rows: list[CritiqueRow] = []
-    i = 0
-    while i < len(requests):
-        take = chunk if budget is None else min(chunk, budget - critic_calls(rows))
-        if take <= 0:
-            raise BudgetExhausted(critic_calls(rows))
-        batch = requests[i : i + take]
-        rows += [CritiqueRow(request.image_id, request.caption, result, request.sample)
-                 for request, result in zip(batch, critic.critique_many(batch))]
-        progress(len(batch))
-        i += take
-        errors = [row.critique.error for row in rows]
-        failed = [e for e in errors if e is not None]
-        if failed and (len(failed) > max_failure_share * len(requests) or i >= len(requests)):
-            check_failures("critiques", errors + [None] * (len(requests) - len(rows)), max_failure_share,
-                           critic_calls(rows))
-    return rows
+
+    def ask(batch: list[CritiqueRequest]) -> list[CritiqueRow]:
+        return [CritiqueRow(r.image_id, r.caption, result, r.sample) for r, result in zip(batch, critic.critique_many(batch))]
+
+    return in_chunks("critiques", requests, ask, lambda row: row.paid, lambda row: row.critique.error, spend,
+                     max_failure_share, chunk, progress)
 
 
 def by_caption(rows: Sequence[CritiqueRow]) -> dict[tuple[str, str], Critique]:

@@ -24,6 +24,7 @@ from PIL import Image
 from refine.config import RegionConfig
 from refine.images.records import ImageRecord
 from refine.infra.cache import DiskCache, cache_key
+from refine.infra.devices import preserved_torch_threads
 from refine.stages.tiling import (
     Box,
     Detection,
@@ -158,9 +159,18 @@ def load_detector(model: str):
             f"downloaded; {hint}"
         )
     try:
-        return YOLO(model)
+        detector = YOLO(model, task="detect")
+        # ultralytics loads some formats only on the first predict: do it now, so a file that is no
+        # detector fails here, before the run starts, not after its first stage.
+        with preserved_torch_threads():
+            detector.predict(Image.new("RGB", (32, 32)), imgsz=32, verbose=False)
+        return detector
     except ConnectionError as e:  # ultralytics' download failed (no network)
         raise FileNotFoundError(f"detector weights {model!r} could not be downloaded ({e}); {hint}") from e
+    except Exception as e:  # a file that is not a model ultralytics can run
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"regions.model={model!r} is not a detector ultralytics can run "
+                         f"({type(e).__name__}: {first}); {hint}") from None
 
 
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

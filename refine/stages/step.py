@@ -16,7 +16,7 @@ working directory (``TEXTGRAD_LOG_DIR``, ``LITELLM_LOCAL_MODEL_COST_MAP``).
 
 When the model omits the ``<IMPROVED_VARIABLE>`` tags, ``TGD.step`` raises ``IndexError``
 (textgrad/optimizer/optimizer.py); we recover the caption from the raw reply
-(``extract_improved``) and record ``tags_missing=True``.
+(``caption_from_reply``) and record ``tags_missing=True``.
 
 Whatever its source, a refined caption becomes a training target, so it must *be* a caption
 (:func:`rejection`): one sentence within the word limit, not a refusal ("I'm sorry, but I can't help
@@ -36,7 +36,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from critics.base import Critique
@@ -46,7 +46,7 @@ from refine.infra.concurrency import map_concurrently
 from refine.infra.llm import ChatCallError, ChatResult, usage
 from refine.infra.prompts import constraint_lines, load_template
 from refine.metrics.summary import samples_by_caption
-from refine.stages.critique import CritiqueRow, check_failures
+from refine.stages.critique import CritiqueRow, Spend, in_chunks
 from refine.stages.student import CaptionSet
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,6 @@ DEFAULT_MAX_WORDS = 20
 WORD_TOLERANCE = 0.1
 CAPTION_ROLE = "a one-sentence caption of an image, used as the training target for a small image captioning model"
 IMPROVED_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")  # textgrad's default new_variable_tags
-
-
-# --- the chat backend the adapter calls --------------------------------------------------------------
 
 
 # --- textgrad, lazily --------------------------------------------------------------------------------
@@ -153,22 +150,15 @@ def _improved_body(response: str, tags: Sequence[str]) -> tuple[str, bool]:
     return response, False
 
 
-def extract_improved(response: str, tags: Sequence[str] = IMPROVED_TAGS) -> tuple[str, bool]:
-    """``(caption, tags_found)`` from an optimizer reply.
-
-    With both tags, the text between them (what ``TGD.step`` takes). Without them, the best guess: the
-    text after a lone opening tag, before a lone closing tag, or else the whole reply; then cleaned to
-    one line. An empty caption means nothing usable was in the reply.
-    """
-    body, found = _improved_body(response, tags)
-    return clean_caption(body), found
-
-
 def caption_from_reply(response: str, max_words: int, tags: Sequence[str] = IMPROVED_TAGS
                        ) -> tuple[str, bool, tuple[str, str] | None]:
-    """``(caption, tags_found, rejection)`` for an optimizer reply: :func:`extract_improved`, then
-    :func:`rejection`; text with more than one non-empty line (outside code fences) is rejected too,
-    since only its first line would survive cleaning."""
+    """``(caption, tags_found, rejection)`` for an optimizer reply.
+
+    The caption is the text between the two tags (what ``TGD.step`` takes); without them, the best
+    guess: the text after a lone opening tag, before a lone closing tag, or else the whole reply; then
+    cleaned to one line (an empty caption means nothing usable was in the reply). It is then checked
+    with :func:`rejection`; text with more than one non-empty line (outside code fences) is rejected
+    too, since only its first line would survive cleaning."""
     body, found = _improved_body(response, tags)
     caption = clean_caption(body)
     lines = [line for line in re.sub(r"```\w*", "", body).splitlines() if line.strip()]
@@ -178,14 +168,22 @@ def caption_from_reply(response: str, max_words: int, tags: Sequence[str] = IMPR
     return caption, found, why
 
 
+# A refusal speaks in the first person ("I'm sorry, but I can't", "as an AI"); "a sign that says sorry
+# we are closed" is a caption.
 _REFUSAL = re.compile(
-    r"\b(sorry|apologi[sz]e|i\s+can(?:no|')t|i\s+am\s+unable|i'm\s+unable|unable\s+to\s+(?:help|assist|comply)"
-    r"|as\s+an\s+ai|i\s+won't|i\s+will\s+not|cannot\s+(?:help|assist|comply))\b", re.I)
-# Talk about the task rather than a caption: an opener, the task's own words, or a line that
-# introduces something else (": ") or asks something ("?").
-_META_OPENER = re.compile(r"^(sure|certainly|of course|okay|ok|absolutely|great|here(?:'s|\s+is|\s+are)|below\s+is"
-                          r"|i\b|i'm|i've|i'll|let\s+me)\b", re.I)
-_META_WORDS = re.compile(r"\b(caption|variable|feedback|constraints?)\b", re.I)
+    r"\b(i'm\s+sorry|i\s+am\s+sorry|sorry,\s+(?:but|i)\b|i\s+apologi[sz]e|i\s+can(?:no|')t|i\s+am\s+unable"
+    r"|i'm\s+unable|unable\s+to\s+(?:help|assist|comply)|as\s+an\s+ai|i\s+won't|i\s+will\s+not)", re.I)
+# Talk about the task rather than a caption: a chat opener followed by punctuation ("Sure!", "OK,"), an
+# introduction of something else ("Here is the improved caption"), the first person, or the task's own
+# words ("a better caption would", "the feedback"). "Great Dane on a couch", "I-95 at dusk" and "a sign
+# with a caption" are captions.
+_META_OPENER = re.compile(
+    r"^(?:(?:sure|certainly|of\s+course|okay|ok|absolutely|great|alright)\s*[!,.:]"
+    r"|(?:here(?:'s|\s+is|\s+are)|below\s+is)\s+(?:the|your|my|an?)\s+(?:\w+\s+){0,2}"
+    r"(?:caption|version|description|revision)\b|(?:i|i'm|i've|i'll|let\s+me)\s)", re.I)
+_META_WORDS = re.compile(
+    r"\b(?:(?:improved|revised|refined|updated|corrected|better|new|original)\s+caption"
+    r"|caption\s+(?:should|would|could|must|needs?)|the\s+feedback|variable|constraints?)\b", re.I)
 # A sentence end: a word, then ".", "!" or "?", then a capital or a digit. Titles and initials
 # ("St. Bernard", "J. Smith") are not ends.
 _SENTENCE_END = re.compile(r"(\w+)[.!?][\"')\]]*\s+[A-Z0-9]")
@@ -268,6 +266,7 @@ class Refinement:
     error: str | None = None
     votes: int = 1  # critiques whose step gave this refinement (agreement, ``critic.samples`` > 1)
     of: int = 1  # critiques of the caption that succeeded
+    usage: dict[str, int] = field(default_factory=dict)  # the step's requests and tokens (textgrad), summed
 
 
 @dataclass
@@ -298,12 +297,17 @@ class TextualStep:
         failed call comes back as ``StepResult(error=...)`` with the original caption."""
         if not critique.ok:
             return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
+        gradient = gradient_text(critique)
         if critique.revision and critique.revision.strip():
             revision = critique.revision.strip()
-            if (why := rejection(revision, self.max_words)) is not None:
+            if (why := rejection(revision, self.max_words)) is None:
+                return StepResult(revision, caption, "revision")
+            if self.engine is None or not gradient:
                 return StepResult(caption, caption, "revision", rejected=why[0], meta={"reason": why[1]})
-            return StepResult(revision, caption, "revision")
-        gradient = gradient_text(critique)
+            # The critic's revision is no caption, but its feedback is usable: apply that instead.
+            result = self._textgrad(caption, gradient)
+            result.meta["revision_rejected"] = why[0]
+            return result
         if not gradient:
             return StepResult(caption, caption, "unchanged", meta={"reason": "the critique has no feedback"})
         if self.engine is None:
@@ -371,24 +375,28 @@ class TextualStep:
         unique = list(first.values())
         results = dict(zip(unique, map_concurrently(one, [(captions[i], critiques[i]) for i in unique],
                                                     self.max_concurrency)))
-        return [results[first[key]] for key in keys]
+        # A repeat shares its twin's answer but paid nothing itself.
+        return [results[i] if first[key] == i else replace(results[first[key]], usage=usage())
+                for i, key in enumerate(keys)]
 
     def refine(self, captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], samples_too: bool,
-               max_failure_share: float = 1.0) -> list[Refinement]:
+               max_failure_share: float = 1.0, spend: Spend | None = None) -> list[Refinement]:
         """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded.
 
         With several critiques per caption, each is applied, and the refinement most of them give is
         kept only if more than ``min_agreement`` of them give it. With a ``gate``, a refinement that
         names no object of it, or has under half the original's words, is rejected. Raises
-        ``TooManyFailures`` when more than ``max_failure_share`` of the steps failed.
+        ``TooManyFailures`` as soon as more than ``max_failure_share`` of the steps have failed, and
+        ``BudgetExhausted`` when ``spend`` has no calls left (steps that reach the API are paid calls).
         """
         table = samples_by_caption(critiques)
         todo = list(dict.fromkeys((row.image_id, text) for row in captions
                                   for text in (row.texts() if samples_too else [row.caption])
                                   if any(c.ok for c in table[(row.image_id, text)])))
         jobs = [(key, c) for key in todo for c in table[key] if c.ok]
-        results = self.apply_many([text for (_, text), _ in jobs], [c for _, c in jobs])
-        check_failures("textual steps", [r.error for r in results], max_failure_share)
+        results = in_chunks("textual steps", jobs,
+                            lambda batch: self.apply_many([text for (_, text), _ in batch], [c for _, c in batch]),
+                            lambda r: r.usage.get("requests", 0) > 0, lambda r: r.error, spend, max_failure_share)
         grouped: dict[tuple[str, str], list[StepResult]] = {}
         for (key, _), result in zip(jobs, results):
             grouped.setdefault(key, []).append(result)
@@ -396,14 +404,16 @@ class TextualStep:
 
     def _consensus(self, image_id: str, original: str, results: list[StepResult]) -> Refinement:
         """One refinement from the step results of a caption's critiques: their agreed one, gated."""
+        spent = {k: sum(r.usage.get(k, 0) for r in results) for k in usage()}
         if len(results) == 1:
             r = results[0]
-            out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error)
+            out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error,
+                             usage=spent)
         else:
             votes = Counter(r.caption for r in results if not (r.error or r.rejected))
             refined, n = votes.most_common(1)[0] if votes else (original, 0)
             first = next((r for r in results if r.caption == refined), results[0])
-            out = Refinement(image_id, original, refined, first.source, votes=n, of=len(results))
+            out = Refinement(image_id, original, refined, first.source, votes=n, of=len(results), usage=spent)
             if refined != original and n / len(results) <= self.min_agreement:
                 out.refined, out.rejected = original, "disagreement"
                 out.reason = f"{n} of {len(results)} critiques agree on {refined!r}"
@@ -415,13 +425,14 @@ class TextualStep:
 
 def gate_rejection(original: str, refined: str, vocabulary) -> tuple[str, str] | None:
     """The pair gate: ``(reason, detail)`` when a refinement cannot be a good training target whatever the
-    critic said: it names no object of ``vocabulary`` (``no_object``), or it has fewer than half the
-    original's words (``too_short``: a rewrite that threw most of the caption away)."""
+    critic said: it names no object of ``vocabulary`` (``no_object``), or it has fewer than a third of
+    the original's words (``too_short``: a rewrite that threw most of the caption away; dropping one
+    wrong object of two, "a red circle and a blue square" -> "a red circle", is not that)."""
     from refine.objects import mentions
 
     if not mentions(refined, vocabulary):
         return "no_object", f"names no object: {refined!r}"
-    if len(refined.split()) < 0.5 * len(original.split()):
+    if 3 * len(refined.split()) < len(original.split()):
         return "too_short", f"{len(refined.split())} words where the caption had {len(original.split())}: {refined!r}"
     return None
 

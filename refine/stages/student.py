@@ -29,6 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from refine.config import DEFAULT_STUDENT
 from refine.infra.devices import autocast, pick_device, resolve_precision
+from refine.infra.hub import load_failure
 
 
 @dataclass
@@ -94,6 +95,12 @@ class Student:
     # latency-bound or long runs; see bench/README.md for the measured latencies.
     static_cache: bool = False
 
+    @property
+    def positions(self) -> int | None:
+        """How many tokens the decoder can hold (its position embeddings), the start token included."""
+        decoder = self.model.config.decoder
+        return getattr(decoder, "n_positions", None) or getattr(decoder, "max_position_embeddings", None)
+
     # -- inputs --------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
@@ -109,9 +116,8 @@ class Student:
         """
         cfg = self.model.config
         start, eos = cfg.decoder_start_token_id, self.tokenizer.eos_token_id
-        positions = getattr(cfg.decoder, "n_positions", None) or getattr(cfg.decoder, "max_position_embeddings", None)
-        if positions:
-            max_tokens = min(max_tokens, positions - 1)
+        if self.positions:
+            max_tokens = min(max_tokens, self.positions - 1)
         full = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids for c in captions]
         ids = [x[:max_tokens] for x in full]
         T = max(len(x) for x in ids) + 1
@@ -238,14 +244,7 @@ def load_student(
         image_processor = AutoImageProcessor.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = ("it is not a local directory, and offline (HF_HUB_OFFLINE=1) a hub id loads only from the local "
-               "cache" if offline and not os.path.isdir(name) else (str(e).splitlines() or [type(e).__name__])[0])
-        raise OSError(
-            f"could not load the student {name!r}: {why}; "
-            "pass a local directory saved with `Student.save` / `save_pretrained`, or a hub id on a machine "
-            "with internet (offline runs need the model in the HF cache)."
-        ) from e
+        raise load_failure("student", name, e, "student.model") from e
     _fix_special_tokens(model, tokenizer)
     return Student(model.to(dev), image_processor, tokenizer, dev, resolve_precision(precision, dev), static_cache)
 

@@ -1,0 +1,188 @@
+"""A critic that is sometimes wrong (issue 12): the noisy grounded critic, and each defence against it."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from critics.base import Critique, CritiqueRequest
+from critics.grounded import GroundedCritic, believe
+from refine.images import shapes
+from refine.metrics.summary import unverified
+from refine.objects import compare, mentions
+from refine.stages.critique import CritiqueRow
+from refine.stages.dpo import corrupt_image, dpo_loss, image_preference_loss
+from refine.stages.pairs import build_pairs, to_verify
+from refine.stages.step import Refinement, TextualStep, gate_rejection
+from refine.stages.student import CaptionSet
+
+VOCAB = shapes.vocabulary()
+TRUTH = {"red circle": 1, "blue circle": 2, "green triangle": 1}
+CAPTION = "a red circle, two blue circles, a green triangle and a blue square"
+
+
+def request(caption=CAPTION, truth=TRUTH, image_id="img", sample=0):
+    return CritiqueRequest(image_id, Image.new("RGB", (8, 8)), "sha", caption, None, dict(truth), sample)
+
+
+# --- the noisy critic --------------------------------------------------------------------------------
+
+def test_a_noiseless_critic_is_the_perfect_one():
+    perfect, [noiseless] = GroundedCritic(VOCAB).critique(request()), GroundedCritic(VOCAB, noise=0.0).critique_many([request()])
+    assert perfect.to_json() == noiseless.to_json() and "noise" not in noiseless.meta
+    assert perfect.hallucinated == ["blue square"] and perfect.revision == "a red circle, two blue circles and a green triangle"
+
+
+def test_noise_is_deterministic_per_seed_image_caption_and_sample():
+    critic = GroundedCritic(VOCAB, noise=0.5, seed=3)
+    again = GroundedCritic(VOCAB, noise=0.5, seed=3)
+    assert critic.critique(request()).to_json() == again.critique(request()).to_json()
+    variants = {json.dumps(GroundedCritic(VOCAB, noise=0.5, seed=s).critique(request(sample=k)).meta["noise"])
+                for s in range(4) for k in range(4)}
+    assert len(variants) > 4, "other seeds and samples must draw other errors"
+
+
+def test_the_error_rate_is_the_noise_and_every_kind_occurs():
+    scenes = shapes.make_scenes(400, seed=7)
+    critic = GroundedCritic(VOCAB, noise=0.25, seed=0)
+    kinds: Counter = Counter()
+    objects = 0
+    for scene in scenes:
+        caption = scene.caption + " and a yellow square" if "yellow square" not in scene.objects else scene.caption
+        critique = critic.critique(request(caption, scene.objects, scene.id))
+        kinds.update(e["kind"] for e in critique.meta["noise"])
+        objects += len(scene.objects) + ("yellow square" not in scene.objects)
+    assert set(kinds) == {"missed_hallucination", "false_alarm", "miscount", "swapped"}  # (dropped: no unsaid objects)
+    assert sum(kinds.values()) / objects == pytest.approx(0.25, abs=0.03)
+
+
+def test_each_injected_error_is_in_the_critique_and_its_revision():
+    rng = random.Random(0)
+    for _ in range(200):
+        belief, errors = believe(CAPTION, TRUTH, VOCAB, 0.5, rng)
+        for error in errors:
+            said = mentions(CAPTION, VOCAB)
+            if error["kind"] == "missed_hallucination":
+                assert error["label"] == "blue square" and error["label"] in belief
+            elif error["kind"] in ("false_alarm", "dropped"):
+                assert error["label"] not in belief and (error["label"] in said) == (error["kind"] == "false_alarm")
+            elif error["kind"] == "swapped":
+                assert error["as"] in belief and error["label"] not in belief
+                assert set(error["as"].split()) & set(error["label"].split())  # a look-alike: same colour or shape
+            else:
+                assert belief[error["label"]] == error["as"] != TRUTH[error["label"]]
+
+
+# --- robust losses -----------------------------------------------------------------------------------
+
+def test_conservative_and_robust_dpo_match_their_definitions():
+    pc, pr, rc, rr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-2.5, -1.0])
+    z = 0.5 * torch.tensor([1.0 - (-0.5), -2.0 - 0.0])  # beta * (chosen log-ratio - rejected log-ratio)
+    eps = 0.2
+    cdpo, _, _ = dpo_loss(pc, pr, rc, rr, 0.5, label_smoothing=eps)
+    robust, _, _ = dpo_loss(pc, pr, rc, rr, 0.5, label_smoothing=eps, loss="robust")
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    for i in range(2):
+        assert cdpo[i].item() == pytest.approx(-(1 - eps) * log_sigmoid(z[i]) - eps * log_sigmoid(-z[i]), abs=1e-6)
+        assert robust[i].item() == pytest.approx((-(1 - eps) * log_sigmoid(z[i]) + eps * log_sigmoid(-z[i])) / (1 - 2 * eps), abs=1e-6)
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, 0.5)
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, 0.5, 0.0, "robust")[0], plain)
+    same = dpo_loss(pc, pr, pc.clone(), pr.clone(), 0.5, label_smoothing=eps)[0]
+    assert same.tolist() == pytest.approx([math.log(2)] * 2)  # policy == reference: ln 2 whatever ε
+
+
+def test_mdpo_terms_match_their_definitions_and_the_crop_keeps_at_most_a_fifth():
+    pc, px, rc, rx = torch.tensor([-2.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), torch.tensor([-4.0])
+    conditional, anchor = image_preference_loss(pc, px, rc, rx, beta=0.5)
+    assert conditional.item() == pytest.approx(math.log1p(math.exp(-0.5 * ((-2 + 3) - (-5 + 4)))))
+    assert anchor.item() == pytest.approx(math.log1p(math.exp(-0.5 * (-2 + 3))))
+    image = Image.new("RGB", (72, 48))
+    for seed in range(50):
+        crop = corrupt_image(image, random.Random(seed))
+        assert crop.width * crop.height <= 0.2 * 72 * 48 + 72 + 48  # rounding to whole pixels
+
+
+def test_an_update_with_image_negatives_makes_captions_depend_on_their_image(tiny_student):
+    """mDPO's conditional term: after the update, the chosen caption is likelier on its own image than on
+    the corrupted one by more than plain DPO (same pairs, same steps) leaves it."""
+    from refine.config import UpdateConfig
+    from refine.stages.dpo import update
+    from refine.stages.pairs import PreferencePair
+
+    scenes = shapes.make_scenes(2, seed=5, objects=(3, 5))  # structure to crop: a crop differs from the whole
+    images = {"a": scenes[0].image, "b": scenes[1].image}
+    pairs = [PreferencePair("a", scenes[0].caption, "a blue dog", "refined"),
+             PreferencePair("b", scenes[1].caption, "a red cat", "refined")]
+    corrupted = [corrupt_image(images[p.image_id], random.Random(f"mdpo/0/{p.image_id}/{i}")) for i, p in enumerate(pairs)]
+
+    def gap(student) -> float:
+        with torch.no_grad():
+            own = student.logps([images[p.image_id] for p in pairs], [p.chosen for p in pairs])
+            other = student.logps(corrupted, [p.chosen for p in pairs])
+        return float((own - other).mean())
+
+    start = gap(tiny_student)
+    gaps = {}
+    for negatives in (False, True):
+        config = UpdateConfig(beta=1.0, nll_weight=0.0, lr=1e-2, epochs=20, batch_size=2, image_negatives=negatives)
+        trained, history = update(tiny_student, pairs, images, config)
+        gaps[negatives] = gap(trained)
+    assert history[0]["mdpo/conditional"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert gaps[True] - start > 1.0 > abs(gaps[False] - start)  # measured: +5.6 nats with, -0.001 without
+
+
+# --- agreement, verification, the gate --------------------------------------------------------------
+
+def _rows(caption: str, revisions: list[str | None], image_id: str = "img") -> list[CritiqueRow]:
+    return [CritiqueRow(image_id, caption, Critique(0.5, "fix it", revision=r), sample=k) for k, r in enumerate(revisions)]
+
+
+def test_agreement_keeps_the_majority_refinement_weighted_by_its_votes():
+    step = TextualStep(revisions_only=True, min_agreement=0.5)
+    captions = [CaptionSet("img", "a red circle and a blue square"), CaptionSet("other", "a green circle")]
+    rows = _rows("a red circle and a blue square", ["a red circle", "a red circle", "a red circle and a blue circle"])
+    rows += _rows("a green circle", ["a green square", "a green triangle", "a green circle"], "other")
+    refined = step.refine(captions, rows, samples_too=False)
+    assert (refined[0].refined, refined[0].votes, refined[0].of, refined[0].rejected) == ("a red circle", 2, 3, None)
+    assert (refined[1].refined, refined[1].rejected) == ("a green circle", "disagreement")
+    pairs = build_pairs(captions, rows, refined, "refined")
+    assert [(p.chosen, p.weight) for p in pairs] == [("a red circle", pytest.approx(2 / 3))]
+
+
+def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
+    captions = [CaptionSet("a", "two red circles"), CaptionSet("b", "a blue square")]
+    critiques = [CritiqueRow("a", "two red circles", Critique(0.4, "x")), CritiqueRow("b", "a blue square", Critique(0.4, "x"))]
+    refined = [Refinement("a", "two red circles", "a red circle"), Refinement("b", "a blue square", "a blue circle")]
+    assert [(c.image_id, c.caption) for c in to_verify(refined)] == [("a", "a red circle"), ("b", "a blue circle")]
+    verified = [CritiqueRow("a", "a red circle", Critique(0.9, "")), CritiqueRow("b", "a blue circle", Critique(0.4, ""))]
+    assert unverified(refined, critiques, verified) == [("b", "a blue square")]
+    pairs = build_pairs(captions, critiques, refined, "refined", verified=verified)
+    assert [p.image_id for p in pairs] == ["a"]
+
+
+def test_the_pair_gate():
+    assert gate_rejection("a man standing next to a bus", "standing", VOCAB)[0] == "no_object"
+    long = "a red circle, a blue square, a green triangle, a yellow circle and a red square"
+    assert gate_rejection(long, "a red circle", VOCAB)[0] == "too_short"
+    assert gate_rejection("a red circle and a blue square", "a red circle", VOCAB) is None  # dropping one of two is fine
+    step = TextualStep(revisions_only=True, gate=VOCAB)
+    [refinement] = step.refine([CaptionSet("x", "a red circle and two blue squares")],
+                               [CritiqueRow("x", "a red circle and two blue squares", Critique(0.2, "", revision="nothing"))], False)
+    assert (refinement.refined, refinement.rejected) == ("a red circle and two blue squares", "no_object")
+
+
+def test_substitutions_are_what_the_swap_error_teaches():
+    """A swapped object in the critic's belief becomes a substitution in its revision."""
+    belief = {"red circle": 1, "blue square": 2, "green triangle": 1}  # blue circles believed to be squares
+    revision = GroundedCritic(VOCAB).critique(request(truth=belief)).revision
+    diff = compare(revision, TRUTH, VOCAB)
+    assert diff.substitutions == [("blue square", "blue circle")] and not diff.additions
