@@ -186,3 +186,27 @@ def test_substitutions_are_what_the_swap_error_teaches():
     revision = GroundedCritic(VOCAB).critique(request(truth=belief)).revision
     diff = compare(revision, TRUTH, VOCAB)
     assert diff.substitutions == [("blue square", "blue circle")] and not diff.additions
+
+
+# --- the sweep ----------------------------------------------------------------------------------------
+
+def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, monkeypatch):
+    """A finished cell's demo.json is read back, not run again; the table holds every finished cell."""
+    from refine.demo import sweep
+
+    cells = [sweep.Cell(0, eval_set="val"), sweep.Cell(1, 0.25, ("verify",), eval_set="val"),
+             sweep.Cell(2, control=True)]
+    monkeypatch.setattr(sweep, "plan", lambda name: cells)
+    ran = []
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, runs_dir, log_dir: ran.append(cell.name) or 1)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: None)  # the toy students exist
+    for cell in cells[:2]:
+        (tmp_path / cell.name).mkdir()
+        (tmp_path / cell.name / "demo.json").write_text(json.dumps({"refine": {"after": {"chair_s": 0.1}}}))
+    (tmp_path / cells[2].name).mkdir()  # a control cell without its control's result is unfinished
+    (tmp_path / cells[2].name / "demo.json").write_text(json.dumps({"refine": {}}))
+    assert sweep.main(["--plan", "x", "--runs-dir", str(tmp_path)]) == 1  # one cell still unfinished
+    assert ran == ["demo-shapes-seed2"]
+    table = json.loads((tmp_path / "sweep-x.json").read_text())
+    assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
+    assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]

@@ -125,6 +125,7 @@ def run_name(args: argparse.Namespace) -> str:
     if args.noise:
         name += f"-noise{round(args.noise * 100)}"
     name += "".join(f"-{d}" for d in args.defences)
+    name += "".join("-" + item.replace("=", "").replace(".", "_") for item in getattr(args, "set", []))
     return name + ("-val" if args.eval_set == "val" else "")
 
 
@@ -140,6 +141,7 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
         f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", f"--critic.noise={args.noise}",
         f"--critic.seed={args.seed}", *common, *DEMO_OVERRIDES,
         *(flag for name in args.defences for flag in DEFENCES[name]),
+        *(f"--{item}" for item in args.set),
     ]
     stored = Path(args.runs_dir) / run_id / "config.json"
     if not stored.exists():
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defences", default="", help=f"comma-separated defences: {', '.join(DEFENCES)}")
     parser.add_argument("--eval-set", choices=sorted(EVAL_SETS), default="heldout",
                         help="measure on the held-out scenes, or on validation scenes (for choosing settings)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other loop setting, e.g. --set update.nll_weight=1.0 (repeatable; part of the run name)")
     parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args(argv)
     args.defences = [d.strip() for d in args.defences.split(",") if d.strip()]
