@@ -130,3 +130,37 @@ def test_static_cache_decodes_the_same_tokens(tiny_student_dir, photos):
             ims, min_new_tokens=12, max_new_tokens=12, **kwargs)
     assert all(c[0] for c in eager.caption(ims, min_new_tokens=12, max_new_tokens=12))  # compared real text
     assert seen == ["static", "static"]
+
+
+def test_fast_sampling_draws_from_the_softmax_exactly():
+    """A chi-square test on a 12-token vocabulary, with k=3 so that both branches (among the top tokens,
+    and from the rest) are taken: the drawn tokens follow softmax(logits / T) (and the nucleus for top_p)."""
+    from refine.stages.student import FastSampling
+
+    def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+        statistic = ((observed - expected) ** 2 / expected).sum()
+        df = torch.tensor(len(observed) - 1, dtype=torch.float64)
+        return float(1 - torch.special.gammainc(df / 2, statistic / 2))  # the chi-square survival function
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.8, -2.0, 1.2, 0.1]])
+    draws = 20000
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.6)):
+        processor = FastSampling(temperature, top_p, k=3)
+        scores = processor(None, logits.expand(draws, -1))
+        tokens = scores.argmax(-1)
+        assert torch.isinf(scores).sum() == draws * (logits.shape[1] - 1)  # one finite score per row
+        expected = (logits[0] / temperature).softmax(-1)
+        if top_p < 1:  # transformers' nucleus: the likeliest tokens until their mass reaches top_p
+            order = expected.argsort(descending=True)
+            keep = expected[order].cumsum(0) - expected[order] < top_p
+            mask = torch.zeros_like(expected, dtype=torch.bool)
+            mask[order[keep]] = True
+            expected = torch.where(mask, expected, 0.0)
+            expected /= expected.sum()
+            assert set(tokens.tolist()) <= set(mask.nonzero().flatten().tolist())
+        counts = torch.bincount(tokens, minlength=logits.shape[1]).double()
+        support = expected > 0
+        p = chi_square_pvalue(counts[support], expected[support].double() * draws)
+        assert p > 1e-3, (temperature, top_p, p)
+        assert counts[~support].sum() == 0

@@ -32,6 +32,41 @@ from refine.infra.devices import autocast, pick_device, resolve_precision
 from refine.infra.hub import load_failure
 
 
+class FastSampling:
+    """A logits processor that makes greedy decoding draw one token per sequence from ``softmax(logits / T)``
+    (after a ``top_p`` nucleus, as transformers builds it), exactly, without ``torch.multinomial`` over
+    the whole vocabulary (74% of a small student's captioning time on CPU).
+
+    With ``m`` the probability mass of the ``k`` likeliest tokens: with probability ``m`` the token is
+    drawn among them (a multinomial over ``k`` entries), else from the rest of the vocabulary (rare; a
+    full multinomial over the rows that need it). Each token keeps its probability: ``m · p/m`` or
+    ``(1 - m) · p/(1 - m)``. The whole-vocabulary work per step is one ``logsumexp`` and one ``topk``.
+    The processor returns scores that are 0 at the drawn token and -inf elsewhere, so greedy picks it.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, k: int = 64):
+        if temperature <= 0 or not 0 < top_p <= 1 or k < 1:
+            raise ValueError(f"temperature={temperature} must be > 0, top_p={top_p} in (0, 1], k={k} >= 1")
+        self.temperature, self.top_p, self.k = temperature, top_p, k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            beyond = probs.cumsum(-1) - probs >= self.top_p  # the tokens ranked after the nucleus is full
+            scores = scores.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+        log_total = scores.logsumexp(-1, keepdim=True)
+        top_scores, top_tokens = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
+        top_probs = (top_scores - log_total).exp()
+        drawn = top_tokens.gather(-1, torch.multinomial(top_probs, 1)).squeeze(-1)
+        tail = (torch.rand(scores.shape[0], device=scores.device) >= top_probs.sum(-1)).nonzero().squeeze(-1)
+        if len(tail):
+            rest = (scores[tail] - log_total[tail]).exp().scatter(-1, top_tokens[tail], 0.0)
+            drawn[tail] = torch.multinomial(rest, 1).squeeze(-1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, drawn.unsqueeze(-1), 0.0)
+
+
 @dataclass
 class TokenizedCaptions:
     """Captions ready for teacher forcing. Shapes: ``[B, T]``; ``lengths[B]`` counts targets incl. EOS."""
@@ -153,18 +188,24 @@ class Student:
         if n > 1 and not sample and num_beams < n:
             raise ValueError(f"n={n} distinct captions need sample=True or num_beams >= n (got num_beams={num_beams})")
         self.model.eval()
-        kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=n, num_beams=num_beams)
-        if sample:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
+        if sample:  # greedy over a token drawn per sequence and step (see FastSampling)
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([FastSampling(temperature, top_p)])
         else:
-            kwargs.update(do_sample=False)
+            kwargs.update(num_beams=num_beams, num_return_sequences=n)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
         out: list[list[str]] = []
         for i in range(0, len(images), batch_size):
             pixels = self.pixel_values(images[i : i + batch_size])
             with autocast(self.device, self.precision):
-                ids = self.model.generate(pixel_values=pixels, **kwargs)
+                if sample:  # the encoder runs once per image; its states are repeated for the n samples
+                    states = self.model.encoder(pixel_values=pixels).last_hidden_state.repeat_interleave(n, dim=0)
+                    ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
+                else:
+                    ids = self.model.generate(pixel_values=pixels, **kwargs)
             text = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             out.extend(text[j : j + n] for j in range(0, len(text), n))
         return out
