@@ -30,6 +30,11 @@ class Critique:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def approves(self) -> bool:
+        """The critic found nothing wrong: no hallucinated, missing or miscounted object, a full score."""
+        return self.ok and not (self.hallucinated or self.missing or self.count_errors) and self.score >= 1.0
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["count_errors"] = {k: list(v) for k, v in self.count_errors.items()}

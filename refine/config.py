@@ -150,6 +150,9 @@ class CriticConfig:
 @dataclass
 class StepConfig:
     max_words: int = 20  # a refined caption is one sentence of at most this many words (10% tolerance)
+    # A caption the critic approves (no wrong, missing or miscounted object, full score) is kept as it is:
+    # a rewrite of it would make a pair that teaches wording, not grounding. True revises it anyway.
+    revise_approved: bool = False
 
     def validate(self) -> None:
         _require(self.max_words >= 1, "step.max_words", self.max_words, "must be >= 1")

@@ -82,6 +82,24 @@ def test_nothing_to_apply_leaves_the_caption():
     assert (empty.caption, empty.source) == ("a dog", "unchanged")
 
 
+def test_a_caption_the_critic_approves_is_not_rewritten(make_engine):
+    """A rewrite of a caption with nothing wrong ("a red circle, a red circle" -> "two red circles") would
+    become a pair that teaches wording, not grounding: it is kept, unless ``revise_approved``."""
+    approve = Critique(score=1.0, feedback="Keep them.", revision="two red circles")
+    kept = step.TextualStep().apply("a red circle, a red circle", approve)
+    assert (kept.caption, kept.changed, kept.meta["reason"]) == ("a red circle, a red circle", False,
+                                                               "the critic approves the caption")
+    assert step.TextualStep(revise_approved=True).apply("a red circle, a red circle", approve).caption == "two red circles"
+    # anything named wrong, or a score below full, is not approval
+    for critique in (Critique(score=1.0, feedback="", missing=["bus"], revision="x y"),
+                     Critique(score=0.8, feedback="The dog is sitting.", revision="a dog sitting")):
+        assert not critique.approves and step.TextualStep().apply("a dog", critique).changed
+    # feedback on an approved caption does not need (or call) the step's model
+    with FakeOpenAIServer(reply=lambda body: tagged("never")) as server:
+        results = step.TextualStep(make_engine(server)).apply_many(["a dog"], [Critique(score=1.0, feedback="Fine.")])
+        assert (results[0].caption, results[0].usage["requests"], len(server.requests)) == ("a dog", 0, 0)
+
+
 def test_feedback_without_an_engine_is_a_clear_error():
     with pytest.raises(ValueError, match="engine=ChatEngine"):
         step.TextualStep().apply("a dog", feedback_only())

@@ -244,10 +244,6 @@ def default_constraints(max_words: int = DEFAULT_MAX_WORDS) -> list[str]:
     return constraint_lines(load_template("step").render(max_words=max_words))
 
 
-def _needs_engine(critique: Critique) -> bool:
-    return critique.ok and not (critique.revision and critique.revision.strip()) and bool(gradient_text(critique))
-
-
 @dataclass
 class Refinement:
     """The step stage's row: a caption, what the step made of it, and why (``rounds/<k>/refined.jsonl``).
@@ -287,6 +283,7 @@ class TextualStep:
     role_description: str = CAPTION_ROLE
     gate: Any = None  # a Vocabulary: reject refinements that name none of its objects or are far shorter
     min_agreement: float = 0.5  # with several critiques per caption: the share of votes a refinement needs
+    revise_approved: bool = False  # also rewrite captions the critic approves (``Critique.approves``)
 
     def __post_init__(self):
         if self.constraints is None:
@@ -297,6 +294,8 @@ class TextualStep:
         failed call comes back as ``StepResult(error=...)`` with the original caption."""
         if not critique.ok:
             return StepResult(caption, caption, "unchanged", meta={"reason": f"critique failed: {critique.error}"})
+        if critique.approves and not self.revise_approved:
+            return StepResult(caption, caption, "unchanged", meta={"reason": "the critic approves the caption"})
         gradient = gradient_text(critique)
         if critique.revision and critique.revision.strip():
             revision = critique.revision.strip()
@@ -350,14 +349,18 @@ class TextualStep:
             result.caption = new_caption
         return result
 
+    def _needs_engine(self, critique: Critique) -> bool:
+        return (critique.ok and not (critique.approves and not self.revise_approved)
+                and not (critique.revision and critique.revision.strip()) and bool(gradient_text(critique)))
+
     def apply_many(self, captions: Sequence[str], critiques: Sequence[Critique]) -> list[StepResult]:
         """:meth:`apply` over pairs, ``max_concurrency`` at a time; a failing item is recorded, not raised.
         Identical (caption, feedback) items make identical prompts, so each is asked once."""
         if len(captions) != len(critiques):
             raise ValueError(f"{len(captions)} captions but {len(critiques)} critiques: pass one critique per caption")
-        if any(_needs_engine(c) for c in critiques):
+        if any(self._needs_engine(c) for c in critiques):
             if self.engine is None and not self.revisions_only:
-                self.apply(captions[0], next(c for c in critiques if _needs_engine(c)))  # raises the setup error
+                self.apply(captions[0], next(c for c in critiques if self._needs_engine(c)))  # raises the setup error
             import_textgrad()  # once, before the threads
 
         def one(pair: tuple[str, Critique]) -> StepResult:
@@ -460,4 +463,4 @@ def make_step(critic_cfg, step_cfg, gate=None, min_agreement: float = 0.5) -> Te
         engine = ChatEngine(critic_cfg.model or DEFAULT_OPENAI_MODEL, critic_cfg.base_url, critic_cfg.api_key_env,
                             timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
     return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None,
-                       gate=gate, min_agreement=min_agreement)
+                       gate=gate, min_agreement=min_agreement, revise_approved=step_cfg.revise_approved)

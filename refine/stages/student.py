@@ -18,6 +18,7 @@ GPT-2 pads with the EOS id.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,17 +38,24 @@ class FastSampling:
     (after a ``top_p`` nucleus, as transformers builds it), exactly, without ``torch.multinomial`` over
     the whole vocabulary (74% of a small student's captioning time on CPU).
 
-    With ``m`` the probability mass of the ``k`` likeliest tokens: with probability ``m`` the token is
-    drawn among them (a multinomial over ``k`` entries), else from the rest of the vocabulary (rare; a
-    full multinomial over the rows that need it). Each token keeps its probability: ``m · p/m`` or
-    ``(1 - m) · p/(1 - m)``. The whole-vocabulary work per step is one ``logsumexp`` and one ``topk``.
+    Each draw inverts the distribution's CDF at one uniform number ``u``, with the ``k`` likeliest tokens
+    ordered first: with ``m`` their probability mass, ``u < m`` picks among them (a cumulative sum over
+    ``k`` entries), else ``u - m`` picks from the rest of the vocabulary (rare; a full cumulative sum
+    over the rows that need it). The whole-vocabulary work per step is one ``logsumexp`` and one ``topk``.
     The processor returns scores that are 0 at the drawn token and -inf elsewhere, so greedy picks it.
+
+    ``uniforms`` (``[B, steps]``) fixes each sequence's numbers in advance, from its own seed: a
+    sequence's sample then depends on its seed alone, not on which other sequences share its batch, the
+    batch size, the chunk or the process (see :func:`image_uniforms`). Without it, the numbers come
+    from torch's global generator.
     """
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, k: int = 64):
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, k: int = 64,
+                 uniforms: torch.Tensor | None = None):
         if temperature <= 0 or not 0 < top_p <= 1 or k < 1:
             raise ValueError(f"temperature={temperature} must be > 0, top_p={top_p} in (0, 1], k={k} >= 1")
         self.temperature, self.top_p, self.k = temperature, top_p, k
+        self.uniforms, self.step = uniforms, 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
@@ -56,15 +64,41 @@ class FastSampling:
             probs = ordered.softmax(-1)
             beyond = probs.cumsum(-1) - probs >= self.top_p  # the tokens ranked after the nucleus is full
             scores = scores.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+        if self.uniforms is None:
+            u = torch.rand(scores.shape[0], device=scores.device)
+        else:
+            if self.step >= self.uniforms.shape[1]:
+                raise ValueError(f"FastSampling was given uniforms for {self.uniforms.shape[1]} steps; step {self.step + 1} needs more")
+            u = self.uniforms[:, self.step].contiguous().to(scores.device)
+        self.step += 1
         log_total = scores.logsumexp(-1, keepdim=True)
         top_scores, top_tokens = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
-        top_probs = (top_scores - log_total).exp()
-        drawn = top_tokens.gather(-1, torch.multinomial(top_probs, 1)).squeeze(-1)
-        tail = (torch.rand(scores.shape[0], device=scores.device) >= top_probs.sum(-1)).nonzero().squeeze(-1)
+        top_cdf = (top_scores - log_total).exp().cumsum(-1)  # [B, k]
+        mass = top_cdf[:, -1]
+        pick = torch.searchsorted(top_cdf, u.unsqueeze(-1).contiguous(), right=True).clamp(max=top_cdf.shape[-1] - 1)
+        drawn = top_tokens.gather(-1, pick).squeeze(-1)
+        tail = (u >= mass).nonzero().squeeze(-1)
         if len(tail):
             rest = (scores[tail] - log_total[tail]).exp().scatter(-1, top_tokens[tail], 0.0)
-            drawn[tail] = torch.multinomial(rest, 1).squeeze(-1)
+            rest_cdf = rest.cumsum(-1)
+            # Rounding can leave u - m at or past the rest's total; the last token with mass takes it.
+            target = torch.minimum((u[tail] - mass[tail]).unsqueeze(-1), rest_cdf[:, -1:] * (1 - 1e-6))
+            has_rest = rest_cdf[:, -1] > 0  # else all the mass was in the top k: keep that draw
+            index = torch.searchsorted(rest_cdf, target, right=True).squeeze(-1).clamp(max=rest.shape[-1] - 1)
+            drawn[tail[has_rest]] = index[has_rest]
         return torch.full_like(scores, float("-inf")).scatter(-1, drawn.unsqueeze(-1), 0.0)
+
+
+def image_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
+    """``[len(seeds) * n, steps]`` uniform numbers for ``n`` samples of each image, image ``i``'s rows from
+    its own generator seeded with ``seeds[i]``."""
+    return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit seed for one image's samples: the stage's seed and the image's id."""
+    digest = hashlib.blake2b(f"{seed}/{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass
@@ -180,20 +214,21 @@ class Student:
         max_new_tokens: int = 20,
         min_new_tokens: int = 0,
         batch_size: int = 16,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[str]]:
         """Caption each image ``n`` times: greedy (``n=1``), beam search, or ``n`` samples.
 
+        ``seeds`` (one per image) makes each image's samples a function of its seed alone, whatever
+        the batch; without it, sampling uses torch's global generator.
         Returns one list of ``n`` captions per image, in input order.
         """
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         if n > 1 and not sample and num_beams < n:
             raise ValueError(f"n={n} distinct captions need sample=True or num_beams >= n (got num_beams={num_beams})")
         self.model.eval()
         kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
-        if sample:  # greedy over a token drawn per sequence and step (see FastSampling)
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList([FastSampling(temperature, top_p)])
-        else:
+        if not sample:
             kwargs.update(num_beams=num_beams, num_return_sequences=n)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
@@ -201,7 +236,12 @@ class Student:
         for i in range(0, len(images), batch_size):
             pixels = self.pixel_values(images[i : i + batch_size])
             with autocast(self.device, self.precision):
-                if sample:  # the encoder runs once per image; its states are repeated for the n samples
+                if sample:  # greedy over a token drawn per sequence and step (see FastSampling)
+                    from transformers import LogitsProcessorList
+
+                    uniforms = None if seeds is None else image_uniforms(seeds[i : i + batch_size], n, max_new_tokens)
+                    kwargs["logits_processor"] = LogitsProcessorList([FastSampling(temperature, top_p, uniforms=uniforms)])
+                    # the encoder runs once per image; its states are repeated for the n samples
                     states = self.model.encoder(pixel_values=pixels).last_hidden_state.repeat_interleave(n, dim=0)
                     ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
                 else:
@@ -314,28 +354,29 @@ class EvalCaption:
 
 
 def caption_batches(student: Student, records: Sequence, cfg, samples: int = 0, num_beams: int = 1,
-                    progress: Callable[[int], None] = lambda n: None):
+                    progress: Callable[[int], None] = lambda n: None, seed: int = 0):
     """Yield ``(record, main caption, sampled captions)`` in order, ``cfg.batch_size`` images at a time:
-    the main caption with ``num_beams`` (1 = greedy), then ``samples`` sampled ones per image."""
+    the main caption with ``num_beams`` (1 = greedy), then ``samples`` sampled ones per image, drawn
+    from a generator per image seeded by ``(seed, image id)``."""
     for i in range(0, len(records), cfg.batch_size):
         batch = records[i : i + cfg.batch_size]
         images = [r.image for r in batch]
         main = student.caption(images, num_beams=num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         sampled = (student.caption(images, n=samples, sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                   seeds=[image_seed(seed, r.id) for r in batch])
                    if samples else [[] for _ in batch])
         yield from ((record, m[0], s) for record, m, s in zip(batch, main, sampled))
         progress(len(batch))
 
 
-def caption(student: Student, records: Sequence, cfg, seed: int | None = None,
+def caption(student: Student, records: Sequence, cfg, seed: int = 0,
             progress: Callable[[int], None] = lambda n: None) -> list[CaptionSet]:
-    """The caption stage: the main caption plus ``cfg.n_samples`` sampled captions per image; ``seed``
-    makes the samples reproducible (the loop passes one per run seed and round)."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    """The caption stage: the main caption plus ``cfg.n_samples`` sampled captions per image. An image's
+    samples depend only on ``seed`` (the loop passes one per run seed and round) and its id, not on the
+    order, batching or chunking of the images."""
     return [CaptionSet(r.id, main, samples) for r, main, samples in
-            caption_batches(student, records, cfg, cfg.n_samples, cfg.num_beams, progress)]
+            caption_batches(student, records, cfg, cfg.n_samples, cfg.num_beams, progress, seed)]
 
 
 def evaluate(student: Student, records: Sequence, cfg) -> list[EvalCaption]:
