@@ -5,7 +5,8 @@ the server's handler threads, and the server's JSON work would be billed to whic
 timed. Here the server runs in its own process, with the benchmark's reply function, and takes
 commands on stdin, one per line, answering each with one JSON line on stdout:
 
-- ``stats``: ``{"requests": N, "answered": N, "kinds": {"critique": N, "backward": N, "step": N}}``;
+- ``stats``: ``{"requests": N, "answered": N, "kinds": {"critique": N, "backward": N, "step": N},
+  "repeated": N}`` (repeated: requests whose body the server had received before);
 - ``reset``: forget recorded requests (``{"ok": true}``);
 - ``stop`` (or end of input): shut down.
 
@@ -71,7 +72,9 @@ def stats(server: FakeOpenAIServer) -> dict[str, Any]:
     with server._lock:  # the handler threads append under this lock
         bodies = list(server.requests)
         answered = len(server.responses)
-    return {"requests": len(bodies), "answered": answered, "kinds": dict(Counter(classify(b) for b in bodies))}
+    seen = Counter(json.dumps(b, sort_keys=True) for b in bodies)
+    return {"requests": len(bodies), "answered": answered, "kinds": dict(Counter(classify(b) for b in bodies)),
+            "repeated": sum(n - 1 for n in seen.values())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """``python -m bench.run`` (``make bench``): every benchmark section, one markdown table, ``results.json``.
 
 Sections (see bench/README.md): 1 critic stage against textgrad, 2 warm cache, 3 DPO step against an
-SFT step, 4 student captioning throughput, 5 regions, 6 GPU (skipped without CUDA).
+SFT step, 4 student captioning throughput, 5 regions, 6 GPU (skipped without CUDA), 7 scale (5,000
+images in bounded memory, the loop's overhead over the API floor, a kill -9 and resume).
 
 Every figure is measured over ``--reps`` repetitions (3 by default) and reported as median, min and
 max. Comparisons are ratios within one repetition of this run, never against numbers from another
@@ -32,7 +33,7 @@ from bench.measure import CPUSnapshot, Row, error_row, load_average, machine, ma
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR.parent / ".cache" / "bench"  # the project's scratch dir (git-ignored, `make clean` empties it)
-SECTIONS = ("critic", "dpo", "caption", "regions", "gpu")
+SECTIONS = ("critic", "dpo", "caption", "regions", "gpu", "scale")
 
 
 def setup_environment(workdir: Path) -> None:
@@ -79,7 +80,7 @@ def _values(rows: list[Row], section_prefix: str, name_prefix: str) -> list[floa
 
 def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Path,
                  model_dir: Path | None) -> tuple[list[Row], dict[str, Any]]:
-    from bench import captioning, critic_stage, dpo_step, gpu, regions_stage
+    from bench import captioning, critic_stage, dpo_step, gpu, regions_stage, scale
 
     rows: list[Row] = []
     log: dict[str, Any] = {}
@@ -109,7 +110,7 @@ def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Pat
 
     if "critic" in sections:
         section("1+2 critic stage, warm cache", lambda: critic_stage.run(reps, quick, workdir))
-    if {"dpo", "caption", "regions", "gpu"} & set(sections):
+    if {"dpo", "caption", "regions", "gpu", "scale"} & set(sections):
         section("build random ViT-GPT2 models", models_ready)
     if "dpo" in sections and models:
         section("3 DPO vs SFT step", lambda: dpo_step.run(models["main"], reps, models["size"]))
@@ -125,6 +126,8 @@ def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Pat
         section("5 regions", lambda: regions_stage.run(reps, quick, workdir, models["tiny"], estimate_from))
     if "gpu" in sections and models:
         section("6 GPU", lambda: gpu.run(models["main"], reps, quick, workdir))
+    if "scale" in sections and models:
+        section("7 scale", lambda: scale.run(1, quick, workdir, models["tiny"]))  # one rep: minutes each
     return rows, log
 
 

@@ -68,7 +68,10 @@ class CritiqueRequest:
 class Critic(Protocol):
     """Backends implement ``critique_many``; it must never raise for one bad item.
 
-    ``id`` names the backend and its model (part of every cache key).
+    ``id`` names the backend and its model (part of every cache key). The critique stage also reads,
+    when a backend has them: ``batch_size`` (requests per ``critique_many`` call; default 1),
+    ``max_concurrency`` (calls in flight; default 1) and ``free`` (True for local critics, which no
+    budget counts; default False).
     """
 
     id: str

@@ -141,6 +141,7 @@ class Florence2Critic:
         self.max_regions = max_regions
         self.batch_size = batch_size
 
+    free = True  # a local model: no budget counts it
     @property
     def params(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False}

@@ -128,7 +128,8 @@ def believe(caption: str, truth: Mapping[str, int | None], vocab: Vocabulary, no
 
 
 class GroundedCritic:
-    """``Critic`` backed by annotations or detections. Never raises for one item.
+    """``Critic`` backed by annotations or detections. Never raises for one item. Free and fast: the
+    critique stage hands it ``batch_size`` requests at a time.
 
     Args:
         vocabulary: the objects the caption is read for; default COCO's 80 with CHAIR's synonyms. Labels in
@@ -145,6 +146,9 @@ class GroundedCritic:
         self.vocabulary = vocabulary
         self.noise = noise
         self.seed = seed
+
+    free = True
+    batch_size = 64
 
     def truth_for(self, request: CritiqueRequest) -> tuple[dict[str, int], str] | None:
         """``(label -> count, source)`` with source "annotations" or "detector", or None."""

@@ -269,6 +269,7 @@ class OpenAIVLMCritic:
     judge_template: str = "judge"
     cache: DiskCache | None = None
     chat: OpenAIChat | None = field(default=None, repr=False)
+    batch_size = 1  # the critique stage keeps max_concurrency single requests in flight (not a field)
 
     def __post_init__(self):
         if self.max_concurrency < 1:
@@ -300,8 +301,8 @@ class OpenAIVLMCritic:
         A template that cannot be loaded is a setup error for the whole batch and does raise.
         """
         template = load_template(self.template)
-        if not requests:
-            return []
+        if len(requests) <= 1:  # the critique stage's case: it keeps the requests in flight itself
+            return [self._critique_safely(r, template) for r in requests]
         return map_concurrently(lambda r: self._critique_safely(r, template), requests, self.max_concurrency)
 
     def critique(self, request: CritiqueRequest) -> Critique:

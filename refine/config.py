@@ -205,6 +205,11 @@ class LoopConfig:
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     eval_images: str = ""  # optional held-out set, captioned greedily after every round
+    # For hf:DATASET image sets: the columns holding the image, the reference captions and the object
+    # annotations (empty: found by name; see refine.images.hf).
+    image_column: str = ""
+    caption_column: str = ""
+    objects_column: str = ""
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
     verify_refinements: bool = False  # critique each refined caption too; keep its pair only if it scores higher
     min_agreement: float = 0.5  # with critic.samples > 1: a refinement needs more than this share of votes

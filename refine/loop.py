@@ -6,8 +6,9 @@ only sequences them, records them through :class:`refine.runlog.RunLog`, and dra
 Before the run directory exists, everything that can be wrong with the input is checked and loaded:
 the config, the image sets, the student, the critic, the detector. A bad input therefore costs one
 clear line (exit 2) and leaves nothing behind. Once running, the run stops early, resumable, when a
-budget is spent (exit 0), when too many requests fail (exit 1) or on Ctrl-C (exit 130); nothing
-half-done is recorded, and ``--resume`` repeats no answered request.
+budget is spent (exit 0), when too many requests fail (exit 1) or on Ctrl-C (exit 130). Stages record
+their finished rows as they go (``RunLog.stream``), so a stop or a kill loses only the work in
+flight, and ``--resume`` repeats no answered request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,12 @@ from rich.markup import escape
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_config
 from refine.images import ImageSet, load_images, world_of
 from refine.infra.cache import DiskCache
+from refine.infra.distributed import Ranks
 from refine.infra.progress import RoundProgress, console
-from refine.infra.runlog import RunLog
+from refine.infra.runlog import RunLog, to_row
 from refine.metrics.summary import mean_score, summarize_round
 from refine.runs import render_round
-from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique
+from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
 from refine.stages.pairs import PreferencePair, build_pairs, to_verify
 from refine.stages.regions import find
@@ -61,38 +64,91 @@ class Parts:
     config: Config
     spend: Spend = field(default_factory=lambda: Spend(None))  # the paid calls against the budget
     region_cache: DiskCache = field(default_factory=lambda: DiskCache(namespace="regions"))
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place in a data-parallel launch
 
-    def paid(self, rows) -> dict[str, int]:
-        """The event fields of a stage that pays for requests: its calls, now counted as spent."""
-        return {"critic_calls": self.spend.settle()}
+    def shared_stream(self, log: RunLog, k: int, name: str, compute, record: type) -> list:
+        """A stage every process computes a share of (captions, eval). The main process records it; the
+        others learn from it which rows an earlier session recorded, so all cut the same todo."""
+        ranks = self.ranks
+        if ranks.world == 1:
+            return log.stream(k, name, compute, record)
+        if ranks.main:
+            if log.has_stage(k, name):
+                ranks.broadcast(None)
+                return log.read_stage(k, name, record)
+
+            def run(done, sink):
+                ranks.broadcast([r.image_id for r in done])
+                return compute(done, sink)
+
+            return log.stream(k, name, run, record)
+        ids = ranks.broadcast(None)
+        return [] if ids is None else compute([SimpleNamespace(image_id=i) for i in ids], lambda rows: None)
+
+    def paid_stream(self, log: RunLog, k: int, name: str, compute, record: type) -> list:
+        """A streaming stage that pays for requests (critiques, steps, verification). Calls of rows an
+        earlier session recorded were counted when this session started (from the partial file); the
+        ``stage_done`` event records them with this session's, and the partial file then goes."""
+        carried = 0
+
+        def run(done, sink):
+            nonlocal carried
+            carried = sum(row_calls(to_row(r)) for r in done)
+
+            def recorded(rows):
+                sink(rows)
+                self.spend.recorded += sum(row_calls(to_row(r)) for r in rows)
+
+            return compute(done, recorded)
+
+        return log.stream(k, name, run, record, lambda rows: {"critic_calls": carried + self.spend.settle()})
+
+    def regions_for(self, record):
+        """The regions stage for one image (detections cached on disk), or None without a detector."""
+        if self.detector is None:
+            return None
+        return find([record], self.detector, self.config.regions, self.region_cache)[0]
 
     def reload_student(self, path: Path):
         cfg = self.config.student
-        return load_student(path, cfg.device, cfg.precision, cfg.static_cache)
+        return load_student(path, _device(cfg.device, self.ranks), cfg.precision, cfg.static_cache)
 
 
 def run(argv: list[str] | None = None) -> RunLog:
+    """A run, or its resume. Under ``accelerate launch`` / ``torchrun`` every process runs this: all
+    check the input alike (a bad one fails everywhere before anything is written), the main process
+    alone writes the run directory and talks to the critic, and all share captioning and the update."""
     config, args = load_config(argv)
+    ranks = Ranks.from_env()
     with ExitStack() as held:
         if args.resume:
             log, config, changes = _reopen(config, args)
-            held.enter_context(log.lock())
+            log.writer = ranks.main
+            if ranks.main:
+                held.enter_context(log.lock())
             if log.is_done():
-                console.print(f"{escape(str(log.root))} is complete; nothing to resume.")
+                if ranks.main:
+                    console.print(f"{escape(str(log.root))} is complete; nothing to resume.")
                 return log
         else:
-            config.loop.run_id = config.loop.run_id or (
-                f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.loop.images).name.replace(':', '-')}")
+            config.loop.run_id = ranks.broadcast(config.loop.run_id or (
+                f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.loop.images).name.replace(':', '-')}"))
             absolute_paths(config)
-            RunLog.check_new(config.loop.runs_dir, config.loop.run_id)
+            if ranks.main:
+                RunLog.check_new(config.loop.runs_dir, config.loop.run_id)
             log, changes = None, {}
-        parts = _load_parts(config, log)
-        for note in parts.images.notes:
-            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        parts = _load_parts(config, log, ranks)
+        if ranks.main:
+            for note in parts.images.notes:
+                console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         if log is None:
-            log = RunLog.create(config.loop.runs_dir, config.loop.run_id, config.to_json())
-            held.enter_context(log.lock())
-        else:
+            if ranks.main:
+                log = RunLog.create(config.loop.runs_dir, config.loop.run_id, config.to_json())
+                held.enter_context(log.lock())
+            ranks.barrier()  # the others open the run once it exists
+            if not ranks.main:
+                log = RunLog(Path(config.loop.runs_dir) / config.loop.run_id, writer=False)
+        elif ranks.main:
             torn = log.repair_events()
             if torn:
                 console.print(f"[yellow]warning:[/] {escape(str(log.root))}/events.jsonl: dropped {len(torn)} torn "
@@ -109,26 +165,29 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
     resume = f"python -m refine.loop --resume {log.root}"
     try:
         _rounds(log, config, parts)
+    except RunStopped:  # another process's stop, relayed by the main one
+        raise
     except BudgetExhausted as stop:
-        log.event("budget_stop", round=log.completed_rounds(), critic_calls=parts.spend.settle())
+        log.event("budget_stop", round=log.completed_rounds(), critic_calls=parts.spend.settle_stop())
         console.print(f"[yellow]Critic-call budget reached[/] ({stop}; {parts.spend.spent} of "
                       f"{config.loop.max_critic_calls} calls spent over the whole run). Continue with a larger "
                       f"total: {escape(resume)} --max-critic-calls N", soft_wrap=True)
     except KeyboardInterrupt:
-        log.event("interrupted", completed_rounds=log.completed_rounds(), critic_calls=parts.spend.settle())
-        raise RunStopped(f"Interrupted. Nothing half-done was recorded. Continue with: {resume}", 130) from None
+        log.event("interrupted", completed_rounds=log.completed_rounds(), critic_calls=parts.spend.settle_stop())
+        raise RunStopped(f"Interrupted. Finished work is recorded. Continue with: {resume}", 130) from None
     except TooManyFailures as stop:
         log.event("failure_stop", stage=stop.stage, failures=stop.failures, total=stop.total,
-                  first_error=stop.first_error, critic_calls=parts.spend.settle())
+                  first_error=stop.first_error, critic_calls=parts.spend.settle_stop())
         raise RunStopped(f"Stopped: {stop}. More than loop.max_failure_share={config.loop.max_failure_share} "
                          "of the round failed; finished answers are cached. Fix the cause, then continue with: "
                          f"{resume} (settings such as --critic.base_url=URL or --critic.timeout=S may change on "
                          "resume)", 1) from None
     except Exception as e:  # anything else mid-run: not an input error; keep what finished, say where to look
         trace = log.root / "crash.log"
-        trace.write_text(traceback.format_exc())
+        if log.writer:
+            trace.write_text(traceback.format_exc())
         log.event("crashed", completed_rounds=log.completed_rounds(), error=f"{type(e).__name__}: {e}",
-                  critic_calls=parts.spend.settle())
+                  critic_calls=parts.spend.settle_stop())
         raise RunStopped(f"Stopped by an error: {type(e).__name__}: {e}. Finished stages are kept; the traceback "
                          f"is in {trace}. Fix the cause, then continue with: {resume}", 1) from e
 
@@ -138,6 +197,11 @@ def absolute_paths(config: Config) -> None:
     def absolute(value: str) -> str:
         if not value or world_of(value) or value == "coco_val10":
             return value
+        if value.startswith("hf:"):  # a saved dataset or imagefolder path; a hub name stays as it is
+            from refine.images.hf import parse
+
+            name, split = parse(value)
+            return "hf:" + absolute(name) + (f":{split}" if split else "")
         if Path(value).expanduser().exists():
             return str(Path(value).expanduser().resolve())
         if any(ch in value for ch in "*?[") and not Path(value).is_absolute():  # a glob
@@ -152,32 +216,33 @@ def absolute_paths(config: Config) -> None:
 
 
 def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
-    """The rounds: caption, find regions, critique, step, build pairs, update, score, record."""
-    loop, cfg, records, student = config.loop, config.student, parts.images.records, parts.student
-    vocab, pixels = parts.images.vocabulary(), {r.id: r.image for r in records}
+    """The rounds: caption, find regions, critique, step, build pairs, update, score, record.
+
+    In a data-parallel run every process captions its share and trains; the main process alone asks
+    the critic (regions, critiques, steps, pairs) while the others wait for its pairs.
+    """
+    loop, cfg, records, student, ranks = config.loop, config.student, parts.images.records, parts.student, parts.ranks
+    vocab, pixels = parts.images.vocabulary(), parts.images.pixels()
     for k in range(log.completed_rounds(), loop.rounds):
-        with RoundProgress() as bars:
-            evaluation = log.stage(k, "eval", lambda: evaluate(student, parts.eval_images.records, cfg), EvalCaption) \
-                if parts.eval_images else []
-            captions = log.stage(k, "captions", lambda: caption(student, records, cfg, loop.seed * 1_000_003 + k,
-                                                                bars.add("caption", len(records))), CaptionSet)
-            regions = log.stage(k, "regions", lambda: find(records, parts.detector, config.regions, parts.region_cache),
-                               persist=False) \
-                if parts.detector else []
-            critiques = log.stage(k, "critiques", lambda: critique(
-                parts.critic, records, captions, {r.image_id: r for r in regions}, parts.spend,
-                progress=bars.add("critique", len(records) * (1 + cfg.n_samples) * config.critic.samples),
-                max_failure_share=loop.max_failure_share, samples=config.critic.samples), CritiqueRow, parts.paid)
-            refined = log.stage(k, "refined", lambda: parts.step.refine(
-                captions, critiques, loop.refine_samples, loop.max_failure_share, parts.spend), Refinement, parts.paid)
-            verified = log.stage(k, "verify", lambda: critique(
-                parts.critic, records, to_verify(refined), {r.image_id: r for r in regions}, parts.spend,
-                max_failure_share=loop.max_failure_share), CritiqueRow, parts.paid) if loop.verify_refinements else None
-            pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                              loop.swap_pairs, verified), PreferencePair)
-            log.keep_best(k, student, mean_score(critiques))
+        with RoundProgress(enabled=ranks.main) as bars:
+            evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
+                student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
+            captions = parts.shared_stream(log, k, "captions", lambda done, sink: caption(
+                student, records, cfg, loop.seed * 1_000_003 + k, bars.add("caption", len(records)), done, sink, ranks),
+                CaptionSet)
+            if ranks.main:
+                with _relay_stops(ranks):
+                    critiques, refined, verified, pairs = _judge(log, k, config, parts, captions, bars)
+                ranks.broadcast(pairs)
+                log.keep_best(k, student, mean_score(critiques))
+            else:
+                pairs = ranks.broadcast(None)
+                if isinstance(pairs, RunStopped):
+                    raise pairs
             student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
                                                                           in_place=True), parts.reload_student)
+        if not ranks.main:
+            continue
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
                                   log.stage_seconds(k), verified)
         log.finish_round(k, metrics)
@@ -185,8 +250,11 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
         if not pairs:
             console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
                           "so the student did not change this round")
-    if parts.eval_images and not log.has_stage(loop.rounds, "eval"):
-        log.stage(loop.rounds, "eval", lambda: evaluate(student, parts.eval_images.records, cfg), EvalCaption)
+    if parts.eval_images:
+        parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
+            student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption)
+    if not ranks.main:
+        return
     pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
     log.event("run_done", pairs=pairs_made)
     if pairs_made == 0 and loop.rounds > 0:
@@ -194,6 +262,36 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                       "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
     console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
                   f"{escape(str(log.root))}", soft_wrap=True)
+
+
+def _judge(log: RunLog, k: int, config: Config, parts: Parts, captions: list[CaptionSet], bars: RoundProgress):
+    """The main process's part of a round: critiques (with regions), steps, verification, pairs."""
+    loop, records = config.loop, parts.images.records
+    critiques = parts.paid_stream(log, k, "critiques", lambda done, sink: critique(
+        parts.critic, records, captions, parts.regions_for, parts.spend,
+        bars.add("critique", len(records) * (1 + config.student.n_samples) * config.critic.samples),
+        loop.max_failure_share, config.critic.samples, done, sink), CritiqueRow)
+    refined = parts.paid_stream(log, k, "refined", lambda done, sink: parts.step.refine(
+        captions, critiques, loop.refine_samples, loop.max_failure_share, parts.spend, done, sink), Refinement)
+    verified = parts.paid_stream(log, k, "verify", lambda done, sink: critique(
+        parts.critic, records, to_verify(refined), parts.regions_for, parts.spend,
+        max_failure_share=loop.max_failure_share, done=done, sink=sink), CritiqueRow) if loop.verify_refinements else None
+    pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
+                                                      loop.swap_pairs, verified), PreferencePair)
+    return critiques, refined, verified, pairs
+
+
+@contextmanager
+def _relay_stops(ranks: Ranks) -> Iterator[None]:
+    """When the main process stops mid-round (budget, failures, Ctrl-C, an error), the others, waiting for
+    its pairs, get a ``RunStopped`` with the exit status instead, and stop too."""
+    try:
+        yield
+    except BaseException as e:
+        if ranks.world > 1:
+            code = {BudgetExhausted: 0, KeyboardInterrupt: 130}.get(type(e), 1)
+            ranks.broadcast(RunStopped("", code))
+        raise
 
 
 def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
@@ -222,33 +320,46 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     return log, config.validate(), changes
 
 
-def _load_parts(config: Config, log: RunLog | None) -> Parts:
+def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) -> Parts:
     """Load and check every input of the run; raises (ValueError / OSError) before anything is written.
-    The cheap checks come first, the student (the slowest load) last."""
+    The cheap checks come first, the student (the slowest load) last. In a data-parallel run only the
+    main process loads the critic and the detector, and each process puts its student on its device."""
+    ranks = ranks or Ranks()
     from critics import make_critic
     from refine.stages.regions import load_detector
 
     loop = config.loop
-    images = load_images(loop.images, loop.coco_root or None)
-    eval_images = load_images(loop.eval_images, flag="--loop.eval_images") if loop.eval_images else None
+    from refine.images.hf import Columns
+
+    columns = Columns(loop.image_column, loop.caption_column, loop.objects_column)
+    images = load_images(loop.images, loop.coco_root or None, columns=columns)
+    eval_images = load_images(loop.eval_images, flag="--loop.eval_images", columns=columns) if loop.eval_images else None
     if log is not None and log.has_stage(0, "captions"):
         gone = sorted({r["image_id"] for r in log.read_stage(0, "captions")} - {r.id for r in images.records})
         if gone:
             raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of the run are no longer in {loop.images} "
                              f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore them, or start a new run")
-    critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
-    step = make_step(config.critic, config.step, images.vocabulary() if loop.pair_gate else None, loop.min_agreement)
-    if loop.use_regions and not images.detectable:
-        console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
-    detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
+    critic = step = detector = None
+    if ranks.main:
+        critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
+        step = make_step(config.critic, config.step, images.vocabulary() if loop.pair_gate else None, loop.min_agreement)
+        if loop.use_regions and not images.detectable:
+            console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
+        detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
     source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
     cfg = config.student
-    student = load_student(source, cfg.device, cfg.precision, cfg.static_cache)
+    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)
     if student.positions and cfg.max_new_tokens >= student.positions:
         raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds "
                           f"{student.positions} tokens, the start token included; use at most {student.positions - 1}")
-    spend = Spend(loop.max_critic_calls or None, log.critic_calls() if log is not None else 0)
-    return Parts(images, eval_images, student, critic, step, detector, config, spend)
+    # A stop records only the calls that no partial row holds (see Spend), so count both.
+    spend = Spend(loop.max_critic_calls or None, log.critic_calls(row_calls) if log is not None else 0)
+    return Parts(images, eval_images, student, critic, step, detector, config, spend, ranks=ranks)
+
+
+def _device(setting: str, ranks: Ranks) -> str:
+    """``student.device``; ``auto`` in a data-parallel launch is this process's own device (cuda:<local rank>)."""
+    return str(ranks.device) if setting == "auto" and ranks.device is not None else setting
 
 
 @contextmanager
@@ -262,7 +373,7 @@ def _second_interrupt_exits() -> Iterator[None]:
         presses += 1
         if presses > 1:
             os._exit(130)
-        console.print("[yellow]Stopping: queued requests cancelled, nothing half-done is recorded "
+        console.print("[yellow]Stopping: queued requests cancelled, finished work is recorded "
                       "(press Ctrl-C again to quit at once) …[/]")
         raise KeyboardInterrupt
 
@@ -288,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(argv)
         except RunStopped as stop:
-            console.print(("[red]" if stop.code != 130 else "[yellow]") + escape(str(stop)) + "[/]", soft_wrap=True)
+            if str(stop):  # the other processes of a data-parallel run stop silently with the main one
+                console.print(("[red]" if stop.code != 130 else "[yellow]") + escape(str(stop)) + "[/]", soft_wrap=True)
             if stop.code == 130:
                 _exit_now(130)
             return stop.code

@@ -1,7 +1,8 @@
-"""The DPO update data-parallel on 2 CPU processes: gradients are synced across ranks.
+"""Data parallelism on 2 CPU processes: the DPO update, and the whole loop, match one process.
 
-`accelerate launch` on CPU needs MPI for more than one process, so the test starts the ranks with
-torchrun (gloo); the script uses the same `Accelerator` that `accelerate launch` configures on GPUs.
+`accelerate launch` on CPU needs MPI for more than one process, so the tests start the ranks with
+torchrun (gloo); the code uses the same `Accelerator` / `PartialState` that `accelerate launch`
+configures on GPUs.
 """
 
 import json
@@ -10,18 +11,64 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_update_data_parallel_on_two_cpu_processes(tiny_student_dir, tmp_path):
-    script = Path(__file__).parent / "scripts" / "ddp_update.py"
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_update.py"
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", str(script), str(tiny_student_dir), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in range(2)]
-    assert all(r["world"] == 2 for r in ranks)
-    # 4 pairs sharded over 2 ranks, batch 2, 3 epochs: 3 steps each.
-    assert [r["steps"] for r in ranks] == [3, 3]
+           "--rdzv-endpoint", "127.0.0.1:0", *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_update_on_two_processes_matches_one(tiny_student_dir, tmp_path):
+    two = torchrun(str(SCRIPT), str(tiny_student_dir), str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(SCRIPT), str(tiny_student_dir), str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank-{i}.json").read_text()) for i in range(2)]
+    single = json.loads((tmp_path / "one" / "rank-0.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    # 7 pairs in batches of 3 for 2 epochs: 3 steps an epoch on every process, as on one.
+    assert [len(r["history"]) for r in ranks] == [6, 6] == [len(single["history"])] * 2
     assert all(r["changed"] for r in ranks)
-    # Each rank saw different pairs; identical weights afterwards mean the gradients were all-reduced.
+    # The ranks agree exactly (gradients all-reduced), and with one process up to float rounding.
     assert ranks[0]["first"] == ranks[1]["first"] and ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["first"] == pytest.approx(single["first"], rel=1e-4, abs=1e-6)
+    for two_step, one_step in zip(ranks[0]["history"], single["history"]):
+        assert two_step == pytest.approx(one_step, rel=1e-4, abs=1e-5)
+
+
+def test_the_whole_loop_on_two_processes_writes_the_run_of_one(tiny_student_dir, tmp_path):
+    """`torchrun -m refine.loop`: captions and the update shared by 2 processes, the critic asked by the
+    main one, one run directory. Given the seed it holds what a 1-process run writes: the same
+    captions, critiques and pairs, the update's metrics equal up to float rounding."""
+    from refine.infra.runlog import RunLog
+
+    def args(run_id):
+        return ["--images", "shapes:10", "--rounds", "2", f"--student.model={tiny_student_dir}",
+                f"--loop.runs_dir={tmp_path / 'runs'}", f"--loop.run_id={run_id}", "--student.n_samples=2",
+                "--student.batch_size=3", "--student.max_new_tokens=8", "--student.temperature=1.5",
+                "--loop.refine_samples=true", "--update.batch_size=3", "--update.epochs=2", "--update.lr=1e-3",
+                "--loop.eval_images=shapes-val:5", "--student.device=cpu"]
+
+    two = torchrun("-m", "refine.loop", *args("two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "refine.loop", *args("one")], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = RunLog(tmp_path / "runs" / "one"), RunLog(tmp_path / "runs" / "two")
+    assert a.status() == b.status() == "done"
+    for k in range(2):
+        for stage in ("eval", "captions", "pairs"):
+            assert a.read_stage(k, stage) == b.read_stage(k, stage), (k, stage)
+        assert [r["critique"]["score"] for r in a.read_stage(k, "critiques")] == \
+            [r["critique"]["score"] for r in b.read_stage(k, "critiques")]
+        assert a.read_stage(k, "pairs"), "the test must train on something"
+        for x, y in zip(a.read_stage(k, "update"), b.read_stage(k, "update"), strict=True):
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+    assert a.read_stage(2, "eval") == b.read_stage(2, "eval")
+    assert not list((tmp_path / "runs").glob("two/**/*.partial.jsonl"))

@@ -141,7 +141,9 @@ def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):
 
 def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir, tmp_path, monkeypatch):
     """The budget counts paid calls (critiques and textgrad steps that reached the API), each once over
-    the whole run, resumes included: the events' sum is what the server received."""
+    the whole run, resumes included: the events' sum (with the calls of rows recorded by a stage that
+    stopped) is what the server received."""
+    from refine.stages.critique import row_calls
     from test_trust import critique_reply
 
     from refine.offline.devserver import FakeOpenAIServer
@@ -153,8 +155,9 @@ def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir
         log = loop.run(_args(manifest, tiny_student_dir, runs_dir, "--loop.use_regions=false", "--max-critic-calls",
                              "3", *openai))
         events = log.events()
-        assert events[-1]["event"] == "budget_stop" and events[-1]["critic_calls"] == 3 == server.request_count
+        assert events[-1]["event"] == "budget_stop" and log.critic_calls(row_calls) == 3 == server.request_count
         assert log.has_stage(0, "captions") and not log.has_stage(0, "critiques")
+        assert len(list(log.partial_rows())) == 3  # the answers are recorded; a resume does not ask again
         assert runs.main(["--runs-dir", str(runs_dir), "list"]) == 0
 
         loop.run(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])

@@ -13,6 +13,7 @@ from refine.images.shapes import (
     canonical_objects,
     cell_box,
     describe,
+    lazy_records,
     make_scenes,
     parse_spec,
     records,
@@ -139,6 +140,18 @@ def test_records_carry_annotations_and_reference():
         scene.image.save(buf, format="PNG")
         assert rec.sha256 == hashlib.sha256(buf.getvalue()).hexdigest()
         assert rec.image.tobytes() == scene.image.tobytes()
+
+
+def test_lazy_records_draw_the_same_scenes_on_demand():
+    from refine.images.records import PIXELS
+
+    eager, lazy = records(make_scenes(3, "heldout")), lazy_records(3, "heldout")
+    assert [(r.id, r.sha256, r.objects, r.references) for r in lazy] == \
+        [(r.id, r.sha256, r.objects, r.references) for r in eager]
+    assert all(callable(r.source) for r in lazy)  # no pixels held by the record itself
+    before = PIXELS.decodes
+    assert [r.image.tobytes() for r in lazy] == [r.image.tobytes() for r in eager]
+    assert PIXELS.decodes == before + 3
 
 
 def test_parse_spec():

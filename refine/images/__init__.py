@@ -8,7 +8,7 @@ and CHAIR all read captions with (:func:`object_vocabulary`).
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +33,31 @@ class ImageSet:
         """Whether the regions stage can help: a detector exists for photos, not for the shapes world."""
         return self.world is None
 
+    def pixels(self) -> PixelMap:
+        """``{id: image}`` that decodes on lookup (through the bounded pixel cache), for the update."""
+        return PixelMap({r.id: r for r in self.records})
+
     def labels(self) -> set[str]:
         return {label for r in self.records for label in (r.objects or {})}
 
     def vocabulary(self):
         return object_vocabulary(self.world, self.labels())
+
+
+class PixelMap(Mapping):
+    """A read-only ``{image id: PIL image}`` whose values are decoded when looked up."""
+
+    def __init__(self, records: Mapping[str, ImageRecord]):
+        self._records = records
+
+    def __getitem__(self, key: str):
+        return self._records[key].image
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def world_of(spec: str) -> str | None:
@@ -58,17 +78,24 @@ def object_vocabulary(world: str | None, labels: Iterable[str] = ()):
     return coco_vocabulary().extended(sorted(set(labels)))
 
 
-def load_images(spec: str, coco_root: str | None = None, flag: str = "--images") -> ImageSet:
+def load_images(spec: str, coco_root: str | None = None, flag: str = "--images", columns=None) -> ImageSet:
     """Resolve an image-set spec: a named set (``coco_val10``, ``shapes[:N]``, ``shapes-heldout[:N]``), a
-    folder, a glob, or a ``.jsonl`` manifest. Bad files are skipped with a note; a spec that names nothing
-    usable, or no image at all, is a ``ValueError`` naming ``flag`` (the setting it came from)."""
-    images = _load(spec, coco_root, flag)
+    folder (with its subfolders), a glob, a ``.jsonl`` manifest, or a Hugging Face dataset
+    (``hf:NAME_OR_PATH[:split]``, its columns named by ``columns``: :class:`refine.images.hf.Columns`).
+    Records hold no pixels (they are decoded when a stage asks). Bad files are skipped with a note; a
+    spec that names nothing usable, or no image at all, is a ``ValueError`` naming ``flag`` (the setting
+    it came from)."""
+    images = _load(spec, coco_root, flag, columns)
     if not images.records:
         raise ValueError(f"{flag} {spec}: the image set is empty; name at least one image")
     return images
 
 
-def _load(spec: str, coco_root: str | None, flag: str) -> ImageSet:
+def _load(spec: str, coco_root: str | None, flag: str, columns) -> ImageSet:
+    if spec.startswith("hf:"):
+        from refine.images.hf import Columns, load_dataset_records
+
+        return ImageSet(spec, *load_dataset_records(spec, columns or Columns(), flag))
     if spec == "coco_val10":
         from refine.images.coco import load_coco_val10
 
@@ -77,17 +104,17 @@ def _load(spec: str, coco_root: str | None, flag: str) -> ImageSet:
         from refine.images import shapes
 
         split, n, seed = shapes.parse_spec(spec)
-        return ImageSet(spec, shapes.records(shapes.make_scenes(n, split=split, seed=seed)))
+        return ImageSet(spec, shapes.lazy_records(n, split=split, seed=seed))
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
         return ImageSet(spec, *load_manifest(path, flag))
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    if path.is_dir():  # with its subfolders
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         return ImageSet(spec, *_records_from_paths(files, spec, flag))
     matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
     if matches:
         return ImageSet(spec, *_records_from_paths(matches, spec, flag))
     raise ValueError(
         f"{flag} {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
-        "folder, a .jsonl manifest, or a glob that matches files"
+        "folder, a .jsonl manifest, a glob that matches files, or hf:DATASET[:split]"
     )

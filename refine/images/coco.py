@@ -28,10 +28,11 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from refine.images.records import ImageRecord, decode, sha256_bytes
+from refine.images.records import ImageRecord, load_path, sha256_bytes
 from refine.infra.cache import default_cache_dir
 from refine.infra.runlog import atomic_write_bytes
 
@@ -388,7 +389,7 @@ def load_coco_val10(
                 rid,
                 path,
                 actual,
-                decode(data, str(path)),
+                partial(load_path, path),
                 objects=dict(entry["objects"]),
                 references=list(entry["references"]),
             )

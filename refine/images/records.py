@@ -1,13 +1,21 @@
-"""The image record (the leaf type every stage passes around) and decoding.
+"""The image record (the leaf type every stage passes around), decoding, and the bounded pixel cache.
 
 An id is unique within its set: two different pictures must never share one, or one picture's
 captions would be critiqued against the other's pixels (``refine.images.files`` makes file ids).
+
+A record holds its pixels lazily: its ``source`` is a decoded image (small generated ones, tests) or a
+loader that decodes them when a stage asks for ``record.image``. Decoded images live in one
+process-wide LRU cache bounded in bytes (:data:`PIXELS`), so a set of a million files costs its ids,
+hashes and annotations in memory, and at most the cache's worth of pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +23,68 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-@dataclass
+class PixelCache:
+    """Decoded images by key, least recently used first out once they hold more than ``max_bytes``
+    (width × height × 3 each). Thread-safe: critique threads and the main thread share it. Two threads
+    asking for the same missing image may both decode it; the second result replaces the first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+        self.decodes = 0  # how many times a loader ran (the benchmark and tests read it)
+
+    def get(self, key: tuple, load: Callable[[], Image.Image]) -> Image.Image:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        image = load()
+        size = image.width * image.height * 3
+        with self._lock:
+            self.decodes += 1
+            if key in self._items:
+                self.bytes -= _size(self._items.pop(key))
+            self._items[key] = image
+            self.bytes += size
+            while self.bytes > self.max_bytes and len(self._items) > 1:
+                self.bytes -= _size(self._items.popitem(last=False)[1])
+        return image
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
+def _size(image: Image.Image) -> int:
+    return image.width * image.height * 3
+
+
+# 256 MiB: a few hundred camera photos, far more than a stage holds at once (one batch of the student,
+# or the critic's requests in flight). REFINE_PIXEL_CACHE_MB changes it.
+PIXELS = PixelCache(int(float(os.environ.get("REFINE_PIXEL_CACHE_MB", "256")) * 2**20))
+
+
+@dataclass(eq=False)
 class ImageRecord:
+    """One image of a set. ``source`` is the decoded image, a zero-argument loader that decodes it
+    (kept in :data:`PIXELS` while it is in use), or None (a record whose pixels are gone)."""
+
     id: str
     path: Path | None
     sha256: str  # of the encoded file bytes (or of the PNG encoding for generated images)
-    image: Image.Image  # decoded, EXIF-transposed, RGB
+    source: Image.Image | Callable[[], Image.Image] | None
     objects: dict[str, int] | None = None  # annotated label -> count, when known
     references: list[str] = field(default_factory=list)  # reference captions, when known
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The pixels: decoded, EXIF-transposed, 8-bit RGB."""
+        source = self.source
+        if source is None or isinstance(source, Image.Image):
+            return source
+        return PIXELS.get((self.id, self.sha256), source)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -65,11 +127,58 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
+_INDEX: dict[Path, object] = {}
+INDEX_VERSION = 1  # bump when what ``decode`` accepts changes
+
+
+def image_index():
+    """The image index: what is known about an image source (its sha256, or why it does not decode),
+    in the cache directory's ``image-index`` store."""
+    from refine.infra.cache import DiskCache, default_cache_dir
+
+    directory = default_cache_dir()
+    if directory not in _INDEX:
+        _INDEX[directory] = DiskCache(namespace="image-index")
+    return _INDEX[directory].store
+
+
+def checked(path: Path) -> str:
+    """The sha256 of an image file that decodes, else ``ValueError`` naming it. Each file is read and
+    decoded once per (path, size, mtime): the answer is kept in the :func:`image_index`, so a set of a
+    million files is loaded again (a resume, a score) without reading them."""
+    from refine.infra.cache import cache_key
+
     path = Path(path)
-    data = path.read_bytes()
-    return ImageRecord(id or printable(path.stem), path, sha256_bytes(data), decode(data, printable(str(path))),
-                       **extra)
+    stat = path.stat()
+    key = cache_key("image-index", INDEX_VERSION, os.fsencode(path.resolve()).hex(), stat.st_size, stat.st_mtime_ns)
+    index = image_index()
+    known = index.get(key)
+    if known is None:
+        data = path.read_bytes()
+        try:
+            decode(data, printable(str(path)))
+            known = {"sha256": sha256_bytes(data)}
+        except ValueError as e:
+            known = {"error": str(e)}
+        index.set(key, known)
+    if "error" in known:
+        raise ValueError(known["error"])
+    return known["sha256"]
+
+
+def load_path(path: Path) -> Image.Image:
+    """Decode one image file (the loader of a file's record)."""
+    return decode(Path(path).read_bytes(), printable(str(path)))
+
+
+def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
+    """A lazy record of an image file. The file is read and decoded once here, to hash it and to find a
+    broken file before the run starts, then its pixels are dropped; :func:`refine.images.files.checked`
+    remembers both results for files it has seen, so loading a large set again reads nothing."""
+    from functools import partial
+
+    path = Path(path)
+    return ImageRecord(id or printable(path.stem), path, checked(path), partial(load_path, path), **extra)
 
 
 def record_from_image(id: str, image: Image.Image, **extra) -> ImageRecord:

@@ -219,10 +219,29 @@ def make_scenes(n: int, split: str = "train", seed: int = 0, objects: tuple[int,
 
 
 def records(scenes: Iterable[Scene]) -> list[ImageRecord]:
-    """Scenes as image records with their annotations and reference caption."""
+    """Scenes as image records with their annotations and reference caption (pixels kept in memory)."""
     return [
         record_from_image(s.id, s.image, objects=dict(s.objects), references=[s.caption]) for s in scenes
     ]
+
+
+def lazy_records(n: int, split: str = "train", seed: int = 0, objects: tuple[int, int] = (1, 6)) -> list[ImageRecord]:
+    """The first ``n`` scenes of ``split`` as records that draw their pixels again when asked (a scene is
+    a pure function of its index), so a large set keeps only ids, hashes and annotations in memory."""
+    from functools import partial
+
+    _validate(n, split, objects)
+    out = []
+    for i in range(n):
+        scene = make_scene(i, split, seed, objects)
+        record = record_from_image(scene.id, scene.image, objects=dict(scene.objects), references=[scene.caption])
+        record.source = partial(_scene_image, i, split, seed, objects)
+        out.append(record)
+    return out
+
+
+def _scene_image(index: int, split: str, seed: int, objects: tuple[int, int]) -> Image.Image:
+    return make_scene(index, split, seed, objects).image.convert("RGB")
 
 
 # What a bare "shapes" / "shapes-val" / "shapes-heldout" means: the loop's 300 training scenes (the

@@ -1,4 +1,4 @@
-"""Thread-pool mapping that stops at once: the one place the engine runs work concurrently.
+"""Thread pools that stop at once: the one place the engine runs work concurrently.
 
 ``concurrent.futures``' own ``with ThreadPoolExecutor() as pool`` waits, on any exception, for every
 submitted task, queued ones included. With a hanging API that is minutes after a Ctrl-C (each queued
@@ -9,8 +9,9 @@ command line then exits without waiting for them (see ``refine.loop.main``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,3 +36,32 @@ def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int)
         raise
     pool.shutdown(wait=True)
     return results
+
+
+def stream_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` pairs as they finish, with up to ``max_workers`` running at once: a pool
+    with no barrier, for stages bound by an API.
+
+    ``items`` is read lazily, one item each time a worker is free, so a producer can make inputs just
+    in time (decode an image, find its regions) and at most ``max_workers`` of them exist at once. If
+    the consumer stops early, is interrupted, or ``fn`` raises, queued work is cancelled and the
+    generator returns without waiting for the work in flight.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, max_workers))
+    running: dict = {}
+    source = iter(items)
+    finished = False
+    try:
+        for item in itertools.islice(source, max(1, max_workers)):
+            running[pool.submit(fn, item)] = item
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = running.pop(future)
+                result = future.result()
+                for nxt in itertools.islice(source, 1):
+                    running[pool.submit(fn, nxt)] = nxt
+                yield item, result
+        finished = True
+    finally:
+        pool.shutdown(wait=finished, cancel_futures=True)

@@ -14,9 +14,10 @@ class RoundProgress:
     """One transient rich display for a round, a bar per stage: ``with RoundProgress() as bars:`` then
     ``advance = bars.add("caption", total)`` gives the stage its ``advance(n)``."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self._progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=console, transient=True)
+                                  TimeElapsedColumn(), console=console, transient=True, disable=not enabled)
+        self.enabled = enabled
 
     def __enter__(self) -> RoundProgress:
         self._progress.__enter__()
@@ -26,5 +27,7 @@ class RoundProgress:
         self._progress.__exit__(*exc)
 
     def add(self, stage: str, total: int) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
         task = self._progress.add_task(stage, total=total)
         return lambda n: self._progress.advance(task, n)

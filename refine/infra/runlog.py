@@ -6,11 +6,12 @@ Layout of ``runs/<id>/``::
     events.jsonl                append-only: run_start, stage_done, stage_timed, round_done, resume, budget_stop,
                                 failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
+    rounds/<k>/<stage>.partial.jsonl  the finished rows of a stage in progress (removed when it completes)
     rounds/<k>/metrics.json     the round summary
     student/last/, student/best/  checkpoints (from_pretrained-loadable) with refine_state.json
 
 Every file is written atomically (temp file + rename) or appended line by line, so a crash leaves
-either the whole stage output or none of it. ``stage()`` is what makes ``--resume`` work: a stage
+either the whole stage output or its finished rows (the partial file), never a half-written file. ``stage()`` is what makes ``--resume`` work: a stage
 whose file exists is loaded, not recomputed, so resuming repeats no critic request and duplicates
 no record.
 """
@@ -24,11 +25,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 STATE_FILE = "refine_state.json"
+SYNC_SECONDS = 2.0  # how often a streaming stage's appended rows are synced to disk
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -113,8 +115,11 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 class RunLog:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, writer: bool = True):
         self.root = Path(root)
+        # False on the other processes of a data-parallel run: they compute with the main process but
+        # only the main process writes (every write below is then skipped).
+        self.writer = writer
 
     # -- creation ------------------------------------------------------------------------------
     @staticmethod
@@ -191,6 +196,8 @@ class RunLog:
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event line. If the file ends in a torn line (no newline), end that line first, so
         the torn fragment never swallows this event."""
+        if not self.writer:
+            return
         row = {"time": round(time.time(), 3), "event": kind, **fields}
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "events.jsonl"
@@ -244,11 +251,60 @@ class RunLog:
             return self.read_stage(k, name, record)
         start = time.perf_counter()
         rows = list(compute())
-        if persist:
+        if persist and self.writer:
             write_jsonl(self.stage_path(k, name), [to_row(row) for row in rows])
         self.event("stage_done" if persist else "stage_timed", round=k, stage=name, rows=len(rows),
                    seconds=round(time.perf_counter() - start, 3), **(event(rows) if event else {}))
         return rows
+
+    def partial_path(self, k: int, name: str) -> Path:
+        return self.round_dir(k) / f"{name}.partial.jsonl"
+
+    def stream(self, k: int, name: str, compute: Callable[[list[Any], Callable[[Sequence[Any]], None]], Sequence[Any]],
+               record: type | None = None, event: Callable[[Sequence[Any]], dict[str, Any]] | None = None) -> list[Any]:
+        """A stage that records its progress as it goes: ``compute(done, sink)`` gets the rows an earlier
+        session recorded (``done``) and a ``sink`` that appends finished rows to
+        ``rounds/<k>/<name>.partial.jsonl`` at once; it returns every row of the stage, in order. Then
+        the stage is written like :meth:`stage`'s and the partial file removed. So a kill loses only the
+        rows that were not yet given to ``sink``, and a resume continues from the rest.
+
+        Appends are flushed to the OS at once (a killed process loses nothing flushed) and synced to
+        disk at most every ``SYNC_SECONDS`` (a power cut loses at most that much).
+        """
+        if self.has_stage(k, name):
+            return self.read_stage(k, name, record)
+        if not self.writer:
+            return list(compute([], lambda rows: None))
+        partial = self.partial_path(k, name)
+        done = [from_row(record, row) for row in read_jsonl(partial)] if partial.exists() else []
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(partial, "ab") as f:
+            if f.tell() > 0 and not _ends_with_newline(partial):
+                f.write(b"\n")  # end a line torn by a kill, so the next row starts on its own
+            synced = time.monotonic()
+
+            def sink(rows: Sequence[Any]) -> None:
+                nonlocal synced
+                if not rows:
+                    return
+                f.write("".join(json.dumps(to_row(r), ensure_ascii=False, default=str) + "\n" for r in rows).encode())
+                f.flush()
+                if time.monotonic() - synced > SYNC_SECONDS:
+                    os.fsync(f.fileno())
+                    synced = time.monotonic()
+
+            rows = list(compute(done, sink))
+        write_jsonl(self.stage_path(k, name), [to_row(row) for row in rows])
+        partial.unlink()
+        self.event("stage_done", round=k, stage=name, rows=len(rows), resumed_rows=len(done),
+                   seconds=round(time.perf_counter() - start, 3), **(event(rows) if event else {}))
+        return rows
+
+    def partial_rows(self) -> Iterator[dict[str, Any]]:
+        """The rows of every stage in progress (``*.partial.jsonl``), e.g. to count the calls they paid for."""
+        for path in sorted((self.root / "rounds").glob("*/*.partial.jsonl")):
+            yield from read_jsonl(path)
 
     def checkpoint(self, k: int, name: str, compute: Callable[[], tuple[Any, Sequence[dict[str, Any]]]],
                    load: Callable[[Path], Any]) -> tuple[Any, list[dict[str, Any]]]:
@@ -260,6 +316,8 @@ class RunLog:
             return load(self.student_dir("last")), self.read_stage(k, name)
         start = time.perf_counter()
         student, rows = compute()
+        if not self.writer:
+            return student, list(rows)
         write_jsonl(self.stage_path(k, name), rows)
         self.save_student(student, "last", {"round": k})
         self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
@@ -269,7 +327,7 @@ class RunLog:
         """Save the student that entered round ``k`` as ``student/best`` if ``score`` (its mean critic
         score in round ``k``) beats the best so far. After this round's update that student is gone."""
         state = self.student_state("last")
-        if state and state["round"] >= k:
+        if not self.writer or (state and state["round"] >= k):
             return
         best = self.student_state("best")
         if best is None or score > best["critic/mean_score"]:
@@ -281,11 +339,16 @@ class RunLog:
         return {e["stage"]: e.get("seconds", 0.0) for e in self.events()
                 if e["event"] in ("stage_done", "stage_timed") and e.get("round") == k}
 
-    def critic_calls(self) -> int:
-        """Critic calls paid for so far, over every session of the run (budgets survive a resume)."""
-        return sum(e.get("critic_calls", 0) for e in self.events())
+    def critic_calls(self, row_calls: Callable[[dict[str, Any]], int] | None = None) -> int:
+        """Critic calls paid for so far, over every session of the run (budgets survive a resume): those
+        the events record, plus, with ``row_calls`` (the calls a row stands for), those of the rows in
+        the partial files of stages in progress, which no event records yet."""
+        partial = sum(row_calls(row) for row in self.partial_rows()) if row_calls else 0
+        return sum(e.get("critic_calls", 0) for e in self.events()) + partial
 
     def finish_round(self, k: int, metrics: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         write_json(self.round_dir(k) / "metrics.json", metrics)
         self.event("round_done", round=k)
 

@@ -1,14 +1,16 @@
 """The critique stage: every distinct (image, caption) of the round asked once, within a budget.
 
-It builds the critic's requests (the image, its regions and known objects, one caption), asks the
-critic in chunks, counts the calls that reached the critic (cache hits are free), stops at the
+It builds the critic's requests (the image, its regions and known objects, one caption) as the critic
+is ready for them, keeps the critic busy with no barrier (:func:`run_requests`), records each finished
+batch at once, counts the calls that reached the critic (cache hits are free), stops at the
 critic-call budget, and stops as soon as too many critiques have failed for the round to succeed.
 The critic backends themselves live in ``critics/``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,23 +45,44 @@ class CritiqueRow:
 
 @dataclass
 class Spend:
-    """The run's paid requests against its budget (``loop.max_critic_calls``; None: no budget): what
-    earlier stages and sessions recorded (``spent``), and what the stage in progress has made so far
-    (``pending``). A stage's event records its pending calls when it finishes (``settle``), and so does
-    the stop event of a stage that does not, so every call made is counted once, across resumes."""
+    """The run's paid requests against its budget (``loop.max_critic_calls``; None: no budget).
+
+    ``spent``: what earlier stages and sessions recorded, in events or in the partial files of stages
+    in progress. ``pending``: what the stage in progress has made in this session; ``recorded``: how
+    many of those belong to rows already in its partial file. A finished stage's event records all its
+    pending calls (``settle``); a stop records only those no partial row holds (``settle_stop``), since
+    a resume counts the partial rows' calls from the file. So every call is counted once, across
+    resumes, kills and Ctrl-C; only a request in flight at a kill -9 can go uncounted.
+    """
 
     limit: int | None
     spent: int = 0
     pending: int = 0
+    recorded: int = 0
 
     def left(self) -> int | None:
         return None if self.limit is None else self.limit - self.spent - self.pending
 
     def settle(self) -> int:
-        """The pending calls, now counted as spent (for the event that records them)."""
-        n, self.pending = self.pending, 0
+        """The stage finished: its pending calls, now counted as spent (for its ``stage_done`` event)."""
+        n, self.pending, self.recorded = self.pending, 0, 0
         self.spent += n
         return n
+
+    def settle_stop(self) -> int:
+        """The stage stopped: the pending calls that no recorded row holds (for the stop event)."""
+        n = self.pending - self.recorded
+        self.spent += self.pending
+        self.pending = self.recorded = 0
+        return n
+
+
+def row_calls(row: dict[str, Any]) -> int:
+    """The paid calls a recorded row stands for: one for a critique that reached the API, the requests
+    of a refinement (one per critique of the caption that went through textgrad)."""
+    if "critique" in row:
+        return int((row["critique"].get("usage") or {}).get("requests", 0) > 0)
+    return int((row.get("usage") or {}).get("requests", 0))
 
 
 class BudgetExhausted(Exception):
@@ -70,42 +93,68 @@ class BudgetExhausted(Exception):
 
 
 class TooManyFailures(Exception):
-    """More of a stage's requests failed than ``loop.max_failure_share`` allows. Nothing of the stage is
-    recorded; the answers that did arrive are in the disk cache, so a resume asks only the failed ones."""
+    """More of a stage's requests failed than ``loop.max_failure_share`` allows. The stage's successful
+    rows are recorded (its partial file), so a resume asks only the failed ones and those not yet asked."""
 
-    def __init__(self, stage: str, failures: int, total: int, first_error: str):
-        super().__init__(f"{failures} of {total} {stage} failed; the first error: {first_error}")
+    def __init__(self, stage: str, failures: int, total: int, first_error: str, of: int | None = None):
+        asked = f"{total} {stage}" if of is None or of == total else f"the first {total} of {of} {stage}"
+        super().__init__(f"{failures} of {asked} failed; the first error: {first_error}")
         self.stage, self.failures, self.total, self.first_error = stage, failures, total, first_error
 
 
-def in_chunks(stage: str, items: Sequence[Any], ask: Callable[[list], list], paid: Callable[[Any], bool],
-              error: Callable[[Any], str | None], spend: Spend | None = None, max_failure_share: float = 1.0,
-              chunk: int = 32, progress: Callable[[int], None] = lambda n: None) -> list:
-    """``ask`` the items ``chunk`` at a time: how every stage that pays for requests runs.
+def run_requests(stage: str, jobs: Iterable[Any], ask: Callable[[list], list], paid: Callable[[Any], bool],
+                 error: Callable[[Any], str | None], total: int, spend: Spend | None = None,
+                 max_failure_share: float = 1.0, batch: int = 1, concurrency: int = 1,
+                 sink: Callable[[list], None] = lambda rows: None,
+                 progress: Callable[[int], None] = lambda n: None) -> list:
+    """``ask`` the jobs ``batch`` at a time with up to ``concurrency`` batches in flight and no barrier:
+    how every stage that pays for requests runs. Returns the results in the order they finished.
 
-    Before a chunk, the budget (``spend``) caps its size, and :class:`BudgetExhausted` is raised when
-    nothing is left. After a chunk, its paid results are added to ``spend``, and :class:`TooManyFailures`
-    is raised as soon as more than ``max_failure_share`` of all the items have failed (the stage can no
-    longer succeed) or, at the end, of those asked.
+    ``jobs`` is read lazily (a producer may decode images or find regions as jobs are needed). Each
+    finished batch goes to ``sink`` at once (the stage's partial file), so a stop loses only what was
+    in flight. The budget (``spend``) counts every request in flight as spent: a batch is sent only
+    while calls are left, and when none are, the batches in flight finish, are recorded, and
+    :class:`BudgetExhausted` is raised. :class:`TooManyFailures` is raised as soon as more than
+    ``max_failure_share`` of the ``total`` jobs have failed (the stage can no longer succeed), or at the
+    end of those asked.
     """
+    from refine.infra.concurrency import stream_concurrently
+
+    in_flight = 0
+    exhausted = False
+
+    def batches():
+        nonlocal in_flight, exhausted
+        source = iter(jobs)
+        while True:
+            take = batch
+            if spend is not None and (left := spend.left()) is not None:
+                take = min(batch, left - in_flight)
+                if take <= 0:
+                    exhausted = next(source, None) is not None
+                    return
+            group = list(itertools.islice(source, take))
+            if not group:
+                return
+            in_flight += len(group)
+            yield group
+
     results: list = []
-    i = 0
-    while i < len(items):
-        take = chunk
-        if spend is not None and (left := spend.left()) is not None:
-            if left <= 0:
-                raise BudgetExhausted(stage)
-            take = min(chunk, left)
-        batch = items[i : i + take]
-        out = ask(list(batch))
+    failed: list[str] = []
+    for group, out in stream_concurrently(ask, batches(), concurrency):
+        in_flight -= len(group)
         results += out
         if spend is not None:
             spend.pending += sum(paid(r) for r in out)
-        progress(len(batch))
-        i += take
-        failed = [e for r in results if (e := error(r)) is not None]
-        if failed and len(failed) > max_failure_share * len(items):
-            raise TooManyFailures(stage, len(failed), len(results), failed[0])
+        sink(out)
+        progress(len(group))
+        failed += [e for r in out if (e := error(r)) is not None]
+        if failed and len(failed) > max_failure_share * total:
+            raise TooManyFailures(stage, len(failed), len(results), failed[0], total)
+    if exhausted:
+        raise BudgetExhausted(stage)
+    if failed and len(failed) > max_failure_share * len(results):
+        raise TooManyFailures(stage, len(failed), len(results), failed[0])
     return results
 
 
@@ -113,30 +162,47 @@ def critique(
     critic: Critic,
     records: Sequence[ImageRecord],
     captions: Sequence[CaptionSet],
-    regions: Mapping[str, Any],
+    regions_for: Callable[[ImageRecord], Any] = lambda record: None,
     spend: Spend | None = None,
-    chunk: int = 32,
     progress: Callable[[int], None] = lambda n: None,
     max_failure_share: float = 1.0,
     samples: int = 1,
+    done: Sequence[CritiqueRow] = (),
+    sink: Callable[[list[CritiqueRow]], None] = lambda rows: None,
 ) -> list[CritiqueRow]:
-    """Critique every distinct (image, caption), ``samples`` times each, in caption order, through
-    :func:`in_chunks` (budget, failure share). Failures are never cached, so a resume asks them again."""
+    """Critique every distinct (image, caption), ``samples`` times each, through :func:`run_requests`
+    (no barrier, budget, failure share); returns the rows in caption order.
+
+    ``done`` are rows recorded before (a resumed stage): their requests are not made again. Requests
+    are built as the critic is ready for them, so only those in flight hold decoded pixels and regions
+    (``regions_for(record)``: the regions stage, cached on disk, or None). Each finished batch's
+    successful rows go to ``sink``; failures are never recorded or cached, so a resume asks them again.
+    """
     by_id = {r.id: r for r in records}
-    requests, seen = [], set()
-    for row in captions:
-        record = by_id[row.image_id]
-        for text in row.texts():
-            if (record.id, text) not in seen:
-                seen.add((record.id, text))
-                requests += [CritiqueRequest(record.id, record.image, record.sha256, text, regions.get(record.id),
-                                             record.objects, sample) for sample in range(samples)]
+    keys = list(dict.fromkeys((row.image_id, text, sample) for row in captions for text in row.texts()
+                              for sample in range(samples)))
+    have = {(r.image_id, r.caption, r.sample): r for r in done}
+    todo = [key for key in keys if key not in have]
+    progress(len(keys) - len(todo))
+
+    def requests():
+        last = (None, None)  # the image whose regions were found last: its captions come together
+        for image_id, text, sample in todo:
+            record = by_id[image_id]
+            if last[0] != image_id:
+                last = (image_id, regions_for(record))
+            yield CritiqueRequest(image_id, record.image, record.sha256, text, last[1], record.objects, sample)
 
     def ask(batch: list[CritiqueRequest]) -> list[CritiqueRow]:
         return [CritiqueRow(r.image_id, r.caption, result, r.sample) for r, result in zip(batch, critic.critique_many(batch))]
 
-    return in_chunks("critiques", requests, ask, lambda row: row.paid, lambda row: row.critique.error, spend,
-                     max_failure_share, chunk, progress)
+    new = run_requests("critiques", requests(), ask, lambda row: row.paid, lambda row: row.critique.error,
+                       len(todo), None if getattr(critic, "free", False) else spend, max_failure_share,
+                       getattr(critic, "batch_size", 1),
+                       getattr(critic, "max_concurrency", 1), lambda rows: sink([r for r in rows if r.critique.ok]),
+                       progress)
+    have.update(((r.image_id, r.caption, r.sample), r) for r in new)
+    return [have[key] for key in keys]
 
 
 def by_caption(rows: Sequence[CritiqueRow]) -> dict[tuple[str, str], Critique]:

@@ -10,7 +10,7 @@ memory instead of two; the loop does this, since the round's starting student is
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,24 +147,33 @@ def reference_logps(
     images: Mapping[str, Image.Image],
     batch_size: int = 16,
     precision: str | None = None,
-    corrupted: Sequence[Image.Image] | None = None,
+    corrupted: Callable[[int], Image.Image] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(chosen, rejected, chosen on corrupted)`` log-probs under the frozen reference, ``[N]`` each
-    (the last None without ``corrupted`` images), computed once per round."""
+    (the last None without ``corrupted``, which gives pair ``i``'s corrupted image), computed once per
+    round. With ``world`` processes each computes every ``world``-th pair, and an all-reduce (a sum
+    with zeros elsewhere, so exact) gives every process all of them."""
     precision = precision or reference.precision
     reference.model.eval()
-    chosen, rejected, on_corrupted = [], [], []
-    for idx in _batches(len(pairs), batch_size, rng=None):
+    n = len(pairs)
+    out = torch.zeros(3, n, device=reference.device)
+    mine = list(range(rank, n, world))
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start : start + batch_size]
         batch = _PairBatch(reference, [pairs[i] for i in idx], images,
-                           [corrupted[i] for i in idx] if corrupted is not None else None)
+                           [corrupted(i) for i in idx] if corrupted is not None else None)
         with autocast(reference.device, precision):
             logps = sequence_logps(reference.model, batch.pixel_values, batch.captions, batch.image_index).float()
-        c, r, x = batch.split(logps)
-        chosen.append(c)
-        rejected.append(r)
-        if x is not None:
-            on_corrupted.append(x)
-    return torch.cat(chosen), torch.cat(rejected), (torch.cat(on_corrupted) if corrupted is not None else None)
+        for row, part in enumerate(batch.split(logps)):
+            if part is not None:
+                out[row, idx] = part
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(out)
+    return out[0], out[1], (out[2] if corrupted is not None else None)
 
 
 def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -> list[torch.nn.Parameter]:
@@ -251,7 +260,8 @@ def update(
     ``in_place=True`` the student itself is trained and returned (peak memory as for SFT); by default a
     copy is trained and ``student`` is left unmodified. Metric names follow
     TRL: ``loss``, ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
-    Pass an ``accelerate.Accelerator`` to shard pairs across processes (``accelerate launch``).
+    Under ``accelerate launch`` (or with an ``Accelerator`` passed) each batch is split across the
+    processes, with the same batches, gradients and metrics as one process (up to float rounding).
     """
     if not pairs:
         return student, []
@@ -268,14 +278,18 @@ def update(
     if accelerator.device_placement and not _same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
-    pairs = list(pairs)[accelerator.process_index :: accelerator.num_processes]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pairs = list(pairs)
     torch.manual_seed(config.seed)
 
-    # mDPO's corrupted images, one per pair, drawn once per round so the reference sees the same ones.
-    corrupted = [corrupt_image(images[p.image_id], random.Random(f"mdpo/{config.seed}/{p.image_id}/{i}"))
-                 for i, p in enumerate(pairs)] if config.image_negatives else None
+    # mDPO's corrupted images: pair i's is a pure function of (seed, image, i), drawn when a batch needs
+    # it, so the reference and the policy see the same one and no process holds them all.
+    def corrupted(i: int) -> Image.Image:
+        return corrupt_image(images[pairs[i].image_id], random.Random(f"mdpo/{config.seed}/{pairs[i].image_id}/{i}"))
+
+    negatives = corrupted if config.image_negatives else None
     ref_chosen, ref_rejected, ref_corrupted = reference_logps(student, pairs, images, config.batch_size, precision,
-                                                              corrupted)
+                                                              negatives, rank, world)
     policy = student if in_place else student.copy()
     policy.precision = precision
 
@@ -286,12 +300,19 @@ def update(
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.precision == "fp16")
 
+    # Every process draws the same batches; each takes every world-th pair of a batch. Its loss is its
+    # pairs' share of the batch's sum over the batch size, times world (DDP averages gradients over
+    # processes), so the gradient is the single-process one for any number of processes.
     rng = random.Random(config.seed)
     history = []
     for _ in range(config.epochs):
-        for idx in _batches(len(pairs), config.batch_size, rng):
+        for batch_idx in _batches(len(pairs), config.batch_size, rng):
+            idx = batch_idx[rank::world]
+            share = float(world) / len(batch_idx)
+            if not idx:  # fewer pairs than processes: take part in the step with a zero-weight pair
+                idx, share = batch_idx[:1], 0.0
             batch = _PairBatch(policy, [pairs[i] for i in idx], images,
-                               [corrupted[i] for i in idx] if corrupted is not None else None)
+                               [negatives(i) for i in idx] if negatives is not None else None)
             with autocast(policy.device, policy.precision):
                 logps = scorer(batch.pixel_values, batch.captions, batch.image_index).float()
             policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
@@ -301,13 +322,13 @@ def update(
             )
             nll = nll_per_token(policy_chosen, batch.captions.lengths[: batch.n])
             w = batch.weights  # a pair's weight: the share of critiques that agreed on it (1 without agreement)
-            loss = (w * losses).mean() + config.nll_weight * (w * nll).mean()
-            extra = {}
+            per_pair = w * losses + config.nll_weight * w * nll
+            conditional = anchor = torch.zeros_like(losses)
             if policy_corrupted is not None:
                 conditional, anchor = image_preference_loss(policy_chosen, policy_corrupted, ref_chosen[idx],
                                                             ref_corrupted[idx], config.beta)
-                loss = loss + (w * conditional).mean() + (w * anchor).mean()
-                extra = {"mdpo/conditional": conditional.mean().item(), "mdpo/anchor": anchor.mean().item()}
+                per_pair = per_pair + w * conditional + w * anchor
+            loss = per_pair.sum() * share
 
             accelerator.backward(scaler.scale(loss))
             scaler.unscale_(optimizer)
@@ -316,18 +337,21 @@ def update(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-            history.append({
-                "loss": loss.item(),
-                "dpo_loss": losses.mean().item(),
-                "nll": nll.mean().item(),
-                "rewards/chosen": chosen_rewards.mean().item(),
-                "rewards/rejected": rejected_rewards.mean().item(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                "logps/chosen": policy_chosen.detach().mean().item(),
-                "logps/rejected": policy_rejected.detach().mean().item(),
-                "grad_norm": float(grad_norm),
-                **extra,
-            })
+            # The batch's metrics: sums over this process's pairs, added up over processes.
+            sums = torch.stack([per_pair.detach(), losses.detach(), nll.detach(), chosen_rewards, rejected_rewards,
+                                (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                                policy_chosen.detach(), policy_rejected.detach(), conditional.detach(),
+                                anchor.detach()]).sum(1) * (share * len(batch_idx) / world)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(sums)
+            means = (sums / len(batch_idx)).tolist()
+            step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                             "rewards/margins", "logps/chosen", "logps/rejected"), means))
+            step["grad_norm"] = float(grad_norm)
+            if policy_corrupted is not None:
+                step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
+            history.append(step)
     policy.model = accelerator.unwrap_model(scorer).model.eval()
     return policy, history

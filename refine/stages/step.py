@@ -46,7 +46,7 @@ from refine.infra.concurrency import map_concurrently
 from refine.infra.llm import ChatCallError, ChatResult, usage
 from refine.infra.prompts import constraint_lines, load_template
 from refine.metrics.summary import samples_by_caption
-from refine.stages.critique import CritiqueRow, Spend, in_chunks
+from refine.stages.critique import CritiqueRow, Spend, run_requests
 from refine.stages.student import CaptionSet
 
 log = logging.getLogger(__name__)
@@ -364,12 +364,7 @@ class TextualStep:
             import_textgrad()  # once, before the threads
 
         def one(pair: tuple[str, Critique]) -> StepResult:
-            caption, critique = pair
-            try:
-                return self.apply(caption, critique)
-            except Exception as e:  # one bad item must not kill the batch
-                log.exception("textual step failed for %r", caption)
-                return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
+            return self._apply_safely(*pair)
 
         keys = [(c, k.ok, k.revision, gradient_text(k)) for c, k in zip(captions, critiques)]
         first: dict[tuple, int] = {}
@@ -383,27 +378,49 @@ class TextualStep:
                 for i, key in enumerate(keys)]
 
     def refine(self, captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], samples_too: bool,
-               max_failure_share: float = 1.0, spend: Spend | None = None) -> list[Refinement]:
-        """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded.
+               max_failure_share: float = 1.0, spend: Spend | None = None, done: Sequence[Refinement] = (),
+               sink: Callable[[list[Refinement]], None] = lambda rows: None,
+               progress: Callable[[int], None] = lambda n: None) -> list[Refinement]:
+        """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded,
+        ``max_concurrency`` captions in flight with no barrier (``run_requests``).
 
         With several critiques per caption, each is applied, and the refinement most of them give is
         kept only if more than ``min_agreement`` of them give it. With a ``gate``, a refinement that
-        names no object of it, or has under half the original's words, is rejected. Raises
-        ``TooManyFailures`` as soon as more than ``max_failure_share`` of the steps have failed, and
-        ``BudgetExhausted`` when ``spend`` has no calls left (steps that reach the API are paid calls).
+        names no object of it, or has under a third of the original's words, is rejected. ``done``:
+        refinements an earlier session recorded; each finished one without an error goes to ``sink``.
+        Raises ``TooManyFailures`` as soon as more than ``max_failure_share`` of the steps have failed,
+        and ``BudgetExhausted`` when ``spend`` has no calls left (steps that reach the API are paid calls).
         """
         table = samples_by_caption(critiques)
-        todo = list(dict.fromkeys((row.image_id, text) for row in captions
+        keys = list(dict.fromkeys((row.image_id, text) for row in captions
                                   for text in (row.texts() if samples_too else [row.caption])
                                   if any(c.ok for c in table[(row.image_id, text)])))
-        jobs = [(key, c) for key in todo for c in table[key] if c.ok]
-        results = in_chunks("textual steps", jobs,
-                            lambda batch: self.apply_many([text for (_, text), _ in batch], [c for _, c in batch]),
-                            lambda r: r.usage.get("requests", 0) > 0, lambda r: r.error, spend, max_failure_share)
-        grouped: dict[tuple[str, str], list[StepResult]] = {}
-        for (key, _), result in zip(jobs, results):
-            grouped.setdefault(key, []).append(result)
-        return [self._consensus(image_id, text, grouped[(image_id, text)]) for image_id, text in todo]
+        have = {(r.image_id, r.original): r for r in done}
+        todo = [key for key in keys if key not in have]
+        progress(len(keys) - len(todo))
+        setup = next((c for key in todo for c in table[key] if self._needs_engine(c)), None)
+        if setup is not None:
+            if self.engine is None and not self.revisions_only:
+                self.apply("", setup)  # raises the setup error before any thread starts
+            import_textgrad()  # once, before the threads
+
+        def ask(batch: list[tuple[str, str]]) -> list[Refinement]:
+            return [self._consensus(image_id, text, [self._apply_safely(text, c) for c in table[(image_id, text)] if c.ok])
+                    for image_id, text in batch]
+
+        new = run_requests("textual steps", todo, ask, lambda r: r.usage.get("requests", 0), lambda r: r.error,
+                           len(todo), spend if self.engine is not None else None, max_failure_share, 1,
+                           self.max_concurrency,
+                           lambda rows: sink([r for r in rows if not r.error]), progress)
+        have.update(((r.image_id, r.original), r) for r in new)
+        return [have[key] for key in keys]
+
+    def _apply_safely(self, caption: str, critique: Critique) -> StepResult:
+        try:
+            return self.apply(caption, critique)
+        except Exception as e:  # one bad item must not kill the stage
+            log.exception("textual step failed for %r", caption)
+            return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
 
     def _consensus(self, image_id: str, original: str, results: list[StepResult]) -> Refinement:
         """One refinement from the step results of a caption's critiques: their agreed one, gated."""

@@ -355,9 +355,10 @@ class EvalCaption:
 
 def caption_batches(student: Student, records: Sequence, cfg, samples: int = 0, num_beams: int = 1,
                     progress: Callable[[int], None] = lambda n: None, seed: int = 0):
-    """Yield ``(record, main caption, sampled captions)`` in order, ``cfg.batch_size`` images at a time:
-    the main caption with ``num_beams`` (1 = greedy), then ``samples`` sampled ones per image, drawn
-    from a generator per image seeded by ``(seed, image id)``."""
+    """Yield one list of ``(record, main caption, sampled captions)`` per ``cfg.batch_size`` images, in
+    order: the main caption with ``num_beams`` (1 = greedy), then ``samples`` sampled ones per image,
+    drawn from a generator per image seeded by ``(seed, image id)``. Pixels are decoded a batch at a
+    time."""
     for i in range(0, len(records), cfg.batch_size):
         batch = records[i : i + cfg.batch_size]
         images = [r.image for r in batch]
@@ -366,19 +367,50 @@ def caption_batches(student: Student, records: Sequence, cfg, samples: int = 0, 
                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                    seeds=[image_seed(seed, r.id) for r in batch])
                    if samples else [[] for _ in batch])
-        yield from ((record, m[0], s) for record, m, s in zip(batch, main, sampled))
+        yield [(record, m[0], s) for record, m, s in zip(batch, main, sampled)]
         progress(len(batch))
 
 
+def _streamed(records: Sequence, done: Sequence, batches, make, sink, batch_size: int, ranks=None,
+              progress: Callable[[int], None] = lambda n: None) -> list:
+    """Rows for ``records`` in order: ``done`` ones as recorded, the rest from ``batches(todo)`` (made
+    into rows by ``make``), each batch given to ``sink`` as it finishes.
+
+    With ``ranks`` (a data-parallel run), the todo is cut into chunks of ``world`` batches; each process
+    captions its batch of a chunk, and every process gets the chunk's rows. A batch is then exactly the
+    batch one process would caption, so the rows are those of a one-process run.
+    """
+    have = {row.image_id: row for row in done}
+    todo = [r for r in records if r.id not in have]
+    world = ranks.world if ranks is not None else 1
+    for i in range(0, len(todo), batch_size * world):
+        chunk = todo[i : i + batch_size * world]
+        mine = ranks.shard(chunk, batch_size) if world > 1 else chunk
+        rows = [make(*item) for part in batches(mine) for item in part]
+        if world > 1:
+            rows = [row for part in ranks.gather(rows) for row in part]
+        sink(rows)
+        progress(len(rows))
+        have.update((row.image_id, row) for row in rows)
+    return [have[r.id] for r in records]
+
+
 def caption(student: Student, records: Sequence, cfg, seed: int = 0,
-            progress: Callable[[int], None] = lambda n: None) -> list[CaptionSet]:
-    """The caption stage: the main caption plus ``cfg.n_samples`` sampled captions per image. An image's
-    samples depend only on ``seed`` (the loop passes one per run seed and round) and its id, not on the
-    order, batching or chunking of the images."""
-    return [CaptionSet(r.id, main, samples) for r, main, samples in
-            caption_batches(student, records, cfg, cfg.n_samples, cfg.num_beams, progress, seed)]
+            progress: Callable[[int], None] = lambda n: None, done: Sequence[CaptionSet] = (),
+            sink: Callable[[list[CaptionSet]], None] = lambda rows: None, ranks=None) -> list[CaptionSet]:
+    """The caption stage: the main caption plus ``cfg.n_samples`` sampled captions per image, in record
+    order. An image's samples depend only on ``seed`` (the loop passes one per run seed and round) and
+    its id, not on the order, batching, chunking or process of the images. ``done``: rows an earlier
+    session recorded (not captioned again); each finished batch goes to ``sink``. ``ranks``: see
+    :func:`_streamed`."""
+    progress(len({row.image_id for row in done}))
+    return _streamed(records, done, lambda todo: caption_batches(student, todo, cfg, cfg.n_samples, cfg.num_beams,
+                                                                  seed=seed),
+                     lambda r, main, samples: CaptionSet(r.id, main, samples), sink, cfg.batch_size, ranks, progress)
 
 
-def evaluate(student: Student, records: Sequence, cfg) -> list[EvalCaption]:
+def evaluate(student: Student, records: Sequence, cfg, done: Sequence[EvalCaption] = (),
+             sink: Callable[[list[EvalCaption]], None] = lambda rows: None, ranks=None) -> list[EvalCaption]:
     """The eval stage: greedy captions; rows carry the truth, so metrics need nothing else."""
-    return [EvalCaption(r.id, main, r.objects) for r, main, _ in caption_batches(student, records, cfg)]
+    return _streamed(records, done, lambda todo: caption_batches(student, todo, cfg),
+                     lambda r, main, _: EvalCaption(r.id, main, r.objects), sink, cfg.batch_size, ranks)

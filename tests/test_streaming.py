@@ -1,0 +1,295 @@
+"""Stages that record their progress as they go: lazy pixels, partial files, a kill mid-stage, a pool of
+requests with no barrier, and captions that do not depend on how the images were chunked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from refine.images import load_images
+from refine.images.records import PIXELS
+from refine.infra.concurrency import stream_concurrently
+from refine.infra.runlog import RunLog, read_jsonl
+from refine.offline.devserver import FakeOpenAIServer, request_images, request_text
+from refine.stages.critique import BudgetExhausted, Spend, TooManyFailures, run_requests
+
+
+def _draw(i: int) -> Image.Image:
+    image = Image.new("RGB", (64, 48), (255 - 9 * i % 256, 30 + 7 * i % 200, 90))
+    ImageDraw.Draw(image).ellipse((4 + i % 20, 4, 30 + i % 20, 30), fill=(20 * i % 256, 0, 200))
+    return image
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """24 drawn images in nested folders, with annotations in a metadata-free manifest-less layout."""
+    root = tmp_path / "images"
+    for i in range(24):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        _draw(i).save(sub / f"img{i:02d}.png")
+    return root
+
+
+# --- lazy pixels --------------------------------------------------------------------------------------
+
+def test_a_file_set_holds_no_pixels_and_decodes_on_demand(folder):
+    images = load_images(str(folder / "**" / "*.png"))
+    assert len(images.records) == 24
+    assert all(callable(r.source) for r in images.records)  # nothing decoded is kept by the set
+    before = PIXELS.decodes
+    first = images.records[0].image
+    assert first.size == (64, 48) and images.records[0].image is first  # cached while in use
+    assert PIXELS.decodes == before + 1
+
+
+def test_the_pixel_cache_stays_within_its_bytes():
+    from refine.images.records import PixelCache
+
+    cache = PixelCache(max_bytes=3 * 64 * 48 * 3)
+    for i in range(10):
+        cache.get((str(i), ""), lambda i=i: _draw(i))
+    assert cache.bytes <= cache.max_bytes and len(cache._items) == 3
+    assert cache.decodes == 10
+    cache.get(("9", ""), lambda: _draw(9))
+    assert cache.decodes == 10  # the most recent ones stay
+
+
+def test_loading_a_set_again_reads_no_file(folder, monkeypatch):
+    """The image index remembers each file's hash (and that it decodes) by path, size and mtime."""
+    spec = str(folder / "**" / "*.png")
+    first = [(r.id, r.sha256) for r in load_images(spec).records]
+    import refine.images.records as records
+
+    monkeypatch.setattr(records, "decode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again")))
+    assert [(r.id, r.sha256) for r in load_images(spec).records] == first
+    # a file that changes is read again
+    path = next(folder.glob("part0/*.png"))
+    _draw(99).save(path)
+    monkeypatch.undo()
+    assert [r.sha256 for r in load_images(spec).records] != [s for _, s in first]
+
+
+# --- the request pool ---------------------------------------------------------------------------------
+
+def test_the_pool_has_no_barrier_and_pulls_inputs_just_in_time():
+    """A slow item does not hold back the others, and the producer is read only as workers free up."""
+    produced, in_flight, most = [], 0, 0
+    lock = threading.Lock()
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    def work(i):
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.5 if i == 0 else 0.01)
+        with lock:
+            in_flight -= 1
+        return i * i
+
+    order = []
+    for i, result in stream_concurrently(work, items(), 4):
+        assert result == i * i
+        order.append(i)
+        assert len(produced) <= len(order) + 4  # never more than the pool's width ahead
+    assert sorted(order) == list(range(20)) and order[-1] == 0  # the slow first item finished last
+    assert most == 4
+
+
+def test_run_requests_stops_at_the_budget_after_recording_what_is_in_flight():
+    sunk = []
+    spend = Spend(limit=5)
+
+    def ask(batch):
+        time.sleep(0.01)
+        return [{"job": j, "paid": True} for j in batch]
+
+    with pytest.raises(BudgetExhausted):
+        run_requests("critiques", range(20), ask, lambda r: r["paid"], lambda r: None, 20, spend,
+                     concurrency=3, sink=sunk.extend)
+    assert len(sunk) == 5 == spend.pending  # never more requests than the budget, all of them recorded
+
+
+def test_run_requests_stops_as_soon_as_the_stage_cannot_succeed():
+    asked = []
+
+    def ask(batch):
+        asked.extend(batch)
+        return [{"error": "boom"} for _ in batch]
+
+    with pytest.raises(TooManyFailures, match="of the first .* of 40 critiques failed"):
+        run_requests("critiques", range(40), ask, lambda r: False, lambda r: r["error"], 40,
+                     max_failure_share=0.25, concurrency=2)
+    assert len(asked) < 20
+
+
+# --- the run log's partial files ----------------------------------------------------------------------
+
+def test_a_streamed_stage_resumes_from_its_partial_file_and_survives_a_torn_line(tmp_path):
+    log = RunLog(tmp_path / "run")
+    calls = []
+
+    def compute(done, sink, fail_after=None):
+        have = {r["i"] for r in done}
+        rows = list(done)
+        for i in range(10):
+            if i in have:
+                continue
+            if fail_after is not None and i == fail_after:
+                raise KeyboardInterrupt
+            calls.append(i)
+            row = {"i": i}
+            sink([row])
+            rows.append(row)
+        return sorted(rows, key=lambda r: r["i"])
+
+    with pytest.raises(KeyboardInterrupt):
+        log.stream(0, "captions", lambda done, sink: compute(done, sink, fail_after=6))
+    partial = log.partial_path(0, "captions")
+    with open(partial, "ab") as f:
+        f.write(b'{"i": 6, "torn')  # a kill in the middle of an append
+    assert not log.has_stage(0, "captions")
+    calls.clear()
+    rows = log.stream(0, "captions", compute)
+    assert calls == [6, 7, 8, 9] and [r["i"] for r in rows] == list(range(10))
+    assert not partial.exists() and log.has_stage(0, "captions")
+    done = [e for e in log.events() if e["event"] == "stage_done"][-1]
+    assert done["resumed_rows"] == 6 and done["rows"] == 10
+
+
+def test_captions_do_not_depend_on_how_the_stage_was_cut(tiny_student, folder):
+    """A resumed caption stage (a kill after some batches) writes what an uninterrupted one writes."""
+    from refine.config import StudentConfig
+    from refine.stages.student import caption
+
+    records = load_images(str(folder / "**" / "*.png")).records
+    cfg = StudentConfig(n_samples=2, max_new_tokens=6, batch_size=8, temperature=1.5)
+    whole = caption(tiny_student, records, cfg, seed=3)
+    first_part = []
+    with pytest.raises(KeyboardInterrupt):
+        def sink(rows):
+            first_part.extend(rows)
+            if len(first_part) >= 16:
+                raise KeyboardInterrupt
+        caption(tiny_student, records, cfg, seed=3, sink=sink)
+    resumed = caption(tiny_student, records, cfg, seed=3, done=first_part)
+    assert resumed == whole
+    assert caption(tiny_student, records[::-1], cfg, seed=3)[::-1] == whole  # order does not matter either
+
+
+# --- a kill in the middle of a paid stage ---------------------------------------------------------------
+
+def reply(body):
+    if request_images(body):
+        return json.dumps({"score": 0.5, "feedback": "Name the ball.", "hallucinated": [], "missing": ["ball"],
+                           "count_errors": {}, "revision": "a ball " + str(len(request_text(body)) % 5)})
+    return "<IMPROVED_VARIABLE>a ball</IMPROVED_VARIABLE>"
+
+
+def test_a_kill_mid_critiques_loses_only_the_requests_in_flight(folder, tiny_student_dir, tmp_path):
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+    with FakeOpenAIServer(reply=reply, latency=0.1) as server:
+        args = ["--images", str(folder / "**" / "*.png"), "--rounds", "1", f"--student.model={tiny_student_dir}",
+                f"--loop.runs_dir={runs_dir}", "--loop.run_id=k", "--student.n_samples=1",
+                "--student.max_new_tokens=6", "--update.epochs=1", "--loop.use_regions=false",
+                "--critic.backend=openai", f"--critic.base_url={server.base_url}", "--critic.model=fake",
+                "--critic.max_concurrency=4"]
+        proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        partial = runs_dir / "k" / "rounds" / "000" / "critiques.partial.jsonl"
+        deadline = time.time() + 240
+        while (not partial.exists() or len(read_jsonl(partial)) < 12) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        recorded = len(read_jsonl(partial))
+        asked_before = [json.dumps(b, sort_keys=True) for b in server.requests]
+        resumed = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "k", f"--loop.runs_dir={runs_dir}"],
+                                 env=env, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        bodies = [json.dumps(b, sort_keys=True) for b in server.requests]
+
+    log = RunLog(runs_dir / "k")
+    assert log.status() == "done" and not partial.exists()
+    done = next(e for e in log.events() if e["event"] == "stage_done" and e["stage"] == "critiques")
+    assert done["resumed_rows"] == recorded >= 12
+    # Only requests in flight at the kill (at most max_concurrency = 4) can reach the server again: an
+    # answer the client had received is recorded or cached. Nothing else is asked twice.
+    repeated = [b for b, n in Counter(bodies).items() if n > 1]
+    assert len(repeated) <= 4 and set(repeated) <= set(asked_before)
+    critiques = sum(1 for b in bodies if request_images(json.loads(b)))
+    assert critiques <= len(log.read_stage(0, "critiques")) + 4
+    # Every call is counted once, except those answered but unrecorded at the kill (then served free
+    # from the cache), which no one can count after a kill -9.
+    assert len(bodies) - (len(asked_before) - recorded) <= log.critic_calls() <= len(bodies)
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------------------
+
+def test_a_saved_dataset_is_an_image_set(tmp_path):
+    import datasets
+
+    rows = {"image": [_draw(i) for i in range(5)], "caption": [f"picture {i}" for i in range(5)],
+            "objects": [["ball"] * (i + 1) for i in range(5)], "image_id": [100 + i for i in range(5)]}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "objects": datasets.Sequence(datasets.Value("string")),
+                                  "image_id": datasets.Value("int64")})
+    whole = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": whole, "validation": whole.select([0, 1])}).save_to_disk(tmp_path / "saved")
+
+    images = load_images(f"hf:{tmp_path / 'saved'}:validation")
+    assert [r.id for r in images.records] == ["100", "101"]
+    assert images.records[1].references == ["picture 1"] and images.records[1].objects == {"ball": 2}
+    assert callable(images.records[0].source)
+    assert images.records[0].image.tobytes() == _draw(0).tobytes()
+    assert len(load_images(f"hf:{tmp_path / 'saved'}").records) == 5  # train by default
+    with pytest.raises(ValueError, match="name one of train, validation|no split 'test'"):
+        load_images(f"hf:{tmp_path / 'saved'}:test")
+    with pytest.raises(ValueError, match="no column 'alt'"):
+        from refine.images.hf import Columns
+
+        load_images(f"hf:{tmp_path / 'saved'}", columns=Columns(caption="alt"))
+
+
+def test_an_imagefolder_with_metadata_is_an_image_set(tmp_path):
+    root = tmp_path / "folder"
+    root.mkdir()
+    lines = []
+    for i in range(3):
+        _draw(i).save(root / f"img{i}.png")
+        lines.append(json.dumps({"file_name": f"img{i}.png", "caption": f"drawing {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = load_images(f"hf:{root}")
+    assert [r.references for r in images.records] == [["drawing 0"], ["drawing 1"], ["drawing 2"]]
+    assert [r.image.tobytes() for r in images.records] == [_draw(i).tobytes() for i in range(3)]
+
+
+def test_a_loop_runs_on_a_dataset(tmp_path, tiny_student_dir):
+    import datasets
+
+    from refine import loop
+
+    rows = {"image": [_draw(i) for i in range(4)], "objects": [{"ball": 1}, {"ball": 2}, {"cup": 1}, {"ball": 1}]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "ds")
+    log = loop.run(["--images", f"hf:{tmp_path / 'ds'}", "--rounds", "1", f"--student.model={tiny_student_dir}",
+                    f"--loop.runs_dir={tmp_path / 'runs'}", "--loop.run_id=hf", "--student.n_samples=1",
+                    "--student.max_new_tokens=6", "--loop.use_regions=false"])
+    assert log.status() in ("done", "done, no pairs")
+    assert [r["image_id"] for r in log.read_stage(0, "captions")] == [f"train-{i:06d}" for i in range(4)]
