@@ -205,6 +205,9 @@ class LoopConfig:
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     eval_images: str = ""  # optional held-out set, captioned greedily after every round
+    # Images per round: 0 = the whole set every round; N = a fresh slice of N each round (one fixed shuffle
+    # by loop.seed, wrapping around), for sets too large to caption whole every round.
+    images_per_round: int = 0
     # For hf:DATASET image sets: the columns holding the image, the reference captions and the object
     # annotations (empty: found by name; see refine.images.hf).
     image_column: str = ""
@@ -217,6 +220,8 @@ class LoopConfig:
 
     def validate(self) -> None:
         _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
+        _require(self.images_per_round >= 0, "loop.images_per_round", self.images_per_round,
+                 "must be >= 0 (0 = every image every round)")
         _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
                  "must be >= 0 (0 = unlimited)")
         _require(0 <= self.min_agreement < 1, "loop.min_agreement", self.min_agreement,

@@ -221,9 +221,10 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
     In a data-parallel run every process captions its share and trains; the main process alone asks
     the critic (regions, critiques, steps, pairs) while the others wait for its pairs.
     """
-    loop, cfg, records, student, ranks = config.loop, config.student, parts.images.records, parts.student, parts.ranks
+    loop, cfg, student, ranks = config.loop, config.student, parts.student, parts.ranks
     vocab, pixels = parts.images.vocabulary(), parts.images.pixels()
     for k in range(log.completed_rounds(), loop.rounds):
+        records = round_images(parts.images.records, loop.images_per_round, loop.seed, k)
         with RoundProgress(enabled=ranks.main) as bars:
             evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
                 student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
@@ -232,7 +233,7 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                 CaptionSet)
             if ranks.main:
                 with _relay_stops(ranks):
-                    critiques, refined, verified, pairs = _judge(log, k, config, parts, captions, bars)
+                    critiques, refined, verified, pairs = _judge(log, k, config, parts, records, captions, bars)
                 ranks.broadcast(pairs)
                 log.keep_best(k, student, mean_score(critiques))
             else:
@@ -264,9 +265,25 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
                   f"{escape(str(log.root))}", soft_wrap=True)
 
 
-def _judge(log: RunLog, k: int, config: Config, parts: Parts, captions: list[CaptionSet], bars: RoundProgress):
+def round_images(records: list, per_round: int, seed: int, k: int) -> list:
+    """The images of round ``k``: all of them, or with ``per_round`` > 0 the ``k``-th slice of that size of
+    one fixed shuffle of the set (by ``seed``), wrapping around, so consecutive rounds see fresh images
+    until the set is used up."""
+    if per_round <= 0 or per_round >= len(records):
+        return list(records)
+    import random
+
+    order = list(range(len(records)))
+    random.Random(f"rounds/{seed}").shuffle(order)
+    start = (k * per_round) % len(records)
+    picked = [order[(start + i) % len(records)] for i in range(per_round)]
+    return [records[i] for i in sorted(picked)]
+
+
+def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, captions: list[CaptionSet],
+           bars: RoundProgress):
     """The main process's part of a round: critiques (with regions), steps, verification, pairs."""
-    loop, records = config.loop, parts.images.records
+    loop = config.loop
     critiques = parts.paid_stream(log, k, "critiques", lambda done, sink: critique(
         parts.critic, records, captions, parts.regions_for, parts.spend,
         bars.add("critique", len(records) * (1 + config.student.n_samples) * config.critic.samples),

@@ -293,3 +293,15 @@ def test_a_loop_runs_on_a_dataset(tmp_path, tiny_student_dir):
                     "--student.max_new_tokens=6", "--loop.use_regions=false"])
     assert log.status() in ("done", "done, no pairs")
     assert [r["image_id"] for r in log.read_stage(0, "captions")] == [f"train-{i:06d}" for i in range(4)]
+
+
+def test_rounds_take_fresh_slices_of_a_large_set():
+    from refine.loop import round_images
+
+    records = list(range(10))
+    assert round_images(records, 0, 0, 3) == records
+    rounds = [round_images(records, 4, 0, k) for k in range(3)]
+    assert all(len(r) == 4 for r in rounds)
+    assert set(rounds[0]).isdisjoint(rounds[1]) and len(set(rounds[0]) | set(rounds[1]) | set(rounds[2])) == 10
+    assert rounds == [round_images(records, 4, 0, k) for k in range(3)]  # the same on a resume
+    assert round_images(records, 4, 1, 0) != rounds[0]  # another seed, another shuffle
