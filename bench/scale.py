@@ -150,7 +150,9 @@ def kill_and_resume(images: Path, student: Path, work: Path, env: dict[str, str]
         time.sleep(random.Random(seed).uniform(1.0, 20.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        recorded_before = {p.name.split(".")[0]: len(p.read_text().splitlines()) for p in stage_dir.glob("*.jsonl")}
+        # rows of the stage in progress at the kill (its partial file), by stage
+        recorded_before = {p.name.split(".")[0]: len(p.read_text().splitlines())
+                           for p in stage_dir.glob("*.partial.jsonl")}
         resumed = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "killed",
                                   f"--loop.runs_dir={runs}"], cwd=ROOT, env=env, capture_output=True, text=True,
                                  timeout=3600)
@@ -158,8 +160,9 @@ def kill_and_resume(images: Path, student: Path, work: Path, env: dict[str, str]
             raise RuntimeError(f"resume failed (exit {resumed.returncode}): {resumed.stderr[-2000:]}")
         repeated = server.stats()["repeated"]
     events = [json.loads(line) for line in (runs / "killed" / "events.jsonl").read_text().splitlines() if line]
+    resumed_at = max(i for i, e in enumerate(events) if e["event"] == "resume")
     redone = {}
-    for e in events:
+    for e in events[resumed_at:]:  # the stages the resumed session finished
         if e["event"] == "stage_done" and e.get("resumed_rows") is not None and e["stage"] in recorded_before:
             # rows recorded before the kill that the resume did not take from the partial file
             redone[e["stage"]] = recorded_before[e["stage"]] - e["resumed_rows"]

@@ -33,6 +33,8 @@ DEFAULT_MAX_CONCURRENCY = 16
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Backend = Literal["grounded", "openai", "florence2"]
 LossType = Literal["sigmoid", "robust"]
+UpdateMode = Literal["dpo", "sft", "sft+dpo"]
+Quantize = Literal["none", "8bit", "4bit"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PAIR_SOURCES = ("refined", "ranked")
@@ -50,7 +52,7 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
 
 @dataclass
 class StudentConfig:
-    model: str = DEFAULT_STUDENT  # hub id or local dir of a VisionEncoderDecoderModel
+    model: str = DEFAULT_STUDENT  # hub id or local dir: VisionEncoderDecoderModel (ViT/CLIP + GPT-2/BERT), BLIP, GIT, BLIP-2
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
     num_beams: int = 1  # for the main caption (1 = greedy)
@@ -60,6 +62,7 @@ class StudentConfig:
     max_new_tokens: int = 20
     batch_size: int = 16
     static_cache: bool = False  # static KV cache; on CUDA, decoding compiled to CUDA graphs (see Student)
+    quantize: Quantize = "none"  # 8bit / 4bit weights (bitsandbytes, CUDA only; train with update.lora_r > 0)
 
     def validate(self) -> None:
         _require(bool(self.model.strip()), "student.model", self.model, "name a hub id or a local directory")
@@ -176,12 +179,22 @@ class UpdateConfig:
     # mDPO (Wang et al. 2024): also prefer the chosen caption with its image over the same caption with
     # a corrupted image (a crop keeping 0-20% of it), plus the anchor that keeps the chosen reward > 0.
     image_negatives: bool = False
+    # What the round trains: dpo (DPO + NLL against the round's starting student), sft (cross-entropy on
+    # the chosen captions, `epochs` of it), or sft+dpo (`sft_epochs` of SFT, then DPO against the result).
+    mode: UpdateMode = "dpo"
+    sft_epochs: int = 1
+    # LoRA (peft): r > 0 trains adapters only (--update.lora.r=16 works too); targets default per architecture.
+    lora_r: int = 0
+    lora_alpha: int = 32  # (dropout is off in updates, as in TRL, LoRA's included)
+    lora_targets: str = ""
 
     def validate(self) -> None:
         _require(self.beta > 0, "update.beta", self.beta, "must be > 0, e.g. 0.1")
         _require(self.nll_weight >= 0, "update.nll_weight", self.nll_weight, "must be >= 0")
         _require(self.lr > 0, "update.lr", self.lr, "must be > 0, e.g. 1e-5")
         _require(self.epochs >= 0, "update.epochs", self.epochs, "must be >= 0")
+        _require(self.sft_epochs >= 0, "update.sft_epochs", self.sft_epochs, "must be >= 0")
+        _require(self.lora_r >= 0, "update.lora_r", self.lora_r, "must be >= 0 (0 = train the whole model)")
         _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
         _require(self.max_grad_norm > 0, "update.max_grad_norm", self.max_grad_norm, "must be > 0")
         _require(0 <= self.label_smoothing < 0.5, "update.label_smoothing", self.label_smoothing,
@@ -208,6 +221,8 @@ class LoopConfig:
     # Images per round: 0 = the whole set every round; N = a fresh slice of N each round (one fixed shuffle
     # by loop.seed, wrapping around), for sets too large to caption whole every round.
     images_per_round: int = 0
+    # Experiment trackers through accelerate: tensorboard, mlflow, wandb, a comma-separated list, or all.
+    log_with: str = ""
     # For hf:DATASET image sets: the columns holding the image, the reference captions and the object
     # annotations (empty: found by name; see refine.images.hf).
     image_column: str = ""
@@ -446,6 +461,8 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
         key, value = item[2:].split("=", 1)
+        if key.startswith("update.lora."):  # --update.lora.r=16 is --update.lora_r=16
+            key = "update.lora_" + key.removeprefix("update.lora.")
         overrides[key] = value
     for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
                          ("max_critic_calls", "loop.max_critic_calls")):

@@ -20,9 +20,9 @@ import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rich.markup import escape
@@ -33,12 +33,14 @@ from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
 from refine.infra.progress import RoundProgress, console
 from refine.infra.runlog import RunLog, to_row
+from refine.infra.trackers import Trackers
+from refine.infra.trackers import parse as parse_trackers
 from refine.metrics.summary import mean_score, summarize_round
 from refine.runs import render_round
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
 from refine.stages.pairs import PreferencePair, build_pairs, to_verify
-from refine.stages.regions import find
+from refine.stages.regions import RegionRow, find, regions_stage
 from refine.stages.step import Refinement, TextualStep, make_step
 from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, load_student
 
@@ -65,6 +67,7 @@ class Parts:
     spend: Spend = field(default_factory=lambda: Spend(None))  # the paid calls against the budget
     region_cache: DiskCache = field(default_factory=lambda: DiskCache(namespace="regions"))
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a data-parallel launch
+    trackers: list[str] = field(default_factory=list)  # loop.log_with, checked
 
     def shared_stream(self, log: RunLog, k: int, name: str, compute, record: type) -> list:
         """A stage every process computes a share of (captions, eval). The main process records it; the
@@ -111,7 +114,7 @@ class Parts:
 
     def reload_student(self, path: Path):
         cfg = self.config.student
-        return load_student(path, _device(cfg.device, self.ranks), cfg.precision, cfg.static_cache)
+        return load_student(path, _device(cfg.device, self.ranks), cfg.precision, cfg.static_cache, cfg.quantize)
 
 
 def run(argv: list[str] | None = None) -> RunLog:
@@ -223,6 +226,29 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
     """
     loop, cfg, student, ranks = config.loop, config.student, parts.student, parts.ranks
     vocab, pixels = parts.images.vocabulary(), parts.images.pixels()
+    trackers = Trackers(parts.trackers if ranks.main else [], log.root.name, log.root, config.to_json())
+    try:
+        student = _each_round(log, config, parts, student, vocab, pixels, trackers)
+    finally:
+        trackers.finish()
+    if parts.eval_images:
+        parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
+            student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption)
+    if not ranks.main:
+        return
+    pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
+    log.event("run_done", pairs=pairs_made)
+    if pairs_made == 0 and loop.rounds > 0:
+        console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
+                      "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
+    console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
+                  f"{escape(str(log.root))}; the report: python -m refine.report {escape(str(log.root))}", soft_wrap=True)
+
+
+def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixels, trackers: Trackers):
+    """The rounds not yet recorded; returns the student after the last."""
+    loop, cfg, ranks = config.loop, config.student, parts.ranks
+    steps = sum(len(log.read_stage(j, "update")) for j in range(log.completed_rounds()) if log.has_stage(j, "update"))
     for k in range(log.completed_rounds(), loop.rounds):
         records = round_images(parts.images.records, loop.images_per_round, loop.seed, k)
         with RoundProgress(enabled=ranks.main) as bars:
@@ -247,22 +273,13 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
                                   log.stage_seconds(k), verified)
         log.finish_round(k, metrics)
+        trackers.log_round(k, metrics, history, steps)
+        steps += len(history)
         render_round(metrics)
         if not pairs:
             console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
                           "so the student did not change this round")
-    if parts.eval_images:
-        parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
-            student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption)
-    if not ranks.main:
-        return
-    pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
-    log.event("run_done", pairs=pairs_made)
-    if pairs_made == 0 and loop.rounds > 0:
-        console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
-                      "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
-    console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
-                  f"{escape(str(log.root))}", soft_wrap=True)
+    return student
 
 
 def round_images(records: list, per_round: int, seed: int, k: int) -> list:
@@ -284,6 +301,10 @@ def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, cap
            bars: RoundProgress):
     """The main process's part of a round: critiques (with regions), steps, verification, pairs."""
     loop = config.loop
+    if parts.detector is not None:  # recorded for the report and for reading the run; the critique stage
+        # rebuilds each image's views from the detection cache
+        log.stream(k, "regions", lambda done, sink: regions_stage(records, parts.detector, config.regions,
+                                                                  parts.region_cache, done, sink), RegionRow)
     critiques = parts.paid_stream(log, k, "critiques", lambda done, sink: critique(
         parts.critic, records, captions, parts.regions_for, parts.spend,
         bars.add("critique", len(records) * (1 + config.student.n_samples) * config.critic.samples),
@@ -342,6 +363,7 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     The cheap checks come first, the student (the slowest load) last. In a data-parallel run only the
     main process loads the critic and the detector, and each process puts its student on its device."""
     ranks = ranks or Ranks()
+    trackers = parse_trackers(config.loop.log_with)  # a tracker that is not installed fails here
     from critics import make_critic
     from refine.stages.regions import load_detector
 
@@ -365,13 +387,16 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
         detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
     source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
     cfg = config.student
-    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)
+    if cfg.quantize != "none" and config.update.lora_r == 0:
+        raise ConfigError(f"student.quantize={cfg.quantize}: quantized weights cannot be trained whole; "
+                          "set update.lora_r (e.g. --update.lora.r=16) to train LoRA adapters")
+    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache, cfg.quantize)
     if student.positions and cfg.max_new_tokens >= student.positions:
         raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds "
                           f"{student.positions} tokens, the start token included; use at most {student.positions - 1}")
     # A stop records only the calls that no partial row holds (see Spend), so count both.
     spend = Spend(loop.max_critic_calls or None, log.critic_calls(row_calls) if log is not None else 0)
-    return Parts(images, eval_images, student, critic, step, detector, config, spend, ranks=ranks)
+    return Parts(images, eval_images, student, critic, step, detector, config, spend, ranks=ranks, trackers=trackers)
 
 
 def _device(setting: str, ranks: Ranks) -> str:

@@ -87,6 +87,8 @@ FORBIDDEN = [
     ("stages", {"entry", "views", "demo", "offline"}, "stages never import the loop or the views"),
     ("metrics", {"stages", "entry", "views", "demo", "offline"}, "metrics are pure scores of recorded rows"),
     ("images", {"stages", "metrics", "critics", "entry", "views", "demo", "offline"}, "image sets are a leaf of data"),
+    ("students", {"images", "objects", "stages", "metrics", "critics", "entry", "views", "demo", "offline"},
+     "students are models: they know tensors and PIL images, not image sets, stages or the loop"),
     ("entry", {"demo", "offline"}, "the engine never imports the demo world or the offline fakes"),
     ("views", {"demo", "offline"}, "the engine never imports the demo world or the offline fakes"),
 ]

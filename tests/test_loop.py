@@ -143,10 +143,10 @@ def test_critic_call_budget_stops_cleanly_and_resumes(manifest, tiny_student_dir
     """The budget counts paid calls (critiques and textgrad steps that reached the API), each once over
     the whole run, resumes included: the events' sum (with the calls of rows recorded by a stage that
     stopped) is what the server received."""
-    from refine.stages.critique import row_calls
     from test_trust import critique_reply
 
     from refine.offline.devserver import FakeOpenAIServer
+    from refine.stages.critique import row_calls
 
     monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
     runs_dir = tmp_path / "runs"

@@ -244,16 +244,20 @@ def train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os
 
 def _train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
            log: Callable[[str], None]) -> dict[str, Any]:
+    from transformers import GitProcessor
+
     from refine.offline.tokenizer import load_gpt2_tokenizer
-    from refine.stages.student import Student, _fix_special_tokens
+    from refine.students.ved import VisionEncoderDecoderStudent, fix_special_tokens
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(recipe.seed)
     tokenizer = load_gpt2_tokenizer(tokenizer_dir)
     grammar_ids = grammar_token_ids(tokenizer)
     model = build_model(recipe, grammar_ids)
-    _fix_special_tokens(model, tokenizer)
-    student = Student(model, build_image_processor(), tokenizer)
+    fix_special_tokens(model, tokenizer)
+    image_processor = build_image_processor()
+    student = VisionEncoderDecoderStudent(model, image_processor, tokenizer,
+                                          processor=GitProcessor(image_processor=image_processor, tokenizer=tokenizer))
 
     scenes = shapes.make_scenes(recipe.train_scenes, "train", recipe.seed, recipe.objects)
     captions = [training_caption(s, recipe) for s in scenes]

@@ -67,9 +67,13 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         **{f"pairs/{s}": sum(1 for p in pairs if p.source == s) for s in sorted({p.source for p in pairs})},
     }
     if history:
-        last = history[-max(1, len(history) // 10):]  # the round's final tenth of steps
-        metrics["update/steps"] = len(history)
-        metrics.update({f"update/{key}": mean(h[key] for h in last) for key in history[0]})
+        # per phase (sft+dpo rounds have both): the mean over its final tenth of steps
+        for phase in dict.fromkeys(h.get("phase", "dpo") for h in history):
+            steps = [h for h in history if h.get("phase", "dpo") == phase]
+            last = steps[-max(1, len(steps) // 10):]
+            prefix = "update/" if phase == "dpo" else f"update/{phase}/"
+            metrics[f"{prefix}steps"] = len(steps)
+            metrics.update({f"{prefix}{key}": mean(h[key] for h in last) for key in steps[0] if key != "phase"})
     known = [r for r in records if r.objects is not None]
     if known:
         main = {row.image_id: row.caption for row in captions}

@@ -19,7 +19,7 @@ from PIL import Image
 from refine.config import UpdateConfig
 from refine.infra.devices import autocast, resolve_precision
 from refine.stages.pairs import PreferencePair
-from refine.stages.student import CaptionScorer, Student, sequence_logps
+from refine.students import CaptionScorer, Student
 
 
 def dpo_loss(
@@ -117,12 +117,12 @@ class _PairBatch:
     with ``corrupted`` images (one per pair, mDPO) the chosen captions again on those images."""
 
     def __init__(self, student: Student, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image],
-                 corrupted: Sequence[Image.Image] | None = None):
+                 corrupted: Sequence[Image.Image] | None = None, chosen_only: bool = False):
         ids = list(dict.fromkeys(p.image_id for p in pairs))
         row = {image_id: i for i, image_id in enumerate(ids)}
         self.n = len(pairs)
         index = [row[p.image_id] for p in pairs]
-        captions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        captions = [p.chosen for p in pairs] + ([] if chosen_only else [p.rejected for p in pairs])
         if corrupted is not None:
             captions += [p.chosen for p in pairs]
             index_corrupt = [len(ids) + i for i in range(self.n)]
@@ -130,7 +130,7 @@ class _PairBatch:
             self.image_index = torch.tensor(index + index + index_corrupt, device=student.device)
         else:
             self.pixel_values = student.pixel_values([images[i] for i in ids])
-            self.image_index = torch.tensor(index + index, device=student.device)
+            self.image_index = torch.tensor(index if chosen_only else index + index, device=student.device)
         self.captions = student.tokenize(captions)
         self.weights = torch.tensor([p.weight for p in pairs], device=student.device)
 
@@ -150,13 +150,15 @@ def reference_logps(
     corrupted: Callable[[int], Image.Image] | None = None,
     rank: int = 0,
     world: int = 1,
+    model: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(chosen, rejected, chosen on corrupted)`` log-probs under the frozen reference, ``[N]`` each
     (the last None without ``corrupted``, which gives pair ``i``'s corrupted image), computed once per
     round. With ``world`` processes each computes every ``world``-th pair, and an all-reduce (a sum
     with zeros elsewhere, so exact) gives every process all of them."""
     precision = precision or reference.precision
-    reference.model.eval()
+    model = model if model is not None else reference.model
+    model.eval()
     n = len(pairs)
     out = torch.zeros(3, n, device=reference.device)
     mine = list(range(rank, n, world))
@@ -165,7 +167,7 @@ def reference_logps(
         batch = _PairBatch(reference, [pairs[i] for i in idx], images,
                            [corrupted(i) for i in idx] if corrupted is not None else None)
         with autocast(reference.device, precision):
-            logps = sequence_logps(reference.model, batch.pixel_values, batch.captions, batch.image_index).float()
+            logps = reference.sequence_logps(model, batch.pixel_values, batch.captions, batch.image_index).float()
         for row, part in enumerate(batch.split(logps)):
             if part is not None:
                 out[row, idx] = part
@@ -185,14 +187,19 @@ def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -
     refuses parameters that take part in no backward pass.
     """
     model.train()
-    model.requires_grad_(True)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if freeze_encoder:
-        model.encoder.requires_grad_(False)
-    if getattr(model.encoder, "pooler", None) is not None:
-        model.encoder.pooler.requires_grad_(False)
+    if hasattr(model, "peft_config"):  # LoRA: peft has made the adapters, and only them, trainable
+        return [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(True)
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") and hasattr(model, "encoder") else None
+    if encoder is None:  # BLIP, GIT, BLIP-2: the vision tower
+        encoder = getattr(model, "vision_model", None) or getattr(getattr(model, "git", None), "image_encoder", None)
+    if freeze_encoder and encoder is not None:
+        encoder.requires_grad_(False)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -253,15 +260,21 @@ def update(
     *,
     in_place: bool = False,
 ) -> tuple[Student, list[dict[str, float]]]:
-    """One round of DPO + NLL. Returns ``(trained student, per-step metrics)``.
+    """One round of training on the round's pairs. Returns ``(trained student, per-step metrics)``.
 
-    ``student`` is the frozen reference for this round. Only its log-probs on the pairs are needed, and
-    they are computed once, before training, so the reference need not stay in memory: with
-    ``in_place=True`` the student itself is trained and returned (peak memory as for SFT); by default a
-    copy is trained and ``student`` is left unmodified. Metric names follow
-    TRL: ``loss``, ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``.
-    Under ``accelerate launch`` (or with an ``Accelerator`` passed) each batch is split across the
-    processes, with the same batches, gradients and metrics as one process (up to float rounding).
+    ``config.mode``: ``dpo`` (DPO + NLL against the student as it entered the round), ``sft``
+    (cross-entropy on the chosen captions) or ``sft+dpo`` (``sft_epochs`` of SFT, then DPO against the
+    post-SFT student). With ``lora_r`` > 0 only LoRA adapters train (:mod:`refine.stages.lora`): the DPO
+    reference is the same model with its adapters disabled, and the adapters are merged into the
+    returned student (which keeps them in ``student.adapter`` for saving).
+
+    The reference's log-probs are computed once, before DPO training, so the reference need not stay in
+    memory: with ``in_place=True`` the student itself is trained and returned (peak memory as for SFT);
+    by default a copy is trained and ``student`` is left unmodified. Metric names follow TRL: ``loss``,
+    ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``; SFT steps
+    carry ``phase: sft``. Under ``accelerate launch`` (or with an ``Accelerator`` passed) each batch is
+    split across the processes, with the same batches, gradients and metrics as one process (up to
+    float rounding).
     """
     if not pairs:
         return student, []
@@ -269,6 +282,8 @@ def update(
     if missing:
         raise KeyError(f"update(): no image for pair image_id(s) {sorted(missing)[:5]}")
     from accelerate import Accelerator
+
+    from refine.stages.lora import lora_model, merge_lora
 
     # The student is already where it should run: no device placement, and no cpu= flag. Accelerator's
     # state is a process-wide singleton: one made earlier for the CPU would move a CUDA student there,
@@ -278,43 +293,103 @@ def update(
     if accelerator.device_placement and not _same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    pairs = list(pairs)
     torch.manual_seed(config.seed)
-
-    # mDPO's corrupted images: pair i's is a pure function of (seed, image, i), drawn when a batch needs
-    # it, so the reference and the policy see the same one and no process holds them all.
-    def corrupted(i: int) -> Image.Image:
-        return corrupt_image(images[pairs[i].image_id], random.Random(f"mdpo/{config.seed}/{pairs[i].image_id}/{i}"))
-
-    negatives = corrupted if config.image_negatives else None
-    ref_chosen, ref_rejected, ref_corrupted = reference_logps(student, pairs, images, config.batch_size, precision,
-                                                              negatives, rank, world)
     policy = student if in_place else student.copy()
     policy.precision = precision
+    model = lora_model(policy, config) if config.lora_r > 0 else policy.model
+    run = _Training(policy, model, list(pairs), images, config, accelerator)
+    history: list[dict[str, float]] = []
+    if config.mode in ("sft", "sft+dpo"):
+        history += run.sft(config.epochs if config.mode == "sft" else config.sft_epochs)
+    if config.mode in ("dpo", "sft+dpo"):
+        history += run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
+    policy.model = merge_lora(policy, model) if config.lora_r > 0 else model.eval()
+    return policy, history
 
-    model = policy.model
-    params = prepare_for_training(model, config.freeze_encoder)
-    optimizer = torch.optim.RAdam(params, lr=config.lr)
-    scorer, optimizer = accelerator.prepare(CaptionScorer(model), optimizer)
-    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.precision == "fp16")
 
-    # Every process draws the same batches; each takes every world-th pair of a batch. Its loss is its
-    # pairs' share of the batch's sum over the batch size, times world (DDP averages gradients over
-    # processes), so the gradient is the single-process one for any number of processes.
-    rng = random.Random(config.seed)
-    history = []
-    for _ in range(config.epochs):
-        for batch_idx in _batches(len(pairs), config.batch_size, rng):
-            idx = batch_idx[rank::world]
-            share = float(world) / len(batch_idx)
-            if not idx:  # fewer pairs than processes: take part in the step with a zero-weight pair
-                idx, share = batch_idx[:1], 0.0
-            batch = _PairBatch(policy, [pairs[i] for i in idx], images,
+class _Training:
+    """The optimizer steps of one update, shared by its phases: every process draws the same batches and
+    takes every ``world``-th item of each. A process's loss is its items' share of the batch's sum over
+    the batch size, times ``world`` (DDP averages gradients over processes), so the gradient is the
+    single-process one for any number of processes; metrics are summed across processes the same way."""
+
+    def __init__(self, policy: Student, model, pairs: list[PreferencePair], images, config: UpdateConfig, accelerator):
+        self.policy, self.model, self.pairs, self.images, self.config = policy, model, pairs, images, config
+        self.accelerator = accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.params = prepare_for_training(model, config.freeze_encoder)
+        optimizer = torch.optim.RAdam(self.params, lr=config.lr)
+        self.scorer, self.optimizer = accelerator.prepare(CaptionScorer(policy, model), optimizer)
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.precision == "fp16")
+        self.rng = random.Random(config.seed)
+
+    def corrupted(self, i: int) -> Image.Image:
+        """mDPO's corrupted image for pair ``i``: a pure function of (seed, image, i), drawn when a batch
+        needs it, so the reference and the policy see the same one and no process holds them all."""
+        pair = self.pairs[i]
+        return corrupt_image(self.images[pair.image_id], random.Random(f"mdpo/{self.config.seed}/{pair.image_id}/{i}"))
+
+    def _steps(self, n: int, epochs: int):
+        """``(this process's indices, share)`` per optimizer step."""
+        for _ in range(epochs):
+            for batch_idx in _batches(n, self.config.batch_size, self.rng):
+                idx = batch_idx[self.rank :: self.world]
+                share = float(self.world) / len(batch_idx)
+                if not idx:  # fewer items than processes: take part in the step with a zero-weight item
+                    idx, share = batch_idx[:1], 0.0
+                yield idx, share, len(batch_idx)
+
+    def _backward(self, loss: torch.Tensor) -> float:
+        self.accelerator.backward(self.scaler.scale(loss))
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _reduce(self, rows: list[torch.Tensor], share: float, size: int) -> list[float]:
+        sums = torch.stack(rows).sum(1) * (share * size / self.world)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        return (sums / size).tolist()
+
+    def sft(self, epochs: int) -> list[dict[str, float]]:
+        """Cross-entropy (per-token NLL) on each distinct chosen caption, weighted by its pair's weight."""
+        examples = list({(p.image_id, p.chosen): p for p in self.pairs}.values())
+        history = []
+        for idx, share, size in self._steps(len(examples), epochs):
+            batch = _PairBatch(self.policy, [examples[i] for i in idx], self.images, chosen_only=True)
+            with autocast(self.policy.device, self.policy.precision):
+                logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
+            nll = nll_per_token(logps, batch.captions.lengths)
+            per_item = batch.weights * nll
+            grad_norm = self._backward(per_item.sum() * share)
+            loss, mean_nll = self._reduce([per_item.detach(), nll.detach()], share, size)
+            history.append({"phase": "sft", "loss": loss, "nll": mean_nll, "grad_norm": grad_norm})
+        return history
+
+    def dpo(self, epochs: int, adapters_off: bool = False) -> list[dict[str, float]]:
+        """DPO + NLL (+ mDPO's image terms) against the model as it is now (with LoRA in ``dpo`` mode:
+        the same model with its adapters disabled, which is what it was before training)."""
+        from refine.stages.lora import adapters_disabled
+
+        config, pairs = self.config, self.pairs
+        negatives = self.corrupted if config.image_negatives else None
+        with adapters_disabled(self.model, adapters_off):
+            ref_chosen, ref_rejected, ref_corrupted = reference_logps(
+                self.policy, pairs, self.images, config.batch_size, self.policy.precision, negatives, self.rank,
+                self.world, model=self.model)
+        prepare_for_training(self.model, config.freeze_encoder)
+        history = []
+        for idx, share, size in self._steps(len(pairs), epochs):
+            batch = _PairBatch(self.policy, [pairs[i] for i in idx], self.images,
                                [negatives(i) for i in idx] if negatives is not None else None)
-            with autocast(policy.device, policy.precision):
-                logps = scorer(batch.pixel_values, batch.captions, batch.image_index).float()
+            with autocast(self.policy.device, self.policy.precision):
+                logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
             policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta,
@@ -328,30 +403,15 @@ def update(
                 conditional, anchor = image_preference_loss(policy_chosen, policy_corrupted, ref_chosen[idx],
                                                             ref_corrupted[idx], config.beta)
                 per_pair = per_pair + w * conditional + w * anchor
-            loss = per_pair.sum() * share
-
-            accelerator.backward(scaler.scale(loss))
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            # The batch's metrics: sums over this process's pairs, added up over processes.
-            sums = torch.stack([per_pair.detach(), losses.detach(), nll.detach(), chosen_rewards, rejected_rewards,
-                                (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
-                                policy_chosen.detach(), policy_rejected.detach(), conditional.detach(),
-                                anchor.detach()]).sum(1) * (share * len(batch_idx) / world)
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(sums)
-            means = (sums / len(batch_idx)).tolist()
+            grad_norm = self._backward(per_pair.sum() * share)
+            means = self._reduce([per_pair.detach(), losses.detach(), nll.detach(), chosen_rewards, rejected_rewards,
+                                  (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                                  policy_chosen.detach(), policy_rejected.detach(), conditional.detach(),
+                                  anchor.detach()], share, size)
             step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                              "rewards/margins", "logps/chosen", "logps/rejected"), means))
-            step["grad_norm"] = float(grad_norm)
+            step["grad_norm"] = grad_norm
             if policy_corrupted is not None:
                 step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
             history.append(step)
-    policy.model = accelerator.unwrap_model(scorer).model.eval()
-    return policy, history
+        return history

@@ -59,6 +59,19 @@ class View:
 
 
 @dataclass
+class RegionRow:
+    """The regions stage's row (``rounds/<k>/regions.jsonl``): what was found, without the views' pixels;
+    for the report and for reading a run. The critique stage rebuilds the views from the detection cache."""
+
+    image_id: str
+    width: int
+    height: int
+    detections: list[dict[str, Any]] = field(default_factory=list)  # {label, score, box: [x0, y0, x1, y1]}
+    objects: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
 class Regions:
     image_id: str
     width: int
@@ -71,6 +84,11 @@ class Regions:
 
     def counts(self) -> dict[str, int]:
         return {o.label: o.count for o in self.objects}
+
+    def row(self) -> RegionRow:
+        return RegionRow(self.image_id, self.width, self.height,
+                         [{"label": d.label, "score": round(d.score, 4), "box": [round(v, 1) for v in d.box]}
+                          for d in self.detections], self.counts(), self.error)
 
     def describe(self) -> str:
         """The object summary critics put into prompts, e.g. ``"2 person, 1 bus (tiles: 2x2, 3x3)"``.
@@ -290,3 +308,15 @@ def find(records: Sequence[ImageRecord], detector, config: RegionConfig,
             out.append(Regions(image_id=record.id, width=size[0], height=size[1], grids=config.grids,
                                error=f"{type(e).__name__}: {e}"))
     return out
+
+
+def regions_stage(records: Sequence[ImageRecord], detector, config: RegionConfig, cache: DiskCache | None = None,
+                  done: Sequence[RegionRow] = (), sink=lambda rows: None, chunk: int = 16) -> list[RegionRow]:
+    """The regions stage: :func:`find` over the images ``chunk`` at a time, each chunk's rows to ``sink``."""
+    have = {r.image_id: r for r in done}
+    todo = [r for r in records if r.id not in have]
+    for i in range(0, len(todo), chunk):
+        rows = [regions.row() for regions in find(todo[i : i + chunk], detector, config, cache)]
+        sink(rows)
+        have.update((row.image_id, row) for row in rows)
+    return [have[r.id] for r in records]

@@ -1,0 +1,66 @@
+"""LoRA for the update (peft): adapters on a student's attention (and MLP) layers, trained instead of the
+whole model, then merged back.
+
+:func:`lora_model` wraps the student's model in fresh adapters for one round (targets per
+architecture, ``Student.lora_targets``, unless ``update.lora_targets`` names them). The DPO reference is
+the same model under :func:`adapters_disabled`, so no second copy is held. :func:`merge_lora` folds the
+trained adapters into the weights, so the student saved as ``student/last`` loads with plain
+``from_pretrained`` and no peft, and keeps the adapter itself (``Student.adapter``), which
+``Student.save`` writes to ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from refine.config import UpdateConfig
+from refine.students import Student
+
+
+def targets(student: Student, config: UpdateConfig) -> list[str]:
+    """The module names LoRA wraps: ``update.lora_targets`` (comma-separated), else the architecture's
+    defaults that this model has."""
+    wanted = [t.strip() for t in config.lora_targets.split(",") if t.strip()] or list(student.lora_targets)
+    names = {name.rsplit(".", 1)[-1] for name, module in student.model.named_modules()
+             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    found = [t for t in wanted if t in names]
+    if not found:
+        raise ValueError(f"update.lora_targets={','.join(wanted)}: no such linear layer in this {student.kind} "
+                         f"student; its linear layers are named {', '.join(sorted(names)[:12])}")
+    return found
+
+
+def lora_model(student: Student, config: UpdateConfig) -> nn.Module:
+    """``student.model`` with fresh LoRA adapters (peft); only the adapters require gradients."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets(student, config))
+    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        return get_peft_model(student.model, lora)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module, disabled: bool = True) -> Iterator[None]:
+    """The model without its adapters' contribution (the DPO reference), when ``disabled`` and it has any."""
+    if disabled and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def merge_lora(student: Student, model: nn.Module) -> nn.Module:
+    """Fold the trained adapters into the weights; keep them on ``student.adapter`` for saving."""
+    from peft import get_peft_model_state_dict
+
+    student.adapter = (model.peft_config["default"], {k: v.detach().clone() for k, v in
+                                                      get_peft_model_state_dict(model).items()})
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged

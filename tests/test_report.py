@@ -1,0 +1,87 @@
+"""The HTML report (python -m refine.report) and the experiment trackers (--loop.log_with)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from test_loop import _args, manifest  # noqa: F401  (fixture)
+
+from refine import loop, report
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_student_dir, bus_path, zidane_path):
+    """A 2-round run on 4 annotated images with the regions stage (a random YOLO), TensorBoard logging."""
+    tmp = tmp_path_factory.mktemp("report")
+    rows = []
+    from conftest import draw_scene
+    from PIL import Image
+
+    for name, image, objects in [("bus", Image.open(bus_path), {"bus": 1, "person": 4}),
+                                 ("zidane", Image.open(zidane_path), {"person": 2, "tie": 1}),
+                                 ("drawn", draw_scene([("circle", "red", (10, 10, 40, 40))]), {"sports ball": 1})]:
+        image.convert("RGB").save(tmp / f"{name}.png")
+        rows.append(json.dumps({"path": f"{name}.png", "objects": objects}))
+    (tmp / "images.jsonl").write_text("\n".join(rows) + "\n")
+    return loop.run(_args(tmp / "images.jsonl", tiny_student_dir, tmp / "runs", "--loop.log_with=tensorboard"))
+
+
+def test_the_report_is_one_self_contained_page_with_every_image(finished_run, capsys):
+    assert report.main(["--runs-dir", str(finished_run.root.parent), finished_run.root.name]) == 0
+    page = (finished_run.root / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    assert sorted(c["id"] for c in data) == ["bus", "drawn", "zidane"]
+    for card in data:
+        assert [r["round"] for r in card["rounds"]] == [0, 1]
+        assert card["thumb"].startswith("data:image/jpeg;base64,")
+        assert all(r["score"] is not None for r in card["rounds"])
+    assert sum(len(r["pairs"]) for c in data for r in c["rounds"]) == sum(
+        len(finished_run.read_stage(k, "pairs")) for k in range(2))
+    assert page.count("<svg") >= 4 and "critic mean score" in page and "seconds per stage" in page
+    assert '&quot;loop&quot;' in page and "caption changed" in page and "hallucinations rose" in page
+
+
+def test_the_report_shows_detections_from_the_recorded_regions_stage(finished_run):
+    regions = finished_run.read_stage(0, "regions")
+    assert sorted(r["image_id"] for r in regions) == ["bus", "drawn", "zidane"]
+    cards = {c["id"]: c for c in report.cards(finished_run, {})}
+    for row in regions:
+        assert len(cards[row["image_id"]]["detections"]) == len(row["detections"])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_report_renders_in_a_real_browser(finished_run, tmp_path):
+    """Headless Chromium runs the page's script: the cards are drawn into the DOM, and the filters work."""
+    page = finished_run.root / "report.html"
+    report.main(["--runs-dir", str(finished_run.root.parent), finished_run.root.name])
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('<div class="card"><img') == 3 and "page 1 of 1 (3 images)" in dom
+
+
+def test_trackers_log_rounds_and_steps_under_trl_names(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((finished_run.root / "trackers").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"round/critic/mean_score", "round/pairs/total", "train/loss", "train/rewards/margins",
+            "train/logps/chosen"} <= scalars
+    assert [e.step for e in events.Scalars("round/pairs/total")] == [0, 1]
+    steps = [e.step for e in events.Scalars("train/loss")]
+    recorded = sum(len(finished_run.read_stage(k, "update")) for k in range(2))
+    assert steps == list(range(recorded))
+    assert events.Scalars("train/loss")[0].value == pytest.approx(finished_run.read_stage(0, "update")[0]["loss"], rel=1e-5)
+
+
+def test_an_unknown_or_missing_tracker_is_refused_before_the_run(tmp_path, tiny_student_dir, capsys):
+    code = loop.main(["--images", "shapes:2", f"--student.model={tiny_student_dir}", f"--loop.runs_dir={tmp_path}",
+                      "--loop.log_with=tensorboard,neptune"])
+    assert code == 2 and "unknown tracker 'neptune'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

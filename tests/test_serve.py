@@ -1,0 +1,93 @@
+"""refine.serve: the captioning service on a tiny student, through FastAPI's own ASGI transport (httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from refine.serve import create_app
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_student_dir):
+    return create_app(str(tiny_student_dir), device="cpu", max_batch=8, max_wait_ms=50, max_bytes=200_000,
+                      max_pixels=1_000_000, default_max_tokens=6)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def post(app, **kwargs):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return await client.post("/caption", **kwargs)
+
+
+def test_health_and_a_caption_as_a_file_or_as_base64(app, tiny_student, drawn_images):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            health = (await client.get("/health")).json()
+            by_file = await client.post("/caption", files={"file": ("a.png", png(drawn_images["both"]), "image/png")})
+            by_json = await client.post("/caption", json={"image": base64.b64encode(png(drawn_images["both"])).decode(),
+                                                          "beams": 2, "max_tokens": 5})
+            return health, by_file, by_json
+
+    health, by_file, by_json = run(go())
+    assert health["status"] == "ok" and health["kind"] == "vision-encoder-decoder"
+    assert by_file.status_code == 200 and by_json.status_code == 200
+    expected = tiny_student.caption([drawn_images["both"]], max_new_tokens=6)[0][0]
+    assert by_file.json()["caption"] == expected
+    assert by_json.json()["caption"] == tiny_student.caption([drawn_images["both"]], num_beams=2, max_new_tokens=5)[0][0]
+
+
+@pytest.mark.parametrize("request_kwargs, status, words", [
+    (dict(files={"file": ("a.png", b"", "image/png")}), 400, "empty"),
+    (dict(files={"file": ("a.txt", b"hello, not an image", "text/plain")}), 415, "not an image"),
+    (dict(files={"file": ("big.bmp", b"BM" + b"\0" * 300_000, "image/bmp")}), 413, "over the limit of 200000"),
+    (dict(json={"image": "%%% not base64"}), 400, "not valid base64"),
+    (dict(json={"picture": "abc"}), 400, "no image"),
+    (dict(content=b"raw bytes", headers={"content-type": "image/png"}), 415, "multipart/form-data"),
+    (dict(json={"image": "", "beams": 0}), 422, "beams must be an integer from 1"),
+    (dict(json={"image": "", "max_tokens": "many"}), 422, "max_tokens must be an integer"),
+])
+def test_bad_input_gets_a_4xx_that_names_the_problem(app, request_kwargs, status, words):
+    response = run(post(app, **request_kwargs))
+    assert response.status_code == status and words in response.json()["error"], response.json()
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(app):
+    bomb = png(Image.new("1", (2000, 1000)))  # 2 megapixels in a few hundred bytes; the limit here is 1
+    assert len(bomb) < 10_000
+    response = run(post(app, files={"file": ("bomb.png", bomb, "image/png")}))
+    assert response.status_code == 413 and "decompression bomb" in response.json()["error"]
+
+
+def test_requests_that_arrive_together_are_batched_and_captioned_as_alone(app, tiny_student, drawn_images):
+    images = [drawn_images[k] for k in ("red-circle", "blue-square", "both", "gray")] * 4
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            replies = await asyncio.gather(*[client.post("/caption", files={"file": ("x.png", png(im), "image/png")})
+                                             for im in images])
+            return replies, (await client.get("/metrics")).text
+
+    replies, metrics = run(go())
+    assert all(r.status_code == 200 for r in replies)
+    alone = [c[0] for c in tiny_student.caption(images, max_new_tokens=6, batch_size=1)]
+    assert [r.json()["caption"] for r in replies] == alone
+    batches = app.state.metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    total = next(s.value for s in batches if s.name.endswith("_sum"))
+    assert total >= 16 and count < total  # fewer batches than images: some held several
+    assert 'refine_caption_requests_total{status="200"}' in metrics and "refine_caption_latency_seconds_bucket" in metrics

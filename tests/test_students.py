@@ -1,0 +1,229 @@
+"""Every student architecture behind one interface: tiny random models of the real classes (ViT-GPT2,
+CLIP + GPT-2, ViT + BERT, BLIP, GIT, BLIP-2), saved like hub checkpoints and loaded by load_student.
+
+For each: captions come out; ``logps`` equals the model's own labels loss (summed over the same tokens);
+a DPO update raises the chosen-minus-rejected margin; save -> load gives identical captions. LoRA: only
+adapter weights change, the reference is the adapter-disabled model, and the merged export captions as
+the adapted model did. SFT and SFT+DPO train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from refine.config import UpdateConfig
+from refine.stages.dpo import update
+from refine.stages.pairs import PreferencePair
+from refine.students import load_student
+
+ARCHS = ["vit-gpt2", "clip-gpt2", "vit-bert", "blip", "git", "blip-2"]
+
+
+@pytest.fixture(scope="session")
+def student_dirs(sandbox, gpt2_tokenizer_dir, tiny_student_dir):
+    from refine.offline.students import BUILDERS
+
+    dirs = {"vit-gpt2": tiny_student_dir}
+    for name, build in BUILDERS.items():
+        kwargs = {"tokenizer_cache": str(gpt2_tokenizer_dir)} if "tokenizer_cache" in build.__code__.co_varnames else {}
+        dirs[name] = build(sandbox / "students" / name, **kwargs)
+    return dirs
+
+
+def images() -> list[Image.Image]:
+    return [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (50, 50), (30, 30, 200)),
+            Image.new("L", (20, 60), 128)]
+
+
+def load(student_dirs, arch):
+    return load_student(student_dirs[arch], device="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captions_come_out_in_every_mode(student_dirs, arch):
+    student = load(student_dirs, arch)
+    assert student.kind == {"vit-gpt2": "vision-encoder-decoder", "clip-gpt2": "vision-encoder-decoder",
+                            "vit-bert": "vision-encoder-decoder"}.get(arch, arch)
+    greedy = student.caption(images(), min_new_tokens=3, max_new_tokens=5)
+    assert [len(c) for c in greedy] == [1, 1, 1] and all(c[0].strip() for c in greedy)
+    assert student.caption(images(), n=2, num_beams=3, min_new_tokens=3, max_new_tokens=5)[0][1].strip()
+    sampled = student.caption(images(), n=2, sample=True, temperature=2.0, min_new_tokens=3, max_new_tokens=5,
+                              seeds=[1, 2, 3])
+    assert [len(c) for c in sampled] == [2, 2, 2]
+    # an image's samples depend on its seed alone
+    assert student.caption(images()[1:2], n=2, sample=True, temperature=2.0, min_new_tokens=3, max_new_tokens=5,
+                           seeds=[2])[0] == sampled[1]
+
+
+def _labels_loss(student, arch, image, caption) -> float:
+    """The model's own training loss for one caption, times its number of targets: -log p summed."""
+    model, tokens = student.model, student.tokenize([caption])
+    pixels = student.pixel_values([image])
+    ids, n = tokens.decoder_input_ids, int(tokens.lengths[0])
+    full = torch.cat([ids, tokens.labels[:, -1:]], 1)  # [start] c_1..c_n [end]
+    with torch.no_grad():
+        if student.kind == "vision-encoder-decoder":
+            loss = model(pixel_values=pixels, labels=tokens.labels).loss  # the model shifts labels right itself
+        elif arch == "blip":
+            model.text_decoder.label_smoothing = 0.0  # BLIP trains with smoothing 0.1; we score plain NLL
+            loss = model(pixel_values=pixels, input_ids=full, labels=full).loss
+        elif arch == "git":
+            loss = model(pixel_values=pixels, input_ids=full, labels=full).loss
+        else:  # BLIP-2: the image tokens lead the language model's input; they and the start carry no label
+            prefix = torch.full((1, model.config.num_query_tokens), model.config.image_token_id)
+            input_ids = torch.cat([prefix, full], 1)
+            labels = torch.cat([torch.full_like(prefix, -100), torch.full_like(full[:, :1], -100), full[:, 1:]], 1)
+            loss = model(pixel_values=pixels, input_ids=input_ids, labels=labels).loss
+    return float(loss) * n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logps_equal_the_models_own_labels_loss(student_dirs, arch):
+    student = load(student_dirs, arch)
+    captions = ["a red circle", "two blue dogs on a table"]
+    with torch.no_grad():
+        ours = student.logps(images()[:2], captions)
+    for image, caption, logp in zip(images()[:2], captions, ours):
+        assert -float(logp) == pytest.approx(_labels_loss(student, arch, image, caption), rel=1e-4)
+    # batched with padding, and several captions of one image (the encoder once per image where it can)
+    again = student.logps(images()[:1], captions, image_index=[0, 0])
+    alone = torch.stack([student.logps(images()[:1], [c])[0] for c in captions])
+    assert torch.allclose(again, alone, atol=1e-4)
+
+
+PAIRS = [PreferencePair(f"im{i}", chosen, rejected, "refined") for i, (chosen, rejected) in
+         enumerate([("a red circle", "a red circle and a dog"), ("a blue square", "two cats on a bus"),
+                    ("a picture of a ball", "a man and a woman")])]
+
+
+def _margin(student, pairs) -> float:
+    pics = {f"im{i}": im for i, im in enumerate(images())}
+    with torch.no_grad():
+        chosen = student.logps([pics[p.image_id] for p in pairs], [p.chosen for p in pairs])
+        rejected = student.logps([pics[p.image_id] for p in pairs], [p.rejected for p in pairs])
+    return float((chosen - rejected).mean())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_dpo_update_raises_the_margin_and_the_student_saves_and_loads(student_dirs, arch, tmp_path):
+    student = load(student_dirs, arch)
+    pics = {f"im{i}": im for i, im in enumerate(images())}
+    before = _margin(student, PAIRS)
+    trained, history = update(student, PAIRS, pics, UpdateConfig(lr=1e-2, epochs=4, batch_size=3, beta=0.5))
+    assert len(history) == 4 and _margin(trained, PAIRS) > before + 0.3
+    trained.save(tmp_path / "saved")
+    reloaded = load_student(tmp_path / "saved", device="cpu", precision="fp32")
+    assert type(reloaded) is type(trained)
+    kwargs = dict(min_new_tokens=3, max_new_tokens=6)
+    assert reloaded.caption(images(), **kwargs) == trained.caption(images(), **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["vit-gpt2", "blip", "git", "blip-2"])
+def test_lora_trains_adapters_only_and_merges_into_a_plain_checkpoint(student_dirs, arch, tmp_path):
+    from refine.stages.dpo import reference_logps
+    from refine.stages.lora import adapters_disabled, lora_model, merge_lora
+
+    student = load(student_dirs, arch)
+    pics = {f"im{i}": im for i, im in enumerate(images())}
+    # RAdam takes plain momentum steps for its first five (no adaptive scale yet), and LoRA's B starts
+    # at zero, so a few more steps than for full fine-tuning
+    config = UpdateConfig(lr=1e-2, epochs=10, batch_size=3, beta=0.5, lora_r=4)
+    start = {k: v.clone() for k, v in student.model.state_dict().items()}
+    reference = reference_logps(student, PAIRS, pics)
+
+    # the reference is the model with its adapters disabled, even after they moved
+    wrapped = load(student_dirs, arch)
+    peft_model = lora_model(wrapped, config)
+    for name, p in peft_model.named_parameters():
+        assert p.requires_grad == ("lora_" in name), name
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with adapters_disabled(peft_model):
+        assert torch.allclose(reference_logps(wrapped, PAIRS, pics, model=peft_model)[0], reference[0], atol=1e-5)
+    assert not torch.allclose(reference_logps(wrapped, PAIRS, pics, model=peft_model)[0], reference[0], atol=1e-3)
+    kwargs = dict(min_new_tokens=3, max_new_tokens=6)
+    wrapped.model = peft_model
+    adapted = wrapped.caption(images(), **kwargs)
+    wrapped.model = merge_lora(wrapped, peft_model)
+    wrapped.save(tmp_path / "merged")
+    assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
+    plain = load_student(tmp_path / "merged", device="cpu", precision="fp32")  # no peft involved
+    assert not any("lora" in k for k in plain.model.state_dict())
+    assert plain.caption(images(), **kwargs) == adapted
+
+    # a LoRA update: only the adapted layers' weights moved, and the margin rose (GIT's the least: its
+    # tiny random text layers barely react to low-rank changes, +0.02; the others +0.2 or more)
+    before = _margin(student, PAIRS)
+    trained, _ = update(student, PAIRS, pics, config)
+    assert _margin(trained, PAIRS) > before + 0.01
+    targets = set(config.lora_targets.split(",")) if config.lora_targets else set(student.lora_targets)
+    moved = [k for k, v in trained.model.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved and all(k.rsplit(".", 2)[-2] in targets for k in moved), moved
+
+
+@pytest.mark.parametrize("mode", ["sft", "sft+dpo"])
+def test_supervised_modes_train_on_the_chosen_captions(student_dirs, mode):
+    student = load(student_dirs, "vit-gpt2")
+    pics = {f"im{i}": im for i, im in enumerate(images())}
+    with torch.no_grad():
+        before = student.logps(images(), [p.chosen for p in PAIRS])
+    trained, history = update(student, PAIRS, pics, UpdateConfig(lr=1e-2, epochs=8, sft_epochs=8, batch_size=3,
+                                                                  mode=mode))
+    with torch.no_grad():
+        after = trained.logps(images(), [p.chosen for p in PAIRS])
+    assert bool((after > before + 1).all()), (before, after)
+    phases = [h.get("phase", "dpo") for h in history]
+    assert phases == (["sft"] * 8 if mode == "sft" else ["sft"] * 8 + ["dpo"] * 8)
+
+
+def test_a_tokenizer_without_an_end_token_is_refused_by_name(student_dirs, tmp_path):
+    from transformers import VisionEncoderDecoderModel
+
+    from refine.students.ved import fix_special_tokens
+
+    model = VisionEncoderDecoderModel.from_pretrained(student_dirs["vit-bert"])
+    student = load(student_dirs, "vit-bert")
+    assert (student.special_tokens().start, student.special_tokens().end) == (
+        student.tokenizer.cls_token_id, student.tokenizer.sep_token_id)  # [CLS] starts, [SEP] ends
+    tokenizer = student.tokenizer
+    tokenizer.sep_token = None
+    model.config.eos_token_id = None
+    with pytest.raises(ValueError, match="neither an EOS nor a SEP token"):
+        fix_special_tokens(model, tokenizer, "student.model=x")
+
+
+def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="a 'bert' model; refine's students are vision-encoder-decoder, blip"):
+        load_student(tmp_path, device="cpu")
+
+
+def test_quantized_weights_need_a_gpu_and_lora(tmp_path, tiny_student_dir):
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        load_student(tiny_student_dir, device="cpu", quantize="8bit")
+    from refine import loop
+
+    with pytest.raises(ValueError, match="set update.lora_r"):
+        loop.run(["--images", "shapes:2", f"--student.model={tiny_student_dir}", "--student.quantize=8bit",
+                  f"--loop.runs_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("arch, extra", [("blip", []), ("git", ["--update.mode=sft+dpo"]),
+                                         ("blip-2", ["--update.lora.r=4"]), ("vit-gpt2", ["--update.lora.r=4"])])
+def test_the_loop_runs_with_every_architecture(student_dirs, arch, extra, tmp_path):
+    """The loop, the run directory and resume are the same for every architecture; a LoRA run's student
+    is a plain checkpoint with its adapter beside it."""
+    from refine import loop
+
+    log = loop.run(["--images", "shapes:4", "--rounds", "2", f"--student.model={student_dirs[arch]}",
+                    f"--loop.runs_dir={tmp_path}", "--loop.run_id=r", "--student.n_samples=1",
+                    "--student.max_new_tokens=6", "--student.device=cpu", "--update.lr=1e-3", *extra])
+    assert log.status() == "done" and log.read_stage(1, "pairs")
+    reloaded = load_student(log.student_dir("last"), device="cpu")
+    assert reloaded.kind == load(student_dirs, arch).kind
+    assert (log.student_dir("last") / "adapter" / "adapter_config.json").exists() == bool(extra and "lora" in extra[0])
+    update_rows = log.read_stage(0, "update")
+    assert update_rows and (update_rows[0].get("phase") == "sft") == ("sft+dpo" in " ".join(extra))
