@@ -3,7 +3,8 @@
 Sections (see bench/README.md): 1 critic stage against textgrad, 2 warm cache, 3 DPO step against an
 SFT step, 4 student captioning throughput, 5 regions, 6 GPU (skipped without CUDA), 7 scale (5,000
 images in bounded memory, the loop's overhead over the API floor, a kill -9 and resume), 8 students (a
-DPO step against an SFT step for ViT-GPT2, BLIP and GIT; LoRA's memory).
+DPO step against an SFT step for ViT-GPT2, BLIP and GIT; LoRA's memory), 9 serve (200 concurrent requests,
+dynamic batching against batch size 1).
 
 Every figure is measured over ``--reps`` repetitions (3 by default) and reported as median, min and
 max. Comparisons are ratios within one repetition of this run, never against numbers from another
@@ -34,7 +35,7 @@ from bench.measure import CPUSnapshot, Row, error_row, load_average, machine, ma
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR.parent / ".cache" / "bench"  # the project's scratch dir (git-ignored, `make clean` empties it)
-SECTIONS = ("critic", "dpo", "caption", "regions", "gpu", "scale", "students")
+SECTIONS = ("critic", "dpo", "caption", "regions", "gpu", "scale", "students", "serve")
 
 
 def setup_environment(workdir: Path) -> None:
@@ -81,7 +82,7 @@ def _values(rows: list[Row], section_prefix: str, name_prefix: str) -> list[floa
 
 def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Path,
                  model_dir: Path | None) -> tuple[list[Row], dict[str, Any]]:
-    from bench import captioning, critic_stage, dpo_step, gpu, regions_stage, scale, students
+    from bench import captioning, critic_stage, dpo_step, gpu, regions_stage, scale, serve, students
 
     rows: list[Row] = []
     log: dict[str, Any] = {}
@@ -111,7 +112,7 @@ def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Pat
 
     if "critic" in sections:
         section("1+2 critic stage, warm cache", lambda: critic_stage.run(reps, quick, workdir))
-    if {"dpo", "caption", "regions", "gpu", "scale", "students"} & set(sections):
+    if {"dpo", "caption", "regions", "gpu", "scale", "students", "serve"} & set(sections):
         section("build random ViT-GPT2 models", models_ready)
     if "dpo" in sections and models:
         section("3 DPO vs SFT step", lambda: dpo_step.run(models["main"], reps, models["size"]))
@@ -131,6 +132,8 @@ def run_sections(sections: tuple[str, ...], reps: int, quick: bool, workdir: Pat
         section("7 scale", lambda: scale.run(1, quick, workdir, models["tiny"]))  # one rep: minutes each
     if "students" in sections:
         section("8 students", lambda: students.run(reps, quick, workdir, str(CACHE_DIR / "gpt2-tokenizer")))
+    if "serve" in sections and models:
+        section("9 serve", lambda: serve.run(reps, quick, models["tiny"]))
     return rows, log
 
 

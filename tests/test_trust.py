@@ -425,3 +425,16 @@ def test_a_run_resumes_and_scores_from_another_directory(tmp_path, tiny_student_
         assert loop.main(["--resume", str(work / "runs" / "r"), "--max-critic-calls=100"]) == 0
     assert RunLog(work / "runs" / "r").status() == "done"
     assert score.main([str(work / "runs" / "r"), "--metrics", "chair,diversity"]) == 0
+
+
+def test_files_the_run_writes_are_readable_like_any_other(tmp_path):
+    """Atomic writes go through mkstemp, which makes files 0600; the run's files (and the report) must
+    follow the umask instead, or a team cannot read each other's runs."""
+    from refine.infra.runlog import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

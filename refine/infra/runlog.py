@@ -3,7 +3,7 @@
 Layout of ``runs/<id>/``::
 
     config.json                 resolved config, written first (a resume that changes a setting rewrites it)
-    events.jsonl                append-only: run_start, stage_done, stage_timed, round_done, resume, budget_stop,
+    events.jsonl                append-only: run_start, stage_done, round_done, resume, budget_stop,
                                 failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
     rounds/<k>/<stage>.partial.jsonl  the finished rows of a stage in progress (removed when it completes)
@@ -43,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a file we write is as readable as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,6 +53,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -238,23 +250,22 @@ class RunLog:
         return [from_row(record, row) for row in read_jsonl(self.stage_path(k, name))]
 
     def stage(self, k: int, name: str, compute: Callable[[], Sequence[Any]], record: type | None = None,
-              event: Callable[[Sequence[Any]], dict[str, Any]] | None = None, persist: bool = True) -> list[Any]:
-        """Run ``compute`` once per (round, stage); later calls (a resume) load its recorded rows.
+              event: Callable[[Sequence[Any]], dict[str, Any]] | None = None) -> list[Any]:
+        """Run ``compute`` once per (round, stage); later calls (a resume) load its recorded rows. For stages
+        computed at once (pairs); stages that work through the image set use :meth:`stream`.
 
-        This is the one place stages are recorded and resumed. ``compute`` returns ``record`` instances
-        (typed rows; dicts when ``record`` is None), which are written to ``rounds/<k>/<name>.jsonl``
-        atomically and read back as ``record`` again. ``event`` adds fields to the ``stage_done`` event
-        (the critic calls a stage paid for). With ``persist=False`` nothing is recorded but a
-        ``stage_timed`` event, and a resume computes again (for stages whose work is cached elsewhere).
+        ``compute`` returns ``record`` instances (typed rows; dicts when ``record`` is None), which are
+        written to ``rounds/<k>/<name>.jsonl`` atomically and read back as ``record`` again. ``event``
+        adds fields to the ``stage_done`` event.
         """
-        if persist and self.has_stage(k, name):
+        if self.has_stage(k, name):
             return self.read_stage(k, name, record)
         start = time.perf_counter()
         rows = list(compute())
-        if persist and self.writer:
+        if self.writer:
             write_jsonl(self.stage_path(k, name), [to_row(row) for row in rows])
-        self.event("stage_done" if persist else "stage_timed", round=k, stage=name, rows=len(rows),
-                   seconds=round(time.perf_counter() - start, 3), **(event(rows) if event else {}))
+        self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3),
+                   **(event(rows) if event else {}))
         return rows
 
     def partial_path(self, k: int, name: str) -> Path:
@@ -335,7 +346,7 @@ class RunLog:
 
     def stage_seconds(self, k: int) -> dict[str, float]:
         """Seconds per stage of round ``k``: each recorded stage's ``stage_done`` event (from whichever
-        session computed it), and the latest ``stage_timed`` one of a stage that is not recorded."""
+        session finished it; older runs also have ``stage_timed`` events of a stage that was not recorded)."""
         return {e["stage"]: e.get("seconds", 0.0) for e in self.events()
                 if e["event"] in ("stage_done", "stage_timed") and e.get("round") == k}
 
