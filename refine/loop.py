@@ -264,8 +264,8 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 log.keep_best(k, student, mean_score(critiques))
             else:
                 pairs = ranks.broadcast(None)
-                if isinstance(pairs, RunStopped):
-                    raise pairs
+                if isinstance(pairs, tuple) and pairs[:1] == ("stop",):  # the main process stopped
+                    raise RunStopped("", pairs[1])
             student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
                                                                           in_place=True), parts.reload_student)
         if not ranks.main:
@@ -322,13 +322,13 @@ def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, cap
 @contextmanager
 def _relay_stops(ranks: Ranks) -> Iterator[None]:
     """When the main process stops mid-round (budget, failures, Ctrl-C, an error), the others, waiting for
-    its pairs, get a ``RunStopped`` with the exit status instead, and stop too."""
+    its pairs, get ``("stop", exit status)`` instead, and stop too (a ``RunStopped`` with no message)."""
     try:
         yield
     except BaseException as e:
         if ranks.world > 1:
             code = {BudgetExhausted: 0, KeyboardInterrupt: 130}.get(type(e), 1)
-            ranks.broadcast(RunStopped("", code))
+            ranks.broadcast(("stop", code))
         raise
 
 

@@ -72,3 +72,28 @@ def test_the_whole_loop_on_two_processes_writes_the_run_of_one(tiny_student_dir,
             assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
     assert a.read_stage(2, "eval") == b.read_stage(2, "eval")
     assert not list((tmp_path / "runs").glob("two/**/*.partial.jsonl"))
+
+
+def test_a_stop_on_the_main_process_stops_the_others_with_its_exit_status(tiny_student_dir, tmp_path):
+    """The critic-call budget runs out on the main process, mid-round, while the other one waits for the
+    pairs: both exit 0, the stop is recorded once, and a 2-process resume finishes the run."""
+    from refine.infra.runlog import RunLog
+    from refine.offline.devserver import FakeOpenAIServer
+    from refine.stages.critique import row_calls
+
+    reply = ('{"score": 0.5, "feedback": "Name the shapes.", "hallucinated": [], "missing": [], '
+             '"count_errors": {}, "revision": "a red circle"}')
+    with FakeOpenAIServer(reply=lambda body: reply) as server:
+        args = ["-m", "refine.loop", "--images", "shapes:6", "--rounds", "2", f"--student.model={tiny_student_dir}",
+                f"--loop.runs_dir={tmp_path}", "--loop.run_id=b", "--student.n_samples=0", "--student.batch_size=2",
+                "--student.max_new_tokens=6", "--student.device=cpu", "--critic.backend=openai",
+                f"--critic.base_url={server.base_url}", "--critic.model=fake", "--max-critic-calls", "4"]
+        stopped = torchrun(*args, timeout=300)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        log = RunLog(tmp_path / "b")
+        assert [e["event"] for e in log.events()].count("budget_stop") == 1
+        assert log.critic_calls(row_calls) == server.request_count == 4
+        resumed = torchrun("-m", "refine.loop", "--resume", "b", f"--loop.runs_dir={tmp_path}", "--max-critic-calls",
+                           "100", timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert log.status() == "done" and log.read_stage(1, "pairs")
