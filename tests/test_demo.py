@@ -67,3 +67,14 @@ def test_loop_cuts_hallucination_and_swapped_pairs_do_not(biased_student, scenes
     assert swapped_before == before  # the same student on the same scenes
     assert not direction_holds(swapped_before, swapped_after), (swapped_before, swapped_after)
     assert swapped_after["chair_s"] >= swapped_before["chair_s"], swapped_after  # it does not cut hallucination
+
+
+def test_the_headline_gives_the_table_in_one_line():
+    from refine.demo.driver import headline
+
+    before = {"chair_s": 0.1, "recall": 0.97, "substitutions": 4, "additions": 40}
+    results = {"refine": {"before": before, "after": {"chair_s": 0.02, "recall": 0.965, "substitutions": 2,
+                                                      "additions": 9}, "chair_s_change": -0.8},
+               "swapped control": {"before": before, "after": {}, "chair_s_change": 0.45}}
+    assert headline(results) == ("Headline: CHAIR_s 0.100 → 0.020 (-80%), recall -0.5 points, substitutions 4 → 2, "
+                                 "additions 40 → 9; the swapped control: CHAIR_s +45%")

@@ -102,6 +102,21 @@ def render(results: dict[str, dict[str, Any]], scenes: str = "held-out scenes") 
         f"{results[name]['chair_s_change']:+.0%}" if when == "after" and results[name]["chair_s_change"] is not None
         else "" for _, when, name in columns))
     console.print(table)
+    console.print(headline(results))
+
+
+def headline(results: dict[str, dict[str, Any]]) -> str:
+    """The table in one line: what the loop did to hallucination, recall and substitutions, and the control."""
+    r = results["refine"]
+    b, a = r["before"], r["after"]
+    change = "n/a" if r["chair_s_change"] is None else f"{r['chair_s_change']:+.0%}"
+    line = (f"Headline: CHAIR_s {b['chair_s']:.3f} → {a['chair_s']:.3f} ({change}), "
+            f"recall {100 * (a['recall'] - b['recall']):+.1f} points, substitutions {b['substitutions']} → "
+            f"{a['substitutions']}, additions {b['additions']} → {a['additions']}")
+    control = results.get("swapped control")
+    if control is not None and control["chair_s_change"] is not None:
+        line += f"; the swapped control: CHAIR_s {control['chair_s_change']:+.0%}"
+    return line
 
 
 def _fmt(value: float | int) -> str:
