@@ -9,7 +9,8 @@ after metrics and is rewritten after each cell.
 Plans:
 
 - ``tune``: the choice of defences, on validation scenes only (``--eval-set val``), no controls: 25%
-  noise on seeds 0 and 1, plain DPO, each defence in ``TUNED`` alone and ``COMBINATIONS``;
+  noise on seeds 0 and 1, plain DPO, each defence in ``TUNED`` alone and ``COMBINATIONS`` (the cheap
+  filters and their combination first);
 - ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO, each
   with its swapped-pair control;
 - ``noise``: the README's noisy-critic table on the held-out scenes: seeds 0-5 x {plain DPO, the chosen
@@ -65,10 +66,9 @@ class Cell:
 def plan(name: str) -> list[Cell]:
     seeds = range(6)
     if name == "tune":  # under noise, on validation scenes: plain DPO, each defence alone, a few combinations
-        cells = [Cell(s, NOISE, eval_set="val") for s in (0, 1)]
-        cells += [Cell(s, NOISE, (d,), eval_set="val") for s in (0, 1) for d in TUNED]
-        cells += [Cell(s, NOISE, combo, eval_set="val") for s in (0, 1) for combo in COMBINATIONS]
-        return cells
+        # the cheap filters and their combination first: a sweep cut short has those
+        sets = [(), ("verify",), ("gate",), *COMBINATIONS, *[(d,) for d in TUNED if d not in ("verify", "gate")]]
+        return [Cell(s, NOISE, defences, eval_set="val") for defences in sets for s in (0, 1)]
     if name == "readme":  # the held-out table: every seed, perfect critic, with its control
         return [Cell(s, control=True) for s in seeds]
     if name == "noise":  # the held-out table under noise: every seed, plain and BEST
