@@ -23,10 +23,21 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_update_on_two_processes_matches_one(tiny_student_dir, tmp_path):
-    two = torchrun(str(SCRIPT), str(tiny_student_dir), str(tmp_path / "two"))
+@pytest.fixture(params=["vit-gpt2", "clip-gpt2"])
+def student_dir(request, tiny_student_dir, sandbox, gpt2_tokenizer_dir):
+    """ViT-GPT2, and CLIP + GPT-2, whose post-layernorm no caption loss reaches (DDP must not wait for it)."""
+    if request.param == "vit-gpt2":
+        return tiny_student_dir
+    from refine.offline.students import build_clip_gpt2
+
+    out = sandbox / "students" / "clip-gpt2"
+    return out if (out / "config.json").exists() else build_clip_gpt2(out, tokenizer_cache=str(gpt2_tokenizer_dir))
+
+
+def test_update_on_two_processes_matches_one(student_dir, tmp_path):
+    two = torchrun(str(SCRIPT), str(student_dir), str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(SCRIPT), str(tiny_student_dir), str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, str(SCRIPT), str(student_dir), str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     ranks = [json.loads((tmp_path / "two" / f"rank-{i}.json").read_text()) for i in range(2)]

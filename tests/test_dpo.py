@@ -171,3 +171,16 @@ def test_the_configured_precision_wins_over_accelerate(tiny_student_dir, setting
     assert result["precision"] == expected
     if expected == "fp32":  # policy == reference at step 0, computed in fp32 both times: ln 2 (bf16 was 2e-3 off)
         assert result["loss0"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_training_precision_is_the_same_in_every_round(monkeypatch):
+    """accelerate launch --mixed_precision sets ACCELERATE_MIXED_PRECISION; the Accelerator that round 0's
+    update makes (mixed_precision="no") must not change what round 1 reads."""
+    from accelerate import Accelerator
+
+    from refine.stages.dpo import training_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert training_precision("auto", torch.device("cpu")) == "bf16"
+    Accelerator(device_placement=False, mixed_precision="no")  # what update() makes
+    assert training_precision("auto", torch.device("cpu")) == "bf16"

@@ -179,41 +179,46 @@ def reference_logps(
 
 
 def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -> list[torch.nn.Parameter]:
-    """Put a ``VisionEncoderDecoderModel`` in training mode as ``update`` trains it; returns the trainable params.
+    """Put a student's model (any architecture, or a peft model around one) in training mode as ``update``
+    trains it; returns the trainable parameters.
 
     Dropout off, as TRL does by default: it would make policy != reference at step 0 and add noise to
     the log-ratios that DPO compares. The encoder's pooler is frozen: the decoder reads
-    ``last_hidden_state`` only, so the pooler never gets a gradient, and DDP (accelerate launch)
-    refuses parameters that take part in no backward pass.
+    ``last_hidden_state`` only, so the pooler never gets a gradient. ``freeze_encoder`` freezes the
+    vision encoder (ViT/CLIP, BLIP's and BLIP-2's vision model, GIT's image encoder), with LoRA its
+    adapters. With LoRA only the adapters train (peft decides which parameters those are).
     """
     model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if hasattr(model, "peft_config"):  # LoRA: peft has made the adapters, and only them, trainable
-        return [p for p in model.parameters() if p.requires_grad]
-    model.requires_grad_(True)
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") and hasattr(model, "encoder") else None
+    lora = hasattr(model, "peft_config")  # peft has made the adapters, and only them, trainable
+    base = model.get_base_model() if lora else model
+    if not lora:
+        model.requires_grad_(True)
+    encoder = base.encoder if hasattr(base, "get_encoder") and hasattr(base, "encoder") else None
     if encoder is None:  # BLIP, GIT, BLIP-2: the vision tower
-        encoder = getattr(model, "vision_model", None) or getattr(getattr(model, "git", None), "image_encoder", None)
+        encoder = getattr(base, "vision_model", None) or getattr(getattr(base, "git", None), "image_encoder", None)
     if freeze_encoder and encoder is not None:
-        encoder.requires_grad_(False)
-    if getattr(encoder, "pooler", None) is not None:
+        encoder.requires_grad_(False)  # with LoRA: the encoder's adapters
+    if not lora and getattr(encoder, "pooler", None) is not None:
         encoder.pooler.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def _accelerate_mixed_precision(accelerator=None) -> tuple[str, str]:
     """``(mixed precision, where it comes from)`` as accelerate sees it before ``update`` makes its own
-    Accelerator: the one passed, the process-wide state an earlier Accelerator left, or the
-    ``ACCELERATE_MIXED_PRECISION`` variable that ``accelerate launch --mixed_precision`` sets."""
+    Accelerator: the one passed, the process-wide state an earlier Accelerator left when it casts, or
+    the ``ACCELERATE_MIXED_PRECISION`` variable that ``accelerate launch --mixed_precision`` sets. A
+    state that does not cast is the one ``update`` itself left in an earlier round: it says nothing, so
+    every round reads the variable alike."""
     import os
 
     from accelerate.state import AcceleratorState
 
     if accelerator is not None:
         return str(accelerator.mixed_precision), "the Accelerator passed to update()"
-    if AcceleratorState._shared_state:
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != "no":
         return str(AcceleratorState().mixed_precision), "an Accelerator made earlier in this process"
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "ACCELERATE_MIXED_PRECISION"
 
@@ -289,7 +294,20 @@ def update(
     # state is a process-wide singleton: one made earlier for the CPU would move a CUDA student there,
     # and cpu=True after a CUDA one raises.
     precision = training_precision(config.precision, student.device, accelerator)
-    accelerator = accelerator or Accelerator(device_placement=False, mixed_precision="no")
+    if accelerator is None:
+        from accelerate import DistributedDataParallelKwargs
+
+        # Some students have parameters no caption loss reaches (CLIP's post-layernorm feeds only its
+        # pooled output; BLIP-2's Q-Former text branch is idle in captioning): DDP must not wait for them.
+        accelerator = Accelerator(device_placement=False, mixed_precision="no",
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+                                            DistributedType.MULTI_XPU, DistributedType.MULTI_NPU):
+        raise ValueError(f"update(): accelerate is configured for {accelerator.distributed_type.value}; refine's "
+                         "update runs plain data parallelism (DDP) only: launch with a multi-GPU config without "
+                         "DeepSpeed or FSDP")
     if accelerator.device_placement and not _same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
@@ -331,7 +349,7 @@ class _Training:
         return corrupt_image(self.images[pair.image_id], random.Random(f"mdpo/{self.config.seed}/{pair.image_id}/{i}"))
 
     def _steps(self, n: int, epochs: int):
-        """``(this process's indices, share)`` per optimizer step."""
+        """``(this process's indices, its share, the batch size)`` per optimizer step."""
         for _ in range(epochs):
             for batch_idx in _batches(n, self.config.batch_size, self.rng):
                 idx = batch_idx[self.rank :: self.world]

@@ -18,7 +18,10 @@ from refine.stages.student import load_student
 
 student_dir, out_dir = sys.argv[1], Path(sys.argv[2])
 out_dir.mkdir(parents=True, exist_ok=True)
-accelerator = Accelerator(cpu=True)
+from accelerate import DistributedDataParallelKwargs  # noqa: E402
+
+# as update() makes its own: some students have parameters no caption loss reaches
+accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 student = load_student(student_dir, device="cpu", precision="fp32")
 images = {f"im{i}": Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 100)) for i in range(6)}
 # 7 pairs in batches of 3: the last batch of each epoch has one pair, so one rank takes a zero-weight
