@@ -34,7 +34,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Backend = Literal["grounded", "openai", "florence2"]
 LossType = Literal["sigmoid", "robust"]
 UpdateMode = Literal["dpo", "sft", "sft+dpo"]
-Quantize = Literal["none", "8bit", "4bit"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PAIR_SOURCES = ("refined", "ranked")
@@ -62,7 +61,6 @@ class StudentConfig:
     max_new_tokens: int = 20
     batch_size: int = 16
     static_cache: bool = False  # static KV cache; on CUDA, decoding compiled to CUDA graphs (see Student)
-    quantize: Quantize = "none"  # 8bit / 4bit weights (bitsandbytes, CUDA only; train with update.lora_r > 0)
 
     def validate(self) -> None:
         _require(bool(self.model.strip()), "student.model", self.model, "name a hub id or a local directory")
@@ -408,7 +406,7 @@ def config_reference(config: Config | None = None) -> str:
 # Everything else would make the run's later rounds disagree with its earlier ones.
 RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
-    "loop.max_critic_calls", "loop.max_failure_share",
+    "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with",
 })
 
 

@@ -39,6 +39,7 @@ from refine.metrics.summary import mean_score, summarize_round
 from refine.runs import render_round
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
+from refine.stages.lora import targets as lora_targets
 from refine.stages.pairs import PreferencePair, build_pairs, to_verify
 from refine.stages.regions import RegionRow, find, regions_stage
 from refine.stages.step import Refinement, TextualStep, make_step
@@ -114,7 +115,7 @@ class Parts:
 
     def reload_student(self, path: Path):
         cfg = self.config.student
-        return load_student(path, _device(cfg.device, self.ranks), cfg.precision, cfg.static_cache, cfg.quantize)
+        return load_student(path, _device(cfg.device, self.ranks), cfg.precision, cfg.static_cache)
 
 
 def run(argv: list[str] | None = None) -> RunLog:
@@ -250,7 +251,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
     loop, cfg, ranks = config.loop, config.student, parts.ranks
     steps = sum(len(log.read_stage(j, "update")) for j in range(log.completed_rounds()) if log.has_stage(j, "update"))
     for k in range(log.completed_rounds(), loop.rounds):
-        records = round_images(parts.images.records, loop.images_per_round, loop.seed, k)
+        records = _round_records(log, k, parts.images.records, loop)
         with RoundProgress(enabled=ranks.main) as bars:
             evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
                 student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
@@ -280,6 +281,21 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
             console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
                           "so the student did not change this round")
     return student
+
+
+def _round_records(log: RunLog, k: int, records: list, loop) -> list:
+    """Round ``k``'s images. A slice (``loop.images_per_round``) is recorded (``rounds/<k>/images.jsonl``)
+    and read back on resume, so a round keeps its images if files were added to the set since."""
+    if loop.images_per_round <= 0:
+        return list(records)
+    ids = [row["image_id"] for row in log.stage(k, "images", lambda: [
+        {"image_id": r.id} for r in round_images(records, loop.images_per_round, loop.seed, k)])]
+    by_id = {r.id: r for r in records}
+    gone = [i for i in ids if i not in by_id]
+    if gone:
+        raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of round {k} are no longer in {loop.images} "
+                         f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore them, or start a new run")
+    return [by_id[i] for i in ids]
 
 
 def round_images(records: list, per_round: int, seed: int, k: int) -> list:
@@ -387,13 +403,12 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
         detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
     source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
     cfg = config.student
-    if cfg.quantize != "none" and config.update.lora_r == 0:
-        raise ConfigError(f"student.quantize={cfg.quantize}: quantized weights cannot be trained whole; "
-                          "set update.lora_r (e.g. --update.lora.r=16) to train LoRA adapters")
-    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache, cfg.quantize)
+    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)
     if student.positions and cfg.max_new_tokens >= student.positions:
         raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds "
                           f"{student.positions} tokens, the start token included; use at most {student.positions - 1}")
+    if config.update.lora_r:  # a LoRA target that is not there fails now, not after a round of critic calls
+        lora_targets(student, config.update)
     # A stop records only the calls that no partial row holds (see Spend), so count both.
     spend = Spend(loop.max_critic_calls or None, log.critic_calls(row_calls) if log is not None else 0)
     return Parts(images, eval_images, student, critic, step, detector, config, spend, ranks=ranks, trackers=trackers)

@@ -102,6 +102,14 @@ def thumbnail(image: Image.Image | None, detections: list[dict[str, Any]]) -> st
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _safe_thumbnail(images: dict[str, Any], image_id: str, detections: list[dict[str, Any]]) -> str:
+    """The card's thumbnail, or none when the image no longer loads (moved, truncated since the run)."""
+    try:
+        return thumbnail(images.get(image_id), detections)
+    except (ValueError, OSError):
+        return ""
+
+
 def _rows(log: RunLog, k: int, name: str) -> list[dict[str, Any]]:
     path = log.stage_path(k, name)
     return read_jsonl(path) if path.exists() else []
@@ -135,7 +143,7 @@ def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for image_id, card in by_image.items():
         first, last = card["rounds"][0], card["rounds"][-1]
-        card.update(id=image_id, thumb=thumbnail(images.get(image_id), detections.get(image_id, [])),
+        card.update(id=image_id, thumb=_safe_thumbnail(images, image_id, detections.get(image_id, [])),
                     detections=[f"{d['label']} {d['score']:.2f}" for d in detections.get(image_id, [])],
                     changed=len({r["caption"] for r in card["rounds"]}) > 1
                     or any(r["refined"] not in (None, r["caption"]) for r in card["rounds"]),
@@ -188,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or log.root / "report.html"
-    atomic_write_text(out, render(log, load_pixels(log)))
+    try:
+        atomic_write_text(out, render(log, load_pixels(log)))
+    except OSError as e:  # --out in a folder that does not exist or is not writable, a full disk
+        print(f"error: cannot write the report to {out}: {e.strerror or e}; pass --out PATH in a writable folder",
+              file=sys.stderr)
+        return 2
     print(f"written: {out}")
     return 0
 

@@ -61,9 +61,11 @@ def read_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         image.load()
     except Exception as e:
         raise BadImage(415, f"the image could not be decoded ({type(e).__name__}: {e})") from None
+    from PIL import ImageOps
+
     from refine.images.records import to_rgb
 
-    return to_rgb(image)
+    return to_rgb(ImageOps.exif_transpose(image))  # upright, as the loop's images are (a phone's portrait JPEG)
 
 
 @dataclass
@@ -146,12 +148,17 @@ class Metrics:
 def _integer(value: Any) -> int | None:
     try:
         return int(value) if not isinstance(value, bool) and float(value) == int(value) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: "1e999"
         return None
 
 
+# How load_student's errors name this command's arguments.
+FLAGS = {"model": "STUDENT", "device": "--device", "quantize": "--quantize"}
+
+
 def create_app(student_dir: str, device: str | None = None, max_batch: int = 16, max_wait_ms: float = 5.0,
-               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, default_max_tokens: int = 20):
+               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, default_max_tokens: int = 20,
+               quantize: str = "none"):
     """The FastAPI app for a student directory (loaded now: a bad directory fails before serving)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -159,7 +166,7 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
 
     from refine.students import load_student
 
-    student = load_student(student_dir, device=device)
+    student = load_student(student_dir, device=device, quantize=quantize, flags=FLAGS)
     metrics = Metrics()
     batcher = Batcher(student, max_batch, max_wait_ms / 1000, metrics)
     app = FastAPI(title="refine captioner", description=f"captions images with the student in {student_dir}")
@@ -229,7 +236,7 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("student", help="a student directory (e.g. runs/<id>/student/best) or a hub id")
+    parser.add_argument("student", metavar="STUDENT", help="a student directory (e.g. runs/<id>/student/best) or a hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
@@ -237,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--quantize", default="none", choices=("none", "8bit", "4bit"),
+                        help="8- or 4-bit weights (bitsandbytes, CUDA only)")
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error("--max-batch must be at least 1")
     try:
-        app = create_app(args.student, args.device, args.max_batch, args.max_wait_ms, args.max_bytes, args.max_pixels)
+        app = create_app(args.student, args.device, args.max_batch, args.max_wait_ms, args.max_bytes, args.max_pixels,
+                         quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,10 +60,28 @@ def test_health_and_a_caption_as_a_file_or_as_base64(app, tiny_student, drawn_im
     (dict(content=b"raw bytes", headers={"content-type": "image/png"}), 415, "multipart/form-data"),
     (dict(json={"image": "", "beams": 0}), 422, "beams must be an integer from 1"),
     (dict(json={"image": "", "max_tokens": "many"}), 422, "max_tokens must be an integer"),
+    (dict(content=b'{"image": "", "max_tokens": 1e999}', headers={"content-type": "application/json"}), 422,
+     "max_tokens must be an integer"),  # JSON's 1e999 is inf
+    (dict(files={"file": ("a.png", b"x", "image/png")}, data={"beams": "1e999"}), 422, "beams must be an integer"),
 ])
 def test_bad_input_gets_a_4xx_that_names_the_problem(app, request_kwargs, status, words):
     response = run(post(app, **request_kwargs))
     assert response.status_code == status and words in response.json()["error"], response.json()
+
+
+def test_an_exif_rotated_photo_is_captioned_upright(tiny_student):
+    """A phone's portrait JPEG stores landscape pixels and an EXIF orientation; the loop's images are
+    turned upright on loading, so the service does the same."""
+    from refine.serve import read_image
+
+    upright = Image.new("RGB", (40, 80), (200, 30, 30))
+    upright.paste((30, 30, 200), (0, 0, 40, 20))  # blue on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display turns it 90 degrees clockwise
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", exif=exif, quality=95)
+    image = read_image(buf.getvalue(), 1_000_000, 1_000_000)
+    assert image.size == (40, 80) and image.getpixel((20, 5))[2] > 150
 
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(app):

@@ -125,6 +125,38 @@ def test_run_requests_stops_at_the_budget_after_recording_what_is_in_flight():
     assert len(sunk) == 5 == spend.pending  # never more requests than the budget, all of them recorded
 
 
+def test_run_requests_makes_no_request_past_the_budget():
+    """Jobs are built lazily (a request decodes an image and finds its regions): none is built that the
+    budget cannot send."""
+    built = []
+
+    def jobs():
+        for j in range(10):
+            built.append(j)
+            yield j
+
+    with pytest.raises(BudgetExhausted):
+        run_requests("critiques", jobs(), lambda batch: [True for _ in batch], bool, lambda r: None, 10,
+                     Spend(limit=3))
+    assert built == [0, 1, 2]
+
+
+def test_requests_in_flight_when_a_stage_breaks_off_count_as_spent():
+    """Ctrl-C or a crash abandons the requests in flight; they may have been paid for, so the budget
+    counts them."""
+    spend = Spend(limit=100)
+
+    def ask(batch):
+        if batch == [1]:
+            raise KeyboardInterrupt
+        time.sleep(0.5)  # job 0 is still in flight when job 1 breaks off the stage
+        return [True]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_requests("critiques", range(10), ask, bool, lambda r: None, 10, spend, concurrency=2)
+    assert spend.pending == 2
+
+
 def test_run_requests_stops_as_soon_as_the_stage_cannot_succeed():
     asked = []
 
@@ -268,6 +300,23 @@ def test_a_saved_dataset_is_an_image_set(tmp_path):
         load_images(f"hf:{tmp_path / 'saved'}", columns=Columns(caption="alt"))
 
 
+def test_a_detection_datasets_objects_column_is_ignored_unless_named(tmp_path):
+    """A hub detection set's "objects" holds boxes and category ids: found by name, it is left out with one
+    note (not every row skipped); named, it is refused."""
+    import datasets
+
+    from refine.images.hf import Columns, load_dataset_records
+
+    boxes = [{"bbox": [[1.0, 2.0, 10.0, 10.0]] * (i + 1), "category": [3] * (i + 1)} for i in range(3)]
+    datasets.Dataset.from_dict({"image": [_draw(i) for i in range(3)], "objects": boxes}).cast_column(
+        "image", datasets.Image()).save_to_disk(tmp_path / "det")
+    records, notes = load_dataset_records(f"hf:{tmp_path / 'det'}")
+    assert len(records) == 3 and all(r.objects is None for r in records)
+    assert len(notes) == 1 and "the column 'objects' is not {label: count}" in notes[0]
+    with pytest.raises(ValueError, match="loop.objects_column=objects: objects .* expected {label: count}"):
+        load_dataset_records(f"hf:{tmp_path / 'det'}", Columns(objects="objects"))
+
+
 def test_an_imagefolder_with_metadata_is_an_image_set(tmp_path):
     root = tmp_path / "folder"
     root.mkdir()
@@ -305,3 +354,33 @@ def test_rounds_take_fresh_slices_of_a_large_set():
     assert set(rounds[0]).isdisjoint(rounds[1]) and len(set(rounds[0]) | set(rounds[1]) | set(rounds[2])) == 10
     assert rounds == [round_images(records, 4, 0, k) for k in range(3)]  # the same on a resume
     assert round_images(records, 4, 1, 0) != rounds[0]  # another seed, another shuffle
+
+
+def test_a_resumed_round_keeps_its_slice_of_a_set_that_grew(tmp_path, tiny_student_dir, monkeypatch):
+    """Round 0 takes 3 of 6 images and stops at the budget; 3 files are added before the resume. The
+    round keeps its recorded slice (a slice recomputed over 9 images would be another one)."""
+    from test_trust import critique_reply
+
+    from refine import loop
+
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "folder"
+    root.mkdir()
+    for i in range(6):
+        _draw(i).save(root / f"img{i}.png")
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=critique_reply()) as server:
+        args = ["--rounds", "1", f"--student.model={tiny_student_dir}", f"--loop.runs_dir={runs_dir}",
+                "--student.n_samples=1", "--student.max_new_tokens=6", "--loop.use_regions=false",
+                "--critic.backend=openai", f"--critic.base_url={server.base_url}", "--critic.model=fake"]
+        log = loop.run(["--images", str(root), "--loop.run_id=grow", "--loop.images_per_round=3",
+                        "--max-critic-calls", "1", *args])
+        assert log.events()[-1]["event"] == "budget_stop"
+        picked = [r["image_id"] for r in log.read_stage(0, "captions")]
+        assert len(picked) == 3
+        for i in range(6, 9):
+            _draw(i).save(root / f"img{i}.png")
+        loop.run(["--resume", "grow", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
+    assert log.status().startswith("done")
+    assert {r["image_id"] for r in log.read_stage(0, "critiques")} == set(picked)
+    assert [r["image_id"] for r in log.read_stage(0, "images")] == picked

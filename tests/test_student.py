@@ -191,3 +191,16 @@ def test_seeded_fast_sampling_draws_from_the_softmax_exactly():
     expected = logits[0].softmax(-1).double() * draws
     statistic = ((torch.bincount(tokens, minlength=12).double() - expected) ** 2 / expected).sum()
     assert float(1 - torch.special.gammainc(torch.tensor(5.5, dtype=torch.float64), statistic / 2)) > 1e-3
+
+
+def test_sampling_ignores_beams_in_the_checkpoints_generation_config(tiny_student, drawn_images):
+    """nlpconnect/vit-gpt2's generation_config asks for 4 beams; sampling must still sample."""
+    images = list(drawn_images.values())
+    kwargs = dict(n=3, sample=True, max_new_tokens=8, temperature=1.5, seeds=list(range(len(images))))
+    plain = tiny_student.caption(images, **kwargs)
+    config = tiny_student.model.generation_config
+    beams, config.num_beams = config.num_beams, 4
+    try:
+        assert tiny_student.caption(images, **kwargs) == plain
+    finally:
+        config.num_beams = beams

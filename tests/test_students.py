@@ -8,6 +8,8 @@ the adapted model did. SFT and SFT+DPO train."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -201,14 +203,31 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
         load_student(tmp_path, device="cpu")
 
 
-def test_quantized_weights_need_a_gpu_and_lora(tmp_path, tiny_student_dir):
-    with pytest.raises(ValueError, match="need a CUDA device"):
+def test_quantized_weights_need_a_gpu_and_are_not_trained(tmp_path, tiny_student_dir):
+    with pytest.raises(ValueError, match="student.quantize=8bit: 8- and 4-bit weights need a CUDA device"):
         load_student(tiny_student_dir, device="cpu", quantize="8bit")
+    from refine import serve
+
+    with pytest.raises(ValueError, match="--quantize=4bit: 8- and 4-bit weights need a CUDA device"):
+        serve.create_app(str(tiny_student_dir), device="cpu", quantize="4bit")
     from refine import loop
 
-    with pytest.raises(ValueError, match="set update.lora_r"):
+    # each round merges its update into the weights: 8/4 bits would round it away, so the loop has no such key
+    with pytest.raises(ValueError, match="unknown config key 'student.quantize'"):
         loop.run(["--images", "shapes:2", f"--student.model={tiny_student_dir}", "--student.quantize=8bit",
                   f"--loop.runs_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_lora_target_the_student_lacks_is_refused_before_the_run(tiny_student_dir, tmp_path):
+    """Named targets must all exist (c_attn is GPT-2's; the tiny student has no "query"), and the check comes
+    before any critic call or run directory."""
+    from refine import loop
+
+    with pytest.raises(ValueError, match=r"update.lora_targets=c_attn,query: no linear layer named query in this"):
+        loop.run(["--images", "shapes:2", f"--student.model={tiny_student_dir}", "--update.lora.r=4",
+                  "--update.lora_targets=c_attn,query", f"--loop.runs_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("arch, extra", [("blip", []), ("git", ["--update.mode=sft+dpo"]),
@@ -224,6 +243,9 @@ def test_the_loop_runs_with_every_architecture(student_dirs, arch, extra, tmp_pa
     assert log.status() == "done" and log.read_stage(1, "pairs")
     reloaded = load_student(log.student_dir("last"), device="cpu")
     assert reloaded.kind == load(student_dirs, arch).kind
-    assert (log.student_dir("last") / "adapter" / "adapter_config.json").exists() == bool(extra and "lora" in extra[0])
+    adapter = log.student_dir("last") / "adapter" / "adapter_config.json"
+    assert adapter.exists() == bool(extra and "lora" in extra[0])
+    if adapter.exists():  # it applies to the round's starting student, not to the hub id peft would name
+        assert json.loads(adapter.read_text())["base_model_name_or_path"] is None
     update_rows = log.read_stage(0, "update")
     assert update_rows and (update_rows[0].get("phase") == "sft") == ("sft+dpo" in " ".join(extra))

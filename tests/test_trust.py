@@ -272,11 +272,14 @@ def test_resume_refuses_an_override_that_changes_the_run(manifest, tiny_student_
         assert (runs_dir / "t" / "config.json").read_text() == before
         asked = server.request_count
         assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--max-critic-calls=100",
-                          "--critic.max_concurrency=3", f"--images={manifest}"]) == 0  # same --images: no change
+                          "--critic.max_concurrency=3", f"--images={manifest}",  # same --images: no change
+                          "--loop.log_with=tensorboard"]) == 0  # trackers may start on a resume
     log = RunLog(runs_dir / "t")
     assert server.request_count > asked and log.status() == "done"
     changes = [e for e in log.events() if e["event"] == "resume"][-1]["changes"]
-    assert changes == {"loop.max_critic_calls": [2, 100], "critic.max_concurrency": [16, 3]}
+    assert changes == {"loop.max_critic_calls": [2, 100], "critic.max_concurrency": [16, 3],
+                       "loop.log_with": ["", "tensorboard"]}
+    assert any((runs_dir / "t" / "trackers").rglob("events.out.tfevents.*"))
     assert log.config["loop"]["max_critic_calls"] == 100
 
 

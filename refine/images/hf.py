@@ -8,7 +8,8 @@ to ``train`` when the dataset has several.
 Columns (``loop.image_column``, ``loop.caption_column``, ``loop.objects_column``; empty means "find
 it"): the image column is the first ``Image`` feature; references come from ``caption``, ``captions``,
 ``text``, ``sentences`` or ``references`` (a string or a list of strings); objects from ``objects``
-(``{label: count}`` or a list of labels). Ids come from an ``image_id`` or ``id`` column when its
+(``{label: count}`` or a list of labels; an ``objects`` column in another format, such as a detection
+dataset's boxes, is ignored with a note unless named). Ids come from an ``image_id`` or ``id`` column when its
 values are unique, else from the row: ``<split>-<row>``.
 
 Rows are read lazily: a record keeps its row number, and its pixels are decoded from the dataset
@@ -60,8 +61,8 @@ def _open(name: str, split: str | None, flag: str):
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir():
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        else:
-            loaded = datasets.load_dataset(name)
+        else:  # only the split asked for: a hub dataset's other splits are not downloaded
+            loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         where = "a saved dataset, an imagefolder, or a hub name in the local cache (offline) or on the hub"
         raise ValueError(f"{flag} hf:{name}: cannot open it as {where} ({type(e).__name__}: {e})") from None
@@ -139,12 +140,23 @@ def load_dataset_records(spec: str, columns: Columns = Columns(), flag: str = "-
     objects_column = _column(names, columns.objects, ("objects",), "object annotations", flag, name)
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     meta = raw.remove_columns([image_column])
+    notes = []
+    head = meta.select(range(min(100, len(meta))))[objects_column] if objects_column else []
+    first = next((v for v in head if v is not None), None)
+    try:
+        _objects(first)
+    except ValueError as e:  # e.g. a detection dataset's {"bbox": [...], "category": [...]}
+        if columns.objects:
+            raise ValueError(f"{flag} {spec}: loop.objects_column={columns.objects}: {e}") from None
+        notes.append(f"the column 'objects' is not {{label: count}} or a list of labels ({e}); it is ignored "
+                     "(loop.objects_column names another)")
+        objects_column = None
     id_column = next((c for c in ID_COLUMNS if c in names and len(set(meta[c])) == len(meta)), None)
     ids = [str(i) for i in meta[id_column]] if id_column else [f"{split}-{i:06d}" for i in range(len(meta))]
 
     index = image_index()
     fingerprint = getattr(dataset, "_fingerprint", None) or hashlib.sha256(str(dataset).encode()).hexdigest()
-    records, notes = [], []
+    records = []
     for row, record_id in enumerate(ids):
         key = f"dataset/{INDEX_VERSION}/{fingerprint}/{image_column}/{row}"
         known = index.get(key)

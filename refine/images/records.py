@@ -173,7 +173,7 @@ def load_path(path: Path) -> Image.Image:
 
 def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
     """A lazy record of an image file. The file is read and decoded once here, to hash it and to find a
-    broken file before the run starts, then its pixels are dropped; :func:`refine.images.files.checked`
+    broken file before the run starts, then its pixels are dropped; :func:`checked`
     remembers both results for files it has seen, so loading a large set again reads nothing."""
     from functools import partial
 

@@ -284,8 +284,9 @@ class RunLog:
         """
         if self.has_stage(k, name):
             return self.read_stage(k, name, record)
-        if not self.writer:
-            return list(compute([], lambda rows: None))
+        if not self.writer:  # it would redo the rows an earlier session recorded, and record nothing
+            raise RuntimeError(f"RunLog.stream({k}, {name!r}) on a read-only log: only the main process records "
+                               "stages (the others compute their share through Parts.shared_stream)")
         partial = self.partial_path(k, name)
         done = [from_row(record, row) for row in read_jsonl(partial)] if partial.exists() else []
         partial.parent.mkdir(parents=True, exist_ok=True)

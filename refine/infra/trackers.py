@@ -1,11 +1,14 @@
 """Experiment trackers (TensorBoard, MLflow, Weights & Biases) through accelerate's tracker classes.
 
 ``--loop.log_with=tensorboard`` (or ``mlflow``, ``wandb``, a comma-separated list, or ``all``: every one
-of the three that is installed) logs each round's metrics under ``round/<name>`` with the round as the
-step, each optimizer step of the update under TRL's names (``train/loss``, ``train/rewards/chosen``,
-``train/rewards/margins``, ``train/logps/chosen``, ...) with the run's cumulative optimizer step, and
-the config as hyperparameters. TensorBoard writes into ``runs/<id>/trackers/``; MLflow and W&B go where
-their own settings say (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``, ...). Only the main process logs.
+of the three that is installed) logs each optimizer step of the update under TRL's names
+(``train/loss``, ``train/rewards/chosen``, ``train/rewards/margins``, ``train/logps/chosen``, ...), and
+each round's metrics under ``round/<name>`` (with ``round/index``) at the step where the round's update
+ended. There is one step axis, the run's cumulative optimizer step, because W&B drops any value logged
+at a step lower than one it has seen. The config goes in as hyperparameters. TensorBoard writes into
+``runs/<id>/trackers/``; MLflow (experiment ``refine``) and W&B (project ``refine``) name the run after
+the run directory and go where their own settings say (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``, ...).
+Only the main process logs.
 
 The trackers are used directly, not through an ``Accelerator``: accelerate's state is process-wide,
 and an Accelerator made here would fix the mixed precision that the update chooses itself.
@@ -47,9 +50,9 @@ class Trackers:
             if name == "tensorboard":
                 tracker = TensorBoardTracker(run_name, run_dir / "trackers")
             elif name == "mlflow":
-                tracker = MLflowTracker(experiment_name=run_name, logging_dir=str(run_dir / "trackers"))
+                tracker = MLflowTracker(experiment_name="refine", run_name=run_name, logging_dir=str(run_dir / "trackers"))
             else:
-                tracker = WandBTracker(run_name)
+                tracker = WandBTracker("refine", name=run_name)
             tracker.start()
             self.trackers.append(tracker)
         flat = {f"{section}.{key}": value if isinstance(value, int | float | str | bool) else str(value)
@@ -58,15 +61,15 @@ class Trackers:
             tracker.store_init_configuration(flat)
 
     def log_round(self, k: int, metrics: dict[str, Any], history: list[dict[str, Any]], first_step: int) -> None:
-        """A round's metrics (step = round) and its update's optimizer steps (step = cumulative step)."""
+        """Round ``k``'s optimizer steps from ``first_step`` on, then its metrics at the step after them."""
         if not self.trackers:
             return
-        values = {f"round/{key}": v for key, v in metrics.items() if isinstance(v, int | float) and key != "round"}
         for step, row in enumerate(history, first_step):
             phase = row.get("phase", "dpo")
             prefix = "train/" if phase == "dpo" else f"train/{phase}/"
             self._log({f"{prefix}{key}": v for key, v in row.items() if isinstance(v, int | float)}, step)
-        self._log(values, k)
+        values = {f"round/{key}": v for key, v in metrics.items() if isinstance(v, int | float) and key != "round"}
+        self._log({"round/index": k, **values}, first_step + len(history))
 
     def _log(self, values: dict[str, float], step: int) -> None:
         for tracker in self.trackers:

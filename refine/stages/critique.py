@@ -115,43 +115,48 @@ def run_requests(stage: str, jobs: Iterable[Any], ask: Callable[[list], list], p
     in flight. The budget (``spend``) counts every request in flight as spent: a batch is sent only
     while calls are left, and when none are, the batches in flight finish, are recorded, and
     :class:`BudgetExhausted` is raised. :class:`TooManyFailures` is raised as soon as more than
-    ``max_failure_share`` of the ``total`` jobs have failed (the stage can no longer succeed), or at the
-    end of those asked.
+    ``max_failure_share`` of the ``total`` jobs (``total`` is how many ``jobs`` yields) have failed (the
+    stage can no longer succeed), or at the end of those asked. Whatever ends it early (a stop, Ctrl-C),
+    the requests still in flight count as spent: they may have been paid for.
     """
     from refine.infra.concurrency import stream_concurrently
 
-    in_flight = 0
-    exhausted = False
+    in_flight = dispatched = 0
 
     def batches():
-        nonlocal in_flight, exhausted
+        nonlocal in_flight, dispatched
         source = iter(jobs)
         while True:
             take = batch
             if spend is not None and (left := spend.left()) is not None:
                 take = min(batch, left - in_flight)
                 if take <= 0:
-                    exhausted = next(source, None) is not None
                     return
             group = list(itertools.islice(source, take))
             if not group:
                 return
             in_flight += len(group)
+            dispatched += len(group)
             yield group
 
     results: list = []
     failed: list[str] = []
-    for group, out in stream_concurrently(ask, batches(), concurrency):
-        in_flight -= len(group)
-        results += out
+    try:
+        for group, out in stream_concurrently(ask, batches(), concurrency):
+            in_flight -= len(group)
+            results += out
+            if spend is not None:
+                spend.pending += sum(paid(r) for r in out)
+            sink(out)
+            progress(len(group))
+            failed += [e for r in out if (e := error(r)) is not None]
+            if failed and len(failed) > max_failure_share * total:
+                raise TooManyFailures(stage, len(failed), len(results), failed[0], total)
+    except BaseException:
         if spend is not None:
-            spend.pending += sum(paid(r) for r in out)
-        sink(out)
-        progress(len(group))
-        failed += [e for r in out if (e := error(r)) is not None]
-        if failed and len(failed) > max_failure_share * total:
-            raise TooManyFailures(stage, len(failed), len(results), failed[0], total)
-    if exhausted:
+            spend.pending += in_flight
+        raise
+    if dispatched < total:  # the budget ran out with jobs left
         raise BudgetExhausted(stage)
     if failed and len(failed) > max_failure_share * len(results):
         raise TooManyFailures(stage, len(failed), len(results), failed[0])

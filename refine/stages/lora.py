@@ -21,15 +21,18 @@ from refine.students import Student
 
 
 def targets(student: Student, config: UpdateConfig) -> list[str]:
-    """The module names LoRA wraps: ``update.lora_targets`` (comma-separated), else the architecture's
-    defaults that this model has."""
-    wanted = [t.strip() for t in config.lora_targets.split(",") if t.strip()] or list(student.lora_targets)
+    """The module names LoRA wraps: ``update.lora_targets`` (comma-separated; each must exist), else the
+    architecture's defaults that this model has. The loop calls it before the first round, so a wrong
+    name fails before any critic call."""
+    named = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    wanted = named or list(student.lora_targets)
     names = {name.rsplit(".", 1)[-1] for name, module in student.model.named_modules()
              if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
     found = [t for t in wanted if t in names]
-    if not found:
-        raise ValueError(f"update.lora_targets={','.join(wanted)}: no such linear layer in this {student.kind} "
-                         f"student; its linear layers are named {', '.join(sorted(names)[:12])}")
+    missing = [t for t in wanted if t not in names]
+    if (named and missing) or not found:
+        raise ValueError(f"update.lora_targets={','.join(wanted)}: no linear layer named {', '.join(missing)} in this "
+                         f"{student.kind} student; its linear layers are named {', '.join(sorted(names)[:16])}")
     return found
 
 
@@ -57,10 +60,15 @@ def adapters_disabled(model: nn.Module, disabled: bool = True) -> Iterator[None]
 
 def merge_lora(student: Student, model: nn.Module) -> nn.Module:
     """Fold the trained adapters into the weights; keep them on ``student.adapter`` for saving."""
+    import copy
+
     from peft import get_peft_model_state_dict
 
-    student.adapter = (model.peft_config["default"], {k: v.detach().clone() for k, v in
-                                                      get_peft_model_state_dict(model).items()})
+    # The adapter applies to the student the round started from, which is a run directory's
+    # student/<k>/, not the hub id peft recorded: leave the base unnamed rather than name a wrong one.
+    config = copy.copy(model.peft_config["default"])
+    config.base_model_name_or_path = None
+    student.adapter = (config, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
     merged = model.merge_and_unload()
     merged.eval()
     return merged

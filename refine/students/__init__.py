@@ -26,18 +26,20 @@ ARCHITECTURES = {
     "blip-2": "refine.students.blip2",
 }
 QUANTIZE = ("none", "8bit", "4bit")
+# How the loop's messages name load_student's arguments; refine.serve passes its own flags.
+STUDENT_FLAGS = {"model": "student.model", "device": "student.device", "quantize": "student.quantize"}
 
 
-def architecture(name: str) -> str:
+def architecture(name: str, flag: str = "student.model") -> str:
     """The checkpoint's ``model_type``, refused with the supported ones named if refine has no student for it."""
     from transformers import AutoConfig
 
     try:
         model_type = AutoConfig.from_pretrained(name).model_type
     except (OSError, ValueError) as e:
-        raise load_failure("student", name, e, "student.model") from e
+        raise load_failure("student", name, e, flag) from e
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"student.model={name}: a {model_type!r} model; refine's students are "
+        raise ValueError(f"{flag}={name}: a {model_type!r} model; refine's students are "
                          f"{', '.join(ARCHITECTURES)} (VisionEncoderDecoderModel, BLIP, GIT, BLIP-2)")
     return model_type
 
@@ -48,42 +50,44 @@ def load_student(
     precision: str = "auto",
     static_cache: bool = False,
     quantize: str = "none",
+    flags: dict[str, str] = STUDENT_FLAGS,
 ) -> Student:
     """Load a student (model, processor, tokenizer) from a hub id or a local directory.
 
     Weights stay in fp32 (they are the optimizer's master copy) unless ``quantize`` is ``8bit`` or
-    ``4bit`` (bitsandbytes, CUDA only; such a student trains through LoRA adapters). ``precision`` sets
-    autocast; ``static_cache``: see :class:`Student`.
+    ``4bit`` (bitsandbytes, CUDA only): for captioning and serving, not for the loop, whose rounds merge
+    small updates into the weights. ``precision`` sets autocast; ``static_cache``: see :class:`Student`.
+    ``flags`` names the arguments in error messages as the caller's user knows them.
     """
     import importlib
 
-    dev = pick_device(device, "student.device")  # before loading anything: a missing GPU fails at once
+    dev = pick_device(device, flags["device"])  # before loading anything: a missing GPU fails at once
     name = str(name_or_dir)
-    model_kwargs = _quantization(quantize, dev)
-    module = importlib.import_module(ARCHITECTURES[architecture(name)])
+    model_kwargs = _quantization(quantize, dev, flags["quantize"])
+    module = importlib.import_module(ARCHITECTURES[architecture(name, flags["model"])])
     try:
         student = module.load(name, model_kwargs)
     except OSError as e:
-        raise load_failure("student", name, e, "student.model") from e
+        raise load_failure("student", name, e, flags["model"]) from e
     if not model_kwargs:
         student.model.to(dev)
     student.device, student.precision, student.static_cache = dev, resolve_precision(precision, dev), static_cache
     return student
 
 
-def _quantization(quantize: str, device) -> dict:
+def _quantization(quantize: str, device, flag: str) -> dict:
     if quantize not in QUANTIZE:
-        raise ValueError(f"student.quantize={quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        raise ValueError(f"{flag}={quantize!r}: choose one of {', '.join(QUANTIZE)}")
     if quantize == "none":
         return {}
     if device.type != "cuda":
-        raise ValueError(f"student.quantize={quantize}: 8- and 4-bit weights need a CUDA device (bitsandbytes); "
-                         f"this student loads on {device}. Use student.quantize=none")
+        raise ValueError(f"{flag}={quantize}: 8- and 4-bit weights need a CUDA device (bitsandbytes); "
+                         f"this student loads on {device}. Use {flag}=none")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(f"student.quantize={quantize}: bitsandbytes is not installed; pip install bitsandbytes, "
-                         "or use student.quantize=none") from None
+        raise ValueError(f"{flag}={quantize}: bitsandbytes is not installed; pip install bitsandbytes, "
+                         f"or use {flag}=none") from None
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else BitsAndBytesConfig(load_in_4bit=True)
@@ -91,4 +95,4 @@ def _quantization(quantize: str, device) -> dict:
 
 
 __all__ = ["ARCHITECTURES", "CaptionScorer", "FastSampling", "SpecialTokens", "Student", "TokenizedCaptions",
-           "architecture", "image_seed", "image_uniforms", "load_student"]
+           "STUDENT_FLAGS", "architecture", "image_seed", "image_uniforms", "load_student"]

@@ -259,7 +259,11 @@ class Student:
             raise ValueError(f"n={n} distinct captions need sample=True or num_beams >= n (got num_beams={num_beams})")
         self.model.eval()
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
-        if not sample:
+        # Set both ways: a checkpoint's generation_config may ask for beams (nlpconnect/vit-gpt2's has 4),
+        # which would turn sampling into beam search over the n copies.
+        if sample:  # the n copies are made before generate (generate_ids)
+            kwargs.update(num_beams=1, num_return_sequences=1)
+        else:
             kwargs.update(num_beams=num_beams, num_return_sequences=n)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"

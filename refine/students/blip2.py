@@ -1,7 +1,7 @@
 """BLIP-2 students (``Blip2ForConditionalGeneration``, e.g. ``Salesforce/blip2-opt-2.7b``): a frozen-style ViT,
 a Q-Former that turns it into ``num_query_tokens`` embeddings, and a decoder-only language model (OPT)
 that reads them as image tokens before the caption. Meant to be trained with LoRA
-(``--update.lora_r``), in 8 or 4 bits on a GPU (``--student.quantize``)."""
+(``--update.lora_r``); served in 8 or 4 bits on a GPU if need be (``python -m refine.serve --quantize``)."""
 
 from __future__ import annotations
 
