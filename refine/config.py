@@ -317,7 +317,18 @@ def coerce(value: Any, type_: Any, where: str) -> Any:
     raise ConfigError(f"{where}={value!r}: expected {_type_name(type_)}")
 
 
+# Settings that earlier versions wrote into config.json: (the value that meant "off", why the key went).
+# A saved config with the off value still loads (old runs resume and score); any other value, or the
+# key on a command line, is refused with the reason.
+RETIRED = {
+    "student.quantize": ("none", "the loop merges each round's update into the weights, which 8/4 bits would "
+                                 "round away; quantize where you serve: python -m refine.serve DIR --quantize 8bit"),
+}
+
+
 def _set(config: Config, dotted: str, value: Any) -> None:
+    if dotted in RETIRED:
+        raise ConfigError(f"{dotted} is no longer a setting: {RETIRED[dotted][1]}")
     section, _, key = dotted.partition(".")
     sections = {f.name for f in dataclasses.fields(config)}
     if section not in sections or not key:
@@ -376,6 +387,11 @@ def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
 def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
     """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
     for key, value in flatten(data, source).items():
+        if key in RETIRED:
+            off, why = RETIRED[key]
+            if value == off:
+                continue
+            raise ConfigError(f"{source}: {key}={value} is no longer a setting: {why}")
         _set(config, key, value)
     return config.validate()
 

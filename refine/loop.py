@@ -288,14 +288,12 @@ def _round_records(log: RunLog, k: int, records: list, loop) -> list:
     and read back on resume, so a round keeps its images if files were added to the set since."""
     if loop.images_per_round <= 0:
         return list(records)
-    ids = [row["image_id"] for row in log.stage(k, "images", lambda: [
-        {"image_id": r.id} for r in round_images(records, loop.images_per_round, loop.seed, k)])]
-    by_id = {r.id: r for r in records}
-    gone = [i for i in ids if i not in by_id]
-    if gone:
-        raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of round {k} are no longer in {loop.images} "
-                         f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore them, or start a new run")
-    return [by_id[i] for i in ids]
+    if log.has_stage(k, "images"):  # a resumed round (its images were checked in _load_parts)
+        by_id = {r.id: r for r in records}
+        return [by_id[row["image_id"]] for row in log.read_stage(k, "images")]
+    picked = round_images(records, loop.images_per_round, loop.seed, k)
+    log.record(k, "images", [{"image_id": r.id} for r in picked])
+    return picked
 
 
 def round_images(records: list, per_round: int, seed: int, k: int) -> list:
@@ -379,6 +377,11 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     The cheap checks come first, the student (the slowest load) last. In a data-parallel run only the
     main process loads the critic and the detector, and each process puts its student on its device."""
     ranks = ranks or Ranks()
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):  # as accelerate launch sets them
+            raise ConfigError(f"{var}={os.environ[var]}: accelerate is set up for {name}, and refine's update runs "
+                              "plain data parallelism (DDP) only; launch with --multi_gpu and without "
+                              f"--use_{name.lower()} (or a config file without it)")
     trackers = parse_trackers(config.loop.log_with)  # a tracker that is not installed fails here
     from critics import make_critic
     from refine.stages.regions import load_detector
@@ -389,11 +392,15 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     columns = Columns(loop.image_column, loop.caption_column, loop.objects_column)
     images = load_images(loop.images, loop.coco_root or None, columns=columns)
     eval_images = load_images(loop.eval_images, flag="--loop.eval_images", columns=columns) if loop.eval_images else None
-    if log is not None and log.has_stage(0, "captions"):
-        gone = sorted({r["image_id"] for r in log.read_stage(0, "captions")} - {r.id for r in images.records})
-        if gone:
-            raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of the run are no longer in {loop.images} "
-                             f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore them, or start a new run")
+    # the images the run has used: round 0's, and those of the round in progress when it takes a slice
+    used = [(0, "captions"), (log.completed_rounds(), "images")] if log is not None else []
+    for k, name in used:
+        if log.has_stage(k, name):
+            gone = sorted({r["image_id"] for r in log.read_stage(k, name)} - {r.id for r in images.records})
+            if gone:
+                raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of round {k} are no longer in "
+                                 f"{loop.images} ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore "
+                                 "them, or start a new run")
     critic = step = detector = None
     if ranks.main:
         critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)

@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or log.root / "report.html"
+    page = render(log, load_pixels(log))
     try:
-        atomic_write_text(out, render(log, load_pixels(log)))
+        atomic_write_text(out, page)
     except OSError as e:  # --out in a folder that does not exist or is not writable, a full disk
         print(f"error: cannot write the report to {out}: {e.strerror or e}; pass --out PATH in a writable folder",
               file=sys.stderr)

@@ -108,3 +108,16 @@ def test_a_stop_on_the_main_process_stops_the_others_with_its_exit_status(tiny_s
                            "100", timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert log.status() == "done" and log.read_stage(1, "pairs")
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_a_deepspeed_or_fsdp_launch_is_refused_before_the_run(var, tiny_student_dir, tmp_path, monkeypatch, capsys):
+    """The update splits batches and sums reference log-probs for plain DDP; a sharded model would train
+    on something else. Refused before any critic call or run directory, not at the first update."""
+    from refine import loop
+
+    monkeypatch.setenv(var, "true")
+    code = loop.main(["--images", "shapes:2", f"--student.model={tiny_student_dir}", f"--loop.runs_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{var}=true: accelerate is set up for" in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())

@@ -141,6 +141,22 @@ def test_run_requests_makes_no_request_past_the_budget():
     assert built == [0, 1, 2]
 
 
+def test_the_budget_counts_the_requests_a_job_can_make():
+    """A textual step makes one request per critique of its caption (3 with critic.samples=3): with 7 calls
+    left, two such jobs go (6 requests), the third would pass the budget."""
+    sent = []
+
+    def ask(batch):
+        sent.extend(batch)
+        return [3 for _ in batch]  # each job paid for 3 requests
+
+    spend = Spend(limit=7)
+    with pytest.raises(BudgetExhausted):
+        run_requests("textual steps", range(5), ask, lambda r: r, lambda r: None, 5, spend, concurrency=4,
+                     cost=lambda job: 3)
+    assert sent == [0, 1] and spend.pending == 6
+
+
 def test_requests_in_flight_when_a_stage_breaks_off_count_as_spent():
     """Ctrl-C or a crash abandons the requests in flight; they may have been paid for, so the budget
     counts them."""
@@ -380,7 +396,16 @@ def test_a_resumed_round_keeps_its_slice_of_a_set_that_grew(tmp_path, tiny_stude
         assert len(picked) == 3
         for i in range(6, 9):
             _draw(i).save(root / f"img{i}.png")
+        # an image of the round's slice that is gone is an input error, found before anything runs
+        gone = root / f"{picked[-1]}.png"
+        data, events = gone.read_bytes(), len(log.events())
+        gone.unlink()
+        with pytest.raises(ValueError, match=f"1 image\\(s\\) of round 0 are no longer in .*{picked[-1]}"):
+            loop.run(["--resume", "grow", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
+        assert len(log.events()) == events
+        gone.write_bytes(data)
         loop.run(["--resume", "grow", f"--loop.runs_dir={runs_dir}", "--max-critic-calls", "100"])
     assert log.status().startswith("done")
     assert {r["image_id"] for r in log.read_stage(0, "critiques")} == set(picked)
     assert [r["image_id"] for r in log.read_stage(0, "images")] == picked
+    assert "images" not in {e.get("stage") for e in log.events()}  # an input record, not a timed stage

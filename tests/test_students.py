@@ -204,7 +204,7 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
 
 
 def test_quantized_weights_need_a_gpu_and_are_not_trained(tmp_path, tiny_student_dir):
-    with pytest.raises(ValueError, match="student.quantize=8bit: 8- and 4-bit weights need a CUDA device"):
+    with pytest.raises(ValueError, match="^quantize=8bit: 8- and 4-bit weights need a CUDA device"):
         load_student(tiny_student_dir, device="cpu", quantize="8bit")
     from refine import serve
 
@@ -213,10 +213,29 @@ def test_quantized_weights_need_a_gpu_and_are_not_trained(tmp_path, tiny_student
     from refine import loop
 
     # each round merges its update into the weights: 8/4 bits would round it away, so the loop has no such key
-    with pytest.raises(ValueError, match="unknown config key 'student.quantize'"):
+    with pytest.raises(ValueError, match="student.quantize is no longer a setting: the loop merges each round"):
         loop.run(["--images", "shapes:2", f"--student.model={tiny_student_dir}", "--student.quantize=8bit",
                   f"--loop.runs_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_saved_with_the_retired_quantize_key_still_resumes(tmp_path, tiny_student_dir, capsys):
+    """Runs made while student.quantize existed have it in config.json ("none"): they resume; a saved
+    8bit is refused with the reason."""
+    from refine import loop
+
+    args = ["--images", "shapes:2", "--rounds", "1", f"--student.model={tiny_student_dir}", "--student.n_samples=1",
+            "--student.max_new_tokens=6", f"--loop.runs_dir={tmp_path}", "--loop.run_id=old", "--max-critic-calls=0"]
+    log = loop.run(args)
+    saved = json.loads((log.root / "config.json").read_text())
+    events = len(log.events())
+    for value, code in (("none", 0), ("8bit", 2)):
+        saved["student"]["quantize"] = value
+        (log.root / "config.json").write_text(json.dumps(saved))
+        capsys.readouterr()
+        assert loop.main(["--resume", "old", f"--loop.runs_dir={tmp_path}"]) == code
+    assert "student.quantize=8bit is no longer a setting" in capsys.readouterr().err
+    assert len(log.events()) == events  # a finished run: nothing to resume, nothing written
 
 
 def test_a_lora_target_the_student_lacks_is_refused_before_the_run(tiny_student_dir, tmp_path):

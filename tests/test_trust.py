@@ -369,7 +369,7 @@ def test_a_resume_whose_images_vanished_is_refused_before_anything(tmp_path, tin
     before = (log.root / "events.jsonl").read_bytes()
     capsys.readouterr()
     assert loop.main(["--resume", "v", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 2
-    assert "1 image(s) of the run are no longer in" in capsys.readouterr().err
+    assert "1 image(s) of round 0 are no longer in" in capsys.readouterr().err
     assert (log.root / "events.jsonl").read_bytes() == before, "a refused resume must write nothing"
 
 

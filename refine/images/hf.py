@@ -61,7 +61,7 @@ def _open(name: str, split: str | None, flag: str):
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir():
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        else:  # only the split asked for: a hub dataset's other splits are not downloaded
+        else:  # only the split asked for is loaded (datasets may still download and prepare the others)
             loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         where = "a saved dataset, an imagefolder, or a hub name in the local cache (offline) or on the hub"
@@ -148,7 +148,8 @@ def load_dataset_records(spec: str, columns: Columns = Columns(), flag: str = "-
     except ValueError as e:  # e.g. a detection dataset's {"bbox": [...], "category": [...]}
         if columns.objects:
             raise ValueError(f"{flag} {spec}: loop.objects_column={columns.objects}: {e}") from None
-        notes.append(f"the column 'objects' is not {{label: count}} or a list of labels ({e}); it is ignored "
+        why = str(e) if len(str(e)) <= 160 else str(e)[:160] + "..."
+        notes.append(f"the column 'objects' is not {{label: count}} or a list of labels ({why}); it is ignored "
                      "(loop.objects_column names another)")
         objects_column = None
     id_column = next((c for c in ID_COLUMNS if c in names and len(set(meta[c])) == len(meta)), None)

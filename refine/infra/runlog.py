@@ -268,6 +268,12 @@ class RunLog:
                    **(event(rows) if event else {}))
         return rows
 
+    def record(self, k: int, name: str, rows: Sequence[Any]) -> None:
+        """Write rows that describe a round's input (``rounds/<k>/<name>.jsonl``), once: not a stage, so
+        no event and no time in the round summary."""
+        if self.writer and not self.has_stage(k, name):
+            write_jsonl(self.stage_path(k, name), [to_row(row) for row in rows])
+
     def partial_path(self, k: int, name: str) -> Path:
         return self.round_dir(k) / f"{name}.partial.jsonl"
 

@@ -2,10 +2,12 @@
 
 ``--loop.log_with=tensorboard`` (or ``mlflow``, ``wandb``, a comma-separated list, or ``all``: every one
 of the three that is installed) logs each optimizer step of the update under TRL's names
-(``train/loss``, ``train/rewards/chosen``, ``train/rewards/margins``, ``train/logps/chosen``, ...), and
-each round's metrics under ``round/<name>`` (with ``round/index``) at the step where the round's update
-ended. There is one step axis, the run's cumulative optimizer step, because W&B drops any value logged
-at a step lower than one it has seen. The config goes in as hyperparameters. TensorBoard writes into
+(``train/loss``, ``train/rewards/chosen``, ``train/rewards/margins``, ``train/logps/chosen``, ...) at
+the run's cumulative optimizer step, and each round's metrics under ``round/<name>`` at the round's
+index. TensorBoard and MLflow keep a step per series. W&B keeps one step for all and drops a value
+logged below the highest it has seen, so there each series carries its axis as a value
+(``train/step``, ``round/index``) and ``define_metric`` plots it against that. The config goes in as
+hyperparameters. TensorBoard writes into
 ``runs/<id>/trackers/``; MLflow (experiment ``refine``) and W&B (project ``refine``) name the run after
 the run directory and go where their own settings say (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``, ...).
 Only the main process logs.
@@ -54,6 +56,10 @@ class Trackers:
             else:
                 tracker = WandBTracker("refine", name=run_name)
             tracker.start()
+            if name == "wandb":
+                for axis, series in (("train/step", "train/*"), ("round/index", "round/*")):
+                    tracker.run.define_metric(axis)
+                    tracker.run.define_metric(series, step_metric=axis)
             self.trackers.append(tracker)
         flat = {f"{section}.{key}": value if isinstance(value, int | float | str | bool) else str(value)
                 for section, values in config.items() for key, value in values.items()}
@@ -61,19 +67,22 @@ class Trackers:
             tracker.store_init_configuration(flat)
 
     def log_round(self, k: int, metrics: dict[str, Any], history: list[dict[str, Any]], first_step: int) -> None:
-        """Round ``k``'s optimizer steps from ``first_step`` on, then its metrics at the step after them."""
+        """Round ``k``'s optimizer steps (from ``first_step`` on) and its metrics (at ``k``)."""
         if not self.trackers:
             return
         for step, row in enumerate(history, first_step):
             phase = row.get("phase", "dpo")
             prefix = "train/" if phase == "dpo" else f"train/{phase}/"
-            self._log({f"{prefix}{key}": v for key, v in row.items() if isinstance(v, int | float)}, step)
+            self._log({f"{prefix}{key}": v for key, v in row.items() if isinstance(v, int | float)}, "train/step", step)
         values = {f"round/{key}": v for key, v in metrics.items() if isinstance(v, int | float) and key != "round"}
-        self._log({"round/index": k, **values}, first_step + len(history))
+        self._log(values, "round/index", k)
 
-    def _log(self, values: dict[str, float], step: int) -> None:
+    def _log(self, values: dict[str, float], axis: str, step: int) -> None:
         for tracker in self.trackers:
-            tracker.log(values, step=step)
+            if tracker.name == "wandb":  # its own step counter; the axis travels as a value
+                tracker.log({**values, axis: step})
+            else:
+                tracker.log(values, step=step)
 
     def finish(self) -> None:
         for tracker in self.trackers:

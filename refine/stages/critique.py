@@ -9,7 +9,6 @@ The critic backends themselves live in ``critics/``.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,11 +101,15 @@ class TooManyFailures(Exception):
         self.stage, self.failures, self.total, self.first_error = stage, failures, total, first_error
 
 
+_END = object()
+
+
 def run_requests(stage: str, jobs: Iterable[Any], ask: Callable[[list], list], paid: Callable[[Any], bool],
                  error: Callable[[Any], str | None], total: int, spend: Spend | None = None,
                  max_failure_share: float = 1.0, batch: int = 1, concurrency: int = 1,
                  sink: Callable[[list], None] = lambda rows: None,
-                 progress: Callable[[int], None] = lambda n: None) -> list:
+                 progress: Callable[[int], None] = lambda n: None,
+                 cost: Callable[[Any], int] = lambda job: 1) -> list:
     """``ask`` the jobs ``batch`` at a time with up to ``concurrency`` batches in flight and no barrier:
     how every stage that pays for requests runs. Returns the results in the order they finished.
 
@@ -117,33 +120,48 @@ def run_requests(stage: str, jobs: Iterable[Any], ask: Callable[[list], list], p
     :class:`BudgetExhausted` is raised. :class:`TooManyFailures` is raised as soon as more than
     ``max_failure_share`` of the ``total`` jobs (``total`` is how many ``jobs`` yields) have failed (the
     stage can no longer succeed), or at the end of those asked. Whatever ends it early (a stop, Ctrl-C),
-    the requests still in flight count as spent: they may have been paid for.
+    the requests still in flight count as spent: they may have been paid for. ``cost(job)`` is the most
+    requests a job can make (a textual step makes one per critique of its caption); the budget counts
+    that.
     """
     from refine.infra.concurrency import stream_concurrently
 
-    in_flight = dispatched = 0
+    in_flight = dispatched = 0  # requests (by cost) in flight; jobs sent
+    costs: dict[int, int] = {}  # id(batch) -> its cost, while in flight
 
     def batches():
         nonlocal in_flight, dispatched
         source = iter(jobs)
         while True:
-            take = batch
-            if spend is not None and (left := spend.left()) is not None:
-                take = min(batch, left - in_flight)
-                if take <= 0:
-                    return
-            group = list(itertools.islice(source, take))
-            if not group:
+            group, group_cost, fits = [], 0, True
+            while len(group) < batch:
+                left = spend.left() if spend is not None else None
+                room = None if left is None else left - in_flight - group_cost
+                if room is not None and room <= 0:  # checked before a job is built
+                    fits = False
+                    break
+                job = next(source, _END)
+                if job is _END:
+                    break
+                n = cost(job)
+                if room is not None and n > room:  # the budget cannot pay for it: send what fits, then stop
+                    fits = False
+                    break
+                group.append(job)
+                group_cost += n
+            if group:
+                in_flight += group_cost
+                dispatched += len(group)
+                costs[id(group)] = group_cost
+                yield group
+            if not group or not fits:
                 return
-            in_flight += len(group)
-            dispatched += len(group)
-            yield group
 
     results: list = []
     failed: list[str] = []
     try:
         for group, out in stream_concurrently(ask, batches(), concurrency):
-            in_flight -= len(group)
+            in_flight -= costs.pop(id(group))
             results += out
             if spend is not None:
                 spend.pending += sum(paid(r) for r in out)

@@ -31,8 +31,10 @@ def targets(student: Student, config: UpdateConfig) -> list[str]:
     found = [t for t in wanted if t in names]
     missing = [t for t in wanted if t not in names]
     if (named and missing) or not found:
-        raise ValueError(f"update.lora_targets={','.join(wanted)}: no linear layer named {', '.join(missing)} in this "
-                         f"{student.kind} student; its linear layers are named {', '.join(sorted(names)[:16])}")
+        what = f"update.lora_targets={','.join(wanted)}" if named else \
+            f"LoRA's default targets for {student.kind} ({', '.join(wanted)}; set update.lora_targets)"
+        raise ValueError(f"{what}: no linear layer named {', '.join(missing)} in this {student.kind} student; its "
+                         f"linear layers are named {', '.join(sorted(names)[:16])}")
     return found
 
 

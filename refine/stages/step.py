@@ -411,7 +411,8 @@ class TextualStep:
         new = run_requests("textual steps", todo, ask, lambda r: r.usage.get("requests", 0), lambda r: r.error,
                            len(todo), spend if self.engine is not None else None, max_failure_share, 1,
                            self.max_concurrency,
-                           lambda rows: sink([r for r in rows if not r.error]), progress)
+                           lambda rows: sink([r for r in rows if not r.error]), progress,
+                           cost=lambda key: sum(self._needs_engine(c) for c in table[key] if c.ok))
         have.update(((r.image_id, r.original), r) for r in new)
         return [have[key] for key in keys]
 

@@ -27,7 +27,7 @@ ARCHITECTURES = {
 }
 QUANTIZE = ("none", "8bit", "4bit")
 # How the loop's messages name load_student's arguments; refine.serve passes its own flags.
-STUDENT_FLAGS = {"model": "student.model", "device": "student.device", "quantize": "student.quantize"}
+STUDENT_FLAGS = {"model": "student.model", "device": "student.device", "quantize": "quantize"}
 
 
 def architecture(name: str, flag: str = "student.model") -> str:
