@@ -57,15 +57,12 @@ def read_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise BadImage(413, f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
                             "(a decompression bomb, or an image to downscale first)")
-    try:
-        image.load()
-    except Exception as e:
-        raise BadImage(415, f"the image could not be decoded ({type(e).__name__}: {e})") from None
-    from PIL import ImageOps
+    from refine.images.records import decode
 
-    from refine.images.records import to_rgb
-
-    return to_rgb(ImageOps.exif_transpose(image))  # upright, as the loop's images are (a phone's portrait JPEG)
+    try:  # as the loop loads images: upright (a phone's portrait JPEG), 8-bit RGB
+        return decode(data, "the image")
+    except ValueError as e:
+        raise BadImage(415, str(e)) from None
 
 
 @dataclass

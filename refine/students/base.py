@@ -159,8 +159,11 @@ class Student:
 
     def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:
         """Token ids of ``n`` captions per image (``n`` consecutive rows per image); only new tokens
-        matter (special ones are dropped when decoding)."""
-        raise NotImplementedError
+        matter (special ones are dropped when decoding). This default (BLIP, GIT) repeats each image
+        ``n`` times to sample; beam search returns ``n`` sequences itself."""
+        if sample:
+            pixels = pixels.repeat_interleave(n, dim=0)
+        return self.model.generate(pixel_values=pixels, **kwargs)
 
     @property
     def positions(self) -> int | None:

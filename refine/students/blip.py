@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from refine.students.base import SpecialTokens, Student
 
 
@@ -27,11 +25,6 @@ class BlipStudent(Student):
         image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state.index_select(0, image_index)
         return model.text_decoder(input_ids=captions.decoder_input_ids, attention_mask=captions.mask,
                                   encoder_hidden_states=image_embeds).logits
-
-    def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:
-        if sample:
-            pixels = pixels.repeat_interleave(n, dim=0)
-        return self.model.generate(pixel_values=pixels, **kwargs)
 
 
 def load(name: str, model_kwargs: dict[str, Any]) -> BlipStudent:

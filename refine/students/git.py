@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from refine.students.base import SpecialTokens, Student
 
 
@@ -27,11 +25,6 @@ class GitStudent(Student):
         logits = model(input_ids=captions.decoder_input_ids, attention_mask=captions.mask,
                        pixel_values=pixel_values.index_select(0, image_index)).logits
         return logits[:, -captions.decoder_input_ids.shape[1]:, :]  # the text positions, after the image's
-
-    def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:
-        if sample:
-            pixels = pixels.repeat_interleave(n, dim=0)
-        return self.model.generate(pixel_values=pixels, **kwargs)
 
 
 def load(name: str, model_kwargs: dict[str, Any]) -> GitStudent:
