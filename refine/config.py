@@ -120,9 +120,9 @@ class CriticConfig:
     max_views: int = 4  # crops/tiles attached besides the full image
     template: str = "critique"
     # Agreement (a defence against a wrong critic): critiques per caption. With more than one, a
-    # refinement becomes a training pair only if more than loop.min_agreement of them produce it. For
-    # the OpenAI critic each sample is its own request (use temperature > 0); for the grounded critic
-    # each sample draws its own noise.
+    # refinement becomes a training pair only if more than loop.min_agreement of them agree on it (name
+    # the same objects with the same counts, in any wording). For the OpenAI critic each sample is its
+    # own request (use temperature > 0); for the grounded critic each sample draws its own noise.
     samples: int = 1
     # The grounded critic's error rate per object and critique (a test harness for defences): it misses
     # hallucinations, flags present objects, miscounts, drops or swaps objects. 0 = perfect.

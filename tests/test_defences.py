@@ -158,6 +158,23 @@ def test_agreement_keeps_the_majority_refinement_weighted_by_its_votes():
     assert [(p.chosen, p.weight) for p in pairs] == [("a red circle", pytest.approx(2 / 3))]
 
 
+def test_agreement_compares_the_objects_named_not_the_wording():
+    """Three rewrites that drop the blue square in three wordings agree (with the vocabulary); the commonest
+    wording is kept. A rewrite that names other objects is outvoted, and two that each err differently
+    (one drops the circle, one miscounts it) do not outvote a third."""
+    caption = "a red circle and a blue square"
+    captions = [CaptionSet("img", caption), CaptionSet("other", "two green circles")]
+    rows = _rows(caption, ["a red circle", "one red circle", "a red circle", "a blue square"])
+    rows += _rows("two green circles", ["a green circle", "three green circles", "two green circles"], "other")
+    by_objects = TextualStep(revisions_only=True, vocabulary=VOCAB).refine(captions, rows, samples_too=False)
+    assert (by_objects[0].refined, by_objects[0].votes, by_objects[0].of) == ("a red circle", 3, 4)
+    assert (by_objects[1].refined, by_objects[1].rejected) == ("two green circles", "disagreement")
+    by_string = TextualStep(revisions_only=True).refine(captions[:1], rows[:4], samples_too=False)
+    assert (by_string[0].votes, by_string[0].rejected) == (2, "disagreement")  # 2 of 4 is not more than half
+    with pytest.raises(ValueError, match="needs the vocabulary"):
+        TextualStep(revisions_only=True, gate=True)
+
+
 def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
     captions = [CaptionSet("a", "two red circles"), CaptionSet("b", "a blue square")]
     critiques = [CritiqueRow("a", "two red circles", Critique(0.4, "x")), CritiqueRow("b", "a blue square", Critique(0.4, "x"))]
@@ -174,7 +191,7 @@ def test_the_pair_gate():
     long = "a red circle, a blue square, a green triangle, a yellow circle and a red square"
     assert gate_rejection(long, "a red circle", VOCAB)[0] == "too_short"
     assert gate_rejection("a red circle and a blue square", "a red circle", VOCAB) is None  # dropping one of two is fine
-    step = TextualStep(revisions_only=True, gate=VOCAB)
+    step = TextualStep(revisions_only=True, vocabulary=VOCAB, gate=True)
     [refinement] = step.refine([CaptionSet("x", "a red circle and two blue squares")],
                                [CritiqueRow("x", "a red circle and two blue squares", Critique(0.2, "", revision="nothing"))], False)
     assert (refinement.refined, refinement.rejected) == ("a red circle and two blue squares", "no_object")

@@ -18,7 +18,7 @@ from refine.images.records import record_from_image
 from refine.infra.cache import DiskCache
 from refine.infra.llm import ChatEngine
 from refine.offline.devserver import FakeOpenAIServer, Fault, request_text
-from refine.stages import step
+from refine.stages import replies, step
 
 FIXED = "two people stand next to a red bus"
 
@@ -49,12 +49,12 @@ def feedback_only(feedback="There is no dog; two people stand by a red bus.", **
 
 
 def test_the_caption_is_recovered_from_a_reply_without_tags():
-    assert step.caption_from_reply(f"Sure. {tagged(' a bus ')} Done.", 20)[:2] == ("a bus", True)
-    assert step.caption_from_reply('Improved caption: "A red bus on a street."', 20)[:2] == ("A red bus on a street.", False)
-    assert step.caption_from_reply("<IMPROVED_VARIABLE> a bus parked\nwith notes", 20)[:2] == ("a bus parked", False)
-    assert step.caption_from_reply("a bus by the curb</IMPROVED_VARIABLE>", 20)[:2] == ("a bus by the curb", False)
-    assert step.caption_from_reply("```\ncaption: two  dogs\n```", 20)[:2] == ("two dogs", False)
-    assert step.caption_from_reply("   ", 20)[:2] == ("", False)
+    assert replies.caption_from_reply(f"Sure. {tagged(' a bus ')} Done.", 20)[:2] == ("a bus", True)
+    assert replies.caption_from_reply('Improved caption: "A red bus on a street."', 20)[:2] == ("A red bus on a street.", False)
+    assert replies.caption_from_reply("<IMPROVED_VARIABLE> a bus parked\nwith notes", 20)[:2] == ("a bus parked", False)
+    assert replies.caption_from_reply("a bus by the curb</IMPROVED_VARIABLE>", 20)[:2] == ("a bus by the curb", False)
+    assert replies.caption_from_reply("```\ncaption: two  dogs\n```", 20)[:2] == ("two dogs", False)
+    assert replies.caption_from_reply("   ", 20)[:2] == ("", False)
 
 
 def test_gradient_text_carries_the_structured_findings():
@@ -162,13 +162,13 @@ def test_a_reply_that_is_not_a_caption_is_no_refinement_and_is_not_cached(make_e
 
 
 def test_the_word_limit_has_a_tolerance_of_ten_percent():
-    assert step.word_limit(20) == 22 and step.word_limit(10) == 11
-    assert step.rejection(" ".join(["w"] * 22), 20) is None
-    assert step.rejection(" ".join(["w"] * 23), 20)[0] == "too_long"
+    assert replies.word_limit(20) == 22 and replies.word_limit(10) == 11
+    assert replies.rejection(" ".join(["w"] * 22), 20) is None
+    assert replies.rejection(" ".join(["w"] * 23), 20)[0] == "too_long"
     for caption in ("A man holds a cup of coffee.", "two dogs, a cat and a bird on a sofa", "A St. Bernard dog",
                     "Great Dane lying on a couch", "I-95 highway full of cars at dusk", "OK Corral sign in the desert",
                     "A sign that says sorry we are closed", "A man holding a sign with a caption"):
-        assert step.rejection(caption, 20) is None, caption
+        assert replies.rejection(caption, 20) is None, caption
 
 
 def test_a_critic_revision_that_is_not_a_caption_is_rejected():

@@ -19,7 +19,7 @@ When the model omits the ``<IMPROVED_VARIABLE>`` tags, ``TGD.step`` raises ``Ind
 (``caption_from_reply``) and record ``tags_missing=True``.
 
 Whatever its source, a refined caption becomes a training target, so it must *be* a caption
-(:func:`rejection`): one sentence within the word limit, not a refusal ("I'm sorry, but I can't help
+(:func:`refine.stages.replies.rejection`): one sentence within the word limit, not a refusal ("I'm sorry, but I can't help
 with that."), not chatter about the task ("Sure! Here is the improved caption:"). Anything else is no
 refinement: the result keeps the original caption and records why (``StepResult.rejected``), and the
 reply is not stored in the cache as a good answer.
@@ -30,12 +30,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import os
-import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,16 +45,12 @@ from refine.infra.llm import ChatCallError, ChatResult, usage
 from refine.infra.prompts import constraint_lines, load_template
 from refine.metrics.summary import samples_by_caption
 from refine.stages.critique import CritiqueRow, Spend, run_requests
+from refine.stages.replies import DEFAULT_MAX_WORDS, caption_from_reply, rejection
 from refine.stages.student import CaptionSet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_WORDS = 20
-# A refinement may run this much over ``max_words`` (rounded up): models count words loosely, but a
-# 23-word "caption" under a 20-word limit is not following the instruction.
-WORD_TOLERANCE = 0.1
 CAPTION_ROLE = "a one-sentence caption of an image, used as the training target for a small image captioning model"
-IMPROVED_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")  # textgrad's default new_variable_tags
 
 
 # --- textgrad, lazily --------------------------------------------------------------------------------
@@ -126,100 +120,6 @@ def gradient_text(critique: Critique) -> str:
     return " ".join(parts)
 
 
-_LABEL = re.compile(r"^(?:improved|refined|revised|new|corrected)?\s*(?:caption|variable)\s*:\s*", re.I)
-
-
-def clean_caption(text: str) -> str:
-    """One line of caption text: code fences, 'Caption:' labels, wrapping quotes and extra spaces removed."""
-    text = re.sub(r"```\w*", "", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = _LABEL.sub("", lines[0]) if lines else ""
-    line = line.strip().strip("\"'“”‘’`").strip()
-    return re.sub(r"\s+", " ", line)
-
-
-def _improved_body(response: str, tags: Sequence[str]) -> tuple[str, bool]:
-    """The raw text the caption comes from, and whether both tags were there."""
-    start, end = tags
-    if start in response and end in response.split(start, 1)[1]:
-        return response.split(start, 1)[1].split(end, 1)[0], True
-    if start in response:
-        return response.split(start, 1)[1], False
-    if end in response:
-        return response.split(end, 1)[0], False
-    return response, False
-
-
-def caption_from_reply(response: str, max_words: int, tags: Sequence[str] = IMPROVED_TAGS
-                       ) -> tuple[str, bool, tuple[str, str] | None]:
-    """``(caption, tags_found, rejection)`` for an optimizer reply.
-
-    The caption is the text between the two tags (what ``TGD.step`` takes); without them, the best
-    guess: the text after a lone opening tag, before a lone closing tag, or else the whole reply; then
-    cleaned to one line (an empty caption means nothing usable was in the reply). It is then checked
-    with :func:`rejection`; text with more than one non-empty line (outside code fences) is rejected
-    too, since only its first line would survive cleaning."""
-    body, found = _improved_body(response, tags)
-    caption = clean_caption(body)
-    lines = [line for line in re.sub(r"```\w*", "", body).splitlines() if line.strip()]
-    why = rejection(caption, max_words)
-    if why is None and len(lines) > 1:
-        why = ("sentences", f"{len(lines)} lines where one caption was asked for: {body.strip()[:80]!r}")
-    return caption, found, why
-
-
-# A refusal speaks in the first person ("I'm sorry, but I can't", "as an AI"); "a sign that says sorry
-# we are closed" is a caption.
-_REFUSAL = re.compile(
-    r"\b(i'm\s+sorry|i\s+am\s+sorry|sorry,\s+(?:but|i)\b|i\s+apologi[sz]e|i\s+can(?:no|')t|i\s+am\s+unable"
-    r"|i'm\s+unable|unable\s+to\s+(?:help|assist|comply)|as\s+an\s+ai|i\s+won't|i\s+will\s+not)", re.I)
-# Talk about the task rather than a caption: a chat opener followed by punctuation ("Sure!", "OK,"), an
-# introduction of something else ("Here is the improved caption"), the first person, or the task's own
-# words ("a better caption would", "the feedback"). "Great Dane on a couch", "I-95 at dusk" and "a sign
-# with a caption" are captions.
-_META_OPENER = re.compile(
-    r"^(?:(?:sure|certainly|of\s+course|okay|ok|absolutely|great|alright)\s*[!,.:]"
-    r"|(?:here(?:'s|\s+is|\s+are)|below\s+is)\s+(?:the|your|my|an?)\s+(?:\w+\s+){0,2}"
-    r"(?:caption|version|description|revision)\b|(?:i|i'm|i've|i'll|let\s+me)\s)", re.I)
-_META_WORDS = re.compile(
-    r"\b(?:(?:improved|revised|refined|updated|corrected|better|new|original)\s+caption"
-    r"|caption\s+(?:should|would|could|must|needs?)|the\s+feedback|variable|constraints?)\b", re.I)
-# A sentence end: a word, then ".", "!" or "?", then a capital or a digit. Titles and initials
-# ("St. Bernard", "J. Smith") are not ends.
-_SENTENCE_END = re.compile(r"(\w+)[.!?][\"')\]]*\s+[A-Z0-9]")
-_ABBREVIATIONS = frozenset({"st", "mr", "mrs", "ms", "dr", "jr", "sr", "mt", "ft", "vs", "no", "e.g", "i.e", "etc"})
-
-
-def _sentences_after_first(text: str) -> bool:
-    return any(len(m.group(1)) > 1 and m.group(1).lower() not in _ABBREVIATIONS for m in _SENTENCE_END.finditer(text))
-
-
-def word_limit(max_words: int) -> int:
-    """The most words a refined caption may have: ``max_words`` plus ``WORD_TOLERANCE``, rounded up."""
-    return max_words + math.ceil(max_words * WORD_TOLERANCE)
-
-
-def rejection(caption: str, max_words: int = DEFAULT_MAX_WORDS) -> tuple[str, str] | None:
-    """Why ``caption`` cannot be a training target, as ``(reason, detail)``; None when it can.
-
-    Reasons: ``empty``, ``refusal``, ``meta`` (it talks about the task), ``sentences`` (more than one
-    sentence or line), ``too_long`` (over :func:`word_limit`). Checked in that order.
-    """
-    text = caption.strip()
-    if not text:
-        return "empty", "no caption in the reply"
-    words = text.split()
-    if _REFUSAL.search(text):
-        return "refusal", f"a refusal, not a caption: {text[:80]!r}"
-    if _META_OPENER.match(text) or _META_WORDS.search(text) or text.endswith((":", "?")):
-        return "meta", f"talks about the task instead of the image: {text[:80]!r}"
-    if "\n" in text or _sentences_after_first(text):
-        return "sentences", f"more than one sentence: {text[:80]!r}"
-    if len(words) > word_limit(max_words):
-        return "too_long", f"{len(words)} words, over the limit of {max_words} (+{WORD_TOLERANCE:.0%})"
-    return None
-
-
 # --- the step ------------------------------------------------------------------------------------
 
 
@@ -281,11 +181,16 @@ class TextualStep:
     constraints: Sequence[str] | None = None  # default: prompts/step.txt rendered with max_words
     revisions_only: bool = False
     role_description: str = CAPTION_ROLE
-    gate: Any = None  # a Vocabulary: reject refinements that name none of its objects or are far shorter
+    # The image set's object vocabulary: with several critiques per caption, refinements that name the same
+    # objects with the same counts agree (without one, only identical strings do); the gate needs it too.
+    vocabulary: Any = None
+    gate: bool = False  # reject refinements that name no object of the vocabulary or are far shorter
     min_agreement: float = 0.5  # with several critiques per caption: the share of votes a refinement needs
     revise_approved: bool = False  # also rewrite captions the critic approves (``Critique.approves``)
 
     def __post_init__(self):
+        if self.gate and self.vocabulary is None:
+            raise ValueError("TextualStep(gate=True) needs the vocabulary whose objects a refinement must name")
         if self.constraints is None:
             self.constraints = default_constraints(self.max_words)  # a broken step.txt fails here, at setup
 
@@ -384,9 +289,10 @@ class TextualStep:
         """The step stage: each main caption (and each sample, if ``samples_too``) whose critique succeeded,
         ``max_concurrency`` captions in flight with no barrier (``run_requests``).
 
-        With several critiques per caption, each is applied, and the refinement most of them give is
-        kept only if more than ``min_agreement`` of them give it. With a ``gate``, a refinement that
-        names no object of it, or has under a third of the original's words, is rejected. ``done``:
+        With several critiques per caption, each is applied, and the refinement most of them agree on is
+        kept only if more than ``min_agreement`` of them do (:meth:`_consensus`). With the ``gate``, a
+        refinement that names no object of the vocabulary, or has under a third of the original's words,
+        is rejected. ``done``:
         refinements an earlier session recorded; each finished one without an error goes to ``sink``.
         Raises ``TooManyFailures`` as soon as more than ``max_failure_share`` of the steps have failed,
         and ``BudgetExhausted`` when ``spend`` has no calls left (steps that reach the API are paid calls).
@@ -424,24 +330,41 @@ class TextualStep:
             return StepResult(caption, caption, "unchanged", error=f"{type(e).__name__}: {e}")
 
     def _consensus(self, image_id: str, original: str, results: list[StepResult]) -> Refinement:
-        """One refinement from the step results of a caption's critiques: their agreed one, gated."""
+        """One refinement from the step results of a caption's critiques: the one they agree on, gated.
+
+        Refinements agree when they name the same objects with the same counts (``refine.objects.mentions``
+        under ``vocabulary``), whatever their wording: three noisy rewrites of one caption rarely match
+        word for word, but a wrong one rarely names the same wrong objects as another. The winner is the
+        commonest wording among the agreeing ones; without a vocabulary, wordings must match exactly.
+        """
         spent = {k: sum(r.usage.get(k, 0) for r in results) for k in usage()}
         if len(results) == 1:
             r = results[0]
             out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error,
                              usage=spent)
         else:
-            votes = Counter(r.caption for r in results if not (r.error or r.rejected))
-            refined, n = votes.most_common(1)[0] if votes else (original, 0)
+            usable = [r for r in results if not (r.error or r.rejected)]
+            contents = Counter(self._content(r.caption) for r in usable)
+            content, n = contents.most_common(1)[0] if contents else (None, 0)
+            wordings = Counter(r.caption for r in usable if self._content(r.caption) == content)
+            refined = wordings.most_common(1)[0][0] if wordings else original
             first = next((r for r in results if r.caption == refined), results[0])
             out = Refinement(image_id, original, refined, first.source, votes=n, of=len(results), usage=spent)
             if refined != original and n / len(results) <= self.min_agreement:
                 out.refined, out.rejected = original, "disagreement"
                 out.reason = f"{n} of {len(results)} critiques agree on {refined!r}"
-        if self.gate is not None and out.refined != original and (why := gate_rejection(original, out.refined, self.gate)):
+        if self.gate and out.refined != original and (why := gate_rejection(original, out.refined, self.vocabulary)):
             out.rejected, out.reason = why
             out.refined = original
         return out
+
+    def _content(self, caption: str) -> Hashable:
+        """What agreement compares: the objects named and their counts, or the caption itself."""
+        if self.vocabulary is None:
+            return caption
+        from refine.objects import mentions
+
+        return frozenset(mentions(caption, self.vocabulary).items())
 
 
 def gate_rejection(original: str, refined: str, vocabulary) -> tuple[str, str] | None:
@@ -469,10 +392,10 @@ def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> No
         result.meta["raw"] = last.content
 
 
-def make_step(critic_cfg, step_cfg, gate=None, min_agreement: float = 0.5) -> TextualStep:
+def make_step(critic_cfg, step_cfg, vocabulary=None, gate: bool = False, min_agreement: float = 0.5) -> TextualStep:
     """The run's textual step: with the OpenAI-compatible critic, textgrad through its endpoint; with a
-    local critic (grounded, Florence-2), its revisions alone. ``gate``: the vocabulary of the pair gate
-    (None: no gate)."""
+    local critic (grounded, Florence-2), its revisions alone. ``vocabulary``: the image set's, which
+    agreement compares refinements by and the pair gate (``gate``) checks them against."""
     from refine.config import DEFAULT_OPENAI_MODEL
     from refine.infra.llm import ChatEngine
 
@@ -481,4 +404,5 @@ def make_step(critic_cfg, step_cfg, gate=None, min_agreement: float = 0.5) -> Te
         engine = ChatEngine(critic_cfg.model or DEFAULT_OPENAI_MODEL, critic_cfg.base_url, critic_cfg.api_key_env,
                             timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
     return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None,
-                       gate=gate, min_agreement=min_agreement, revise_approved=step_cfg.revise_approved)
+                       vocabulary=vocabulary, gate=gate, min_agreement=min_agreement,
+                       revise_approved=step_cfg.revise_approved)
