@@ -40,11 +40,12 @@ from refine.demo.driver import run_name
 # points of recall or cut little; see README, "A critic that is sometimes wrong".
 BEST = ("verify",)
 NOISE = 0.25
-# The defences tuned: the pair filters (verify, gate, agree) and the loss that tolerates flipped labels
-# (cdpo). robust and mdpo were tried on perfect-critic validation runs before and lost to plain DPO.
-TUNED = ("verify", "gate", "cdpo", "agree")
-# Combinations tried besides each defence alone: the two cheap filters together.
-COMBINATIONS = [("verify", "gate")]
+# The defences tuned, each alone: the pair filters (verify, gate, agree), the losses that tolerate flipped
+# labels (cdpo, robust) and mDPO's image-side negatives.
+TUNED = ("verify", "gate", "cdpo", "agree", "robust", "mdpo")
+# Combinations tried besides each defence alone: the cheap filters together, and the two filters that
+# check a rewrite with more critiques.
+COMBINATIONS = [("verify", "gate"), ("verify", "agree")]
 
 
 @dataclass(frozen=True)
