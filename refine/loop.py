@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_config
+from refine.config import RESUMABLE_KEYS, Config, ConfigError, load_config, stored_config
 from refine.images import ImageSet, load_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
@@ -272,7 +272,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
         if not ranks.main:
             continue
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
-                                  log.stage_seconds(k), verified)
+                                  log.stage_seconds(k), verified, _verify_vocabulary(config, vocab))
         log.finish_round(k, metrics)
         trackers.log_round(k, metrics, history, steps)
         steps += len(history)
@@ -328,9 +328,15 @@ def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, cap
     verified = parts.paid_stream(log, k, "verify", lambda done, sink: critique(
         parts.critic, records, to_verify(refined), parts.regions_for, parts.spend,
         max_failure_share=loop.max_failure_share, done=done, sink=sink), CritiqueRow) if loop.verify_refinements else None
-    pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                      loop.swap_pairs, verified), PreferencePair)
+    pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources, loop.swap_pairs,
+                                                      verified, _verify_vocabulary(config, parts.step.vocabulary)),
+                      PreferencePair)
     return critiques, refined, verified, pairs
+
+
+def _verify_vocabulary(config: Config, vocabulary):
+    """What a verification reads edits by (``loop.verify_by=edits``): the image set's vocabulary; None: by score."""
+    return vocabulary if config.loop.verify_by == "edits" else None
 
 
 @contextmanager
@@ -354,7 +360,7 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     ``{key: [old, new]}`` for the resume event. Overrides equal to the stored value change nothing.
     """
     log = RunLog.open(args.resume, cli.loop.runs_dir)
-    config = apply_dict(Config(), log.config, source=f"{log.root}/config.json")
+    config = stored_config(log.config, source=f"{log.root}/config.json")
     changes: dict[str, list] = {}
     for key in args.overrides:
         if key == "loop.runs_dir":  # where to find the run, not a setting of it

@@ -186,6 +186,34 @@ def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
     assert [p.image_id for p in pairs] == ["a"]
 
 
+def test_verification_by_edits_ignores_errors_about_objects_the_rewrite_left_alone():
+    """The grounded critic at 25% noise verifies two rewrites of "a red circle, two blue circles and a blue
+    square" (truth: a red circle, two blue circles, a green triangle). The right one drops the
+    hallucinated blue square; the wrong one drops the red circle too (what a false alarm writes). By
+    edits, the right one survives verify critiques that err about the objects it did not touch, and the
+    wrong one is caught whenever the critique sees the red circle; by score, a third of the right ones
+    are lost to errors about other objects."""
+    original = "a red circle, two blue circles and a blue square"
+    right, wrong = "a red circle and two blue circles", "two blue circles"
+    critic = GroundedCritic(VOCAB, noise=0.25, seed=0)
+    first = [CritiqueRow("x", original, GroundedCritic(VOCAB).critique(request(original)))]
+    kept = {rule: Counter() for rule in ("edits", "score")}
+    for sample in range(200):
+        for caption in (right, wrong):
+            verified = [CritiqueRow("x", caption, critic.critique(request(caption, sample=sample)))]
+            for rule, vocab in (("edits", VOCAB), ("score", None)):
+                if not unverified([Refinement("x", original, caption)], first, verified, vocab):
+                    kept[rule][caption] += 1
+    # measured (of 200): edits keeps the right rewrite 197 times and the wrong one 35; score 123 and 0
+    assert kept["edits"][right] >= 185 and kept["score"][right] <= 150
+    assert kept["edits"][wrong] <= 60 and kept["score"][wrong] <= 10
+    # a failed verification confirms nothing; a rewrite that changes no object is judged by score
+    failed = [CritiqueRow("x", right, Critique(0.0, "", error="timeout"))]
+    assert unverified([Refinement("x", original, right)], first, failed, VOCAB) == [("x", original)]
+    same = [Refinement("x", original, "A red circle, two blue circles and a blue square on grey.")]
+    assert unverified(same, first, [CritiqueRow("x", same[0].refined, Critique(0.1, ""))], VOCAB) == [("x", original)]
+
+
 def test_the_pair_gate():
     assert gate_rejection("a man standing next to a bus", "standing", VOCAB)[0] == "no_object"
     long = "a red circle, a blue square, a green triangle, a yellow circle and a red square"
@@ -227,3 +255,14 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     table = json.loads((tmp_path / "sweep-x.json").read_text())
     assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
+
+
+def test_a_run_saved_before_verification_read_edits_resumes_verifying_by_score():
+    """A saved config.json without loop.verify_by was made when verification compared scores: it keeps
+    doing so on --resume (and in scoring), while a new run verifies by edits."""
+    from refine.config import Config, stored_config
+
+    saved = {"loop": {"verify_refinements": True}}
+    assert stored_config(saved, "config.json").loop.verify_by == "score"
+    assert stored_config({"loop": {"verify_by": "edits"}}, "config.json").loop.verify_by == "edits"
+    assert Config().loop.verify_by == "edits"

@@ -43,9 +43,8 @@ NOISE = 0.25
 # The defences tuned, each alone: the pair filters (verify, gate, agree), the losses that tolerate flipped
 # labels (cdpo, robust) and mDPO's image-side negatives.
 TUNED = ("verify", "gate", "cdpo", "agree", "robust", "mdpo")
-# Combinations tried besides each defence alone: the cheap filters together, and the two filters that
-# check a rewrite with more critiques.
-COMBINATIONS = [("verify", "gate"), ("verify", "agree")]
+# Combinations tried besides each defence alone: the two cheap filters together.
+COMBINATIONS = [("verify", "gate")]
 
 
 @dataclass(frozen=True)

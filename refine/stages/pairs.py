@@ -66,18 +66,20 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, verified: Sequence[CritiqueRow] | None = None) -> list[PreferencePair]:
+                sources: str, swap: bool = False, verified: Sequence[CritiqueRow] | None = None,
+                verify_vocabulary=None) -> list[PreferencePair]:
     """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
-    With ``verified`` (critiques of the refined captions), a refined pair is kept only if the critic
-    scores the refinement above the original (:func:`unverified` lists the others). ``swap`` is the
+    With ``verified`` (critiques of the refined captions), a refined pair is kept only if its critique
+    confirms it (``refine.metrics.summary.unverified`` lists the others: by its edits under
+    ``verify_vocabulary``, else by score). ``swap`` is the
     control experiment: the same pairs with the preference reversed.
     """
     from refine.metrics.summary import consensus_score, samples_by_caption, unverified
 
     table = samples_by_caption(critiques)
-    dropped = set(unverified(refined, critiques, verified)) if verified is not None else set()
+    dropped = set(unverified(refined, critiques, verified, verify_vocabulary)) if verified is not None else set()
     out: list[PreferencePair] = []
     if "refined" in sources:
         for row in refined:
