@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from refine.config import RESUMABLE_KEYS, Config, ConfigError, load_config, stored_config
+from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_config
 from refine.images import ImageSet, load_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
@@ -360,7 +360,7 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     ``{key: [old, new]}`` for the resume event. Overrides equal to the stored value change nothing.
     """
     log = RunLog.open(args.resume, cli.loop.runs_dir)
-    config = stored_config(log.config, source=f"{log.root}/config.json")
+    config = apply_dict(Config(), log.config, source=f"{log.root}/config.json")
     changes: dict[str, list] = {}
     for key in args.overrides:
         if key == "loop.runs_dir":  # where to find the run, not a setting of it

@@ -129,9 +129,9 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
         result["winrate/note"] = "the win rate compares the last round with round 0: it needs 2 rounds or more"
     if "winrate" in metrics and len(main_by_round) > 1:
         from critics import make_critic
-        from refine.config import stored_config
+        from refine.config import Config, apply_dict
 
-        config = stored_config(cfg, "config.json")
+        config = apply_dict(Config(), cfg)
         critic = make_critic(config.critic, vocabulary=vocab, max_words=config.step.max_words)
         result.update(win_rate(critic, records, main_by_round[0], main_by_round[-1]))
     return result

@@ -255,14 +255,3 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     table = json.loads((tmp_path / "sweep-x.json").read_text())
     assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
-
-
-def test_a_run_saved_before_verification_read_edits_resumes_verifying_by_score():
-    """A saved config.json without loop.verify_by was made when verification compared scores: it keeps
-    doing so on --resume (and in scoring), while a new run verifies by edits."""
-    from refine.config import Config, stored_config
-
-    saved = {"loop": {"verify_refinements": True}}
-    assert stored_config(saved, "config.json").loop.verify_by == "score"
-    assert stored_config({"loop": {"verify_by": "edits"}}, "config.json").loop.verify_by == "edits"
-    assert Config().loop.verify_by == "edits"

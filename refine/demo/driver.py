@@ -50,8 +50,8 @@ METRICS = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"),
 # The defences against a wrong critic, by name (``--defences verify,mdpo``); README, "A critic that is
 # sometimes wrong", says what each does and how its setting was chosen.
 DEFENCES = {
-    "verify": ["--loop.verify_refinements=true"],  # by edits (loop.verify_by's default)
-    "verify_score": ["--loop.verify_refinements=true", "--loop.verify_by=score"],
+    "verify": ["--loop.verify_refinements=true"],  # by score (loop.verify_by's default)
+    "verify_edits": ["--loop.verify_refinements=true", "--loop.verify_by=edits"],
     "agree": ["--critic.samples=3"],
     "cdpo": ["--update.label_smoothing=0.2"],
     "robust": ["--update.loss=robust", "--update.label_smoothing=0.2"],
