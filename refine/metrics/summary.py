@@ -41,8 +41,8 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
                     verify_vocabulary=None) -> dict[str, Any]:
     """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
     ``critic/noise/*``), step, pairs (``pairs/unverified``: refinements their own critique did not
-    confirm, by ``unverified`` under ``verify_vocabulary``), update, object metrics on the training images (``train/*``) and the held-out set
-    (``eval/*``), and seconds per stage."""
+    confirm, by :func:`unverified` under ``verify_vocabulary``), update, object metrics on the training
+    images (``train/*``) and the held-out set (``eval/*``), and seconds per stage."""
     from collections import Counter
     usage = [row.critique.usage for row in critiques]
     metrics: dict[str, Any] = {
