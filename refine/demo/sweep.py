@@ -12,7 +12,7 @@ Plans:
   noise on seeds 0 and 1, plain DPO, each defence in ``TUNED`` alone and ``COMBINATIONS`` (the cheap
   filters and their combination first);
 - ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO, each
-  with its swapped-pair control;
+  with its swapped-pair control; then the chosen defences ``BEST`` with the perfect critic (no control);
 - ``noise``: the README's noisy-critic table on the held-out scenes: seeds 0-5 x {plain DPO, the chosen
   defences ``BEST``}, no controls.
 
@@ -71,8 +71,8 @@ def plan(name: str) -> list[Cell]:
         first = ("verify", "verify_edits", "gate")
         sets = [(), *[(d,) for d in first], *COMBINATIONS, *[(d,) for d in TUNED if d not in first]]
         return [Cell(s, NOISE, defences, eval_set="val") for defences in sets for s in (0, 1)]
-    if name == "readme":  # the held-out table: every seed, perfect critic, with its control
-        return [Cell(s, control=True) for s in seeds]
+    if name == "readme":  # the held-out table: every seed, perfect critic, with its control; then BEST on it
+        return [Cell(s, control=True) for s in seeds] + [Cell(s, 0.0, BEST) for s in seeds]
     if name == "noise":  # the held-out table under noise: every seed, plain and BEST
         return [Cell(s, NOISE, defences) for s in seeds for defences in ((), BEST)]
     raise SystemExit(f"unknown plan {name!r}: choose tune, readme or noise")
