@@ -255,3 +255,27 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     table = json.loads((tmp_path / "sweep-x.json").read_text())
     assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
+
+
+@pytest.mark.parametrize("rule", ["score", "edits"])
+def test_the_loop_verifies_refinements_by_the_configured_rule(tiny_student_dir, tmp_path, rule):
+    """Through refine.loop with a noisy grounded critic: the changed refinements are critiqued again
+    (``verify.jsonl``), and the pairs leave out exactly the refinements that verification does not
+    confirm under ``loop.verify_by``, which the round summary counts."""
+    from refine import loop
+    from refine.stages.pairs import PreferencePair
+
+    log = loop.run(["--images", "shapes:12", f"--student.model={tiny_student_dir}", "--rounds=1",
+                    "--critic.backend=grounded", "--critic.noise=0.25", "--student.n_samples=2",
+                    "--student.max_new_tokens=12", "--update.epochs=0", "--loop.verify_refinements=true",
+                    f"--loop.verify_by={rule}", f"--loop.runs_dir={tmp_path}", "--loop.run_id=v"])
+    critiques = log.read_stage(0, "critiques", CritiqueRow)
+    refined = log.read_stage(0, "refined", Refinement)
+    verified = log.read_stage(0, "verify", CritiqueRow)
+    pairs = log.read_stage(0, "pairs", PreferencePair)
+    assert {(v.image_id, v.caption) for v in verified} == {(c.image_id, c.caption) for c in to_verify(refined)}
+    dropped = unverified(refined, critiques, verified, VOCAB if rule == "edits" else None)
+    kept = {(r.image_id, r.original) for r in refined if r.refined != r.original} - set(dropped)
+    assert {(p.image_id, p.rejected) for p in pairs if p.source == "refined"} == kept
+    assert json.loads((log.root / "rounds" / "000" / "metrics.json").read_text())["pairs/unverified"] == len(dropped)
+    assert dropped and kept  # noise at 25% leaves some of each
