@@ -14,11 +14,10 @@ from PIL import Image
 from critics.base import Critique, CritiqueRequest
 from critics.grounded import GroundedCritic, believe
 from refine.images import shapes
-from refine.metrics.summary import unverified
 from refine.objects import compare, mentions
 from refine.stages.critique import CritiqueRow
 from refine.stages.dpo import corrupt_image, dpo_loss, image_preference_loss
-from refine.stages.pairs import build_pairs, to_verify
+from refine.stages.pairs import build_pairs, to_verify, unverified
 from refine.stages.step import Refinement, TextualStep, gate_rejection
 from refine.stages.student import CaptionSet
 
@@ -182,7 +181,7 @@ def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
     assert [(c.image_id, c.caption) for c in to_verify(refined)] == [("a", "a red circle"), ("b", "a blue circle")]
     verified = [CritiqueRow("a", "a red circle", Critique(0.9, "")), CritiqueRow("b", "a blue circle", Critique(0.4, ""))]
     assert unverified(refined, critiques, verified) == [("b", "a blue square")]
-    pairs = build_pairs(captions, critiques, refined, "refined", verified=verified)
+    pairs = build_pairs(captions, critiques, refined, "refined", dropped=unverified(refined, critiques, verified))
     assert [p.image_id for p in pairs] == ["a"]
 
 

@@ -37,12 +37,12 @@ def mean(values: Iterable[float], skip_nan: bool = False) -> float:
 
 def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Sequence, refined: Sequence,
                     pairs: Sequence, history: Sequence[Mapping[str, float]], evaluation: Sequence, vocab,
-                    seconds: Mapping[str, float] = {}, verified: Sequence | None = None,
-                    verify_vocabulary=None) -> dict[str, Any]:
+                    seconds: Mapping[str, float] = {}, dropped: Sequence | None = None) -> dict[str, Any]:
     """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
-    ``critic/noise/*``), step, pairs (``pairs/unverified``: refinements their own critique did not
-    confirm, by :func:`unverified` under ``verify_vocabulary``), update, object metrics on the training
-    images (``train/*``) and the held-out set (``eval/*``), and seconds per stage."""
+    ``critic/noise/*``), step, pairs (``pairs/unverified``: the refinements their verification did not
+    confirm, ``dropped``, as ``refine.stages.pairs.unverified`` lists them; absent without verification),
+    update, object metrics on the training images (``train/*``) and the held-out set (``eval/*``), and
+    seconds per stage."""
     from collections import Counter
     usage = [row.critique.usage for row in critiques]
     metrics: dict[str, Any] = {
@@ -64,8 +64,7 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         **{f"critic/noise/{kind}": n for kind, n in sorted(Counter(
             e["kind"] for row in critiques for e in row.critique.meta.get("noise", [])).items())},
         "pairs/total": len(pairs),
-        **({"pairs/unverified": len(unverified(refined, critiques, verified, verify_vocabulary))}
-           if verified is not None else {}),
+        **({"pairs/unverified": len(dropped)} if dropped is not None else {}),
         **{f"pairs/{s}": sum(1 for p in pairs if p.source == s) for s in sorted({p.source for p in pairs})},
     }
     if history:
@@ -105,49 +104,6 @@ def consensus_score(critiques: Sequence) -> float:
     """The mean score of the critiques of one caption that succeeded (NaN if none did)."""
     scores = [c.score for c in critiques if c.ok]
     return sum(scores) / len(scores) if scores else float("nan")
-
-
-def unverified(refined: Sequence, critiques: Sequence, verified: Sequence, vocabulary=None) -> list[tuple[str, str]]:
-    """``(image_id, original)`` of each refinement its own critique does not confirm. Rows are the step's
-    ``Refinement``s and the critique stage's rows; a failed verification confirms nothing.
-
-    With a ``vocabulary`` (``loop.verify_by=edits``), a refinement that changes the objects named is
-    judged by its edits alone (:func:`edits_confirmed`), so a critique that errs about an object the
-    rewrite left alone does not count against it. Without one (``score``), and for a refinement that
-    changes no object, its critique must score it above the original's.
-    """
-    before, after = samples_by_caption(critiques), samples_by_caption(verified)
-    out = []
-    for r in refined:
-        if normalized(r.refined) == normalized(r.original):
-            continue
-        rows = after.get((r.image_id, r.refined), [])
-        confirmed = edits_confirmed(r.original, r.refined, rows, vocabulary) if vocabulary is not None else None
-        if confirmed is None:  # NaN (failed) is not better
-            confirmed = consensus_score(rows) > consensus_score(before[(r.image_id, r.original)])
-        if not confirmed:
-            out.append((r.image_id, r.original))
-    return out
-
-
-def edits_confirmed(original: str, refined: str, critiques: Sequence, vocabulary) -> bool | None:
-    """Whether the critiques of ``refined`` confirm what it changed in ``original``'s objects: none reports
-    missing an object it removed, hallucinated an object it added, or a wrong count where it changed a
-    count. None when it changed no object (nothing to confirm); False when no critique succeeded."""
-    from refine.objects import mentions
-
-    said, now = mentions(original, vocabulary), mentions(refined, vocabulary)
-    removed, added = said.keys() - now.keys(), now.keys() - said.keys()
-    recounted = {label for label in said.keys() & now.keys() if said[label] != now[label]}
-    if not (removed or added or recounted):
-        return None
-    ok = [c for c in critiques if c.ok]
-
-    def labels(items) -> set[str]:
-        return {label for item in items for label in mentions(item, vocabulary)}
-
-    return bool(ok) and not any(removed & labels(c.missing) or added & labels(c.hallucinated)
-                                or recounted & labels(c.count_errors) for c in ok)
 
 
 def normalized(caption: str) -> str:

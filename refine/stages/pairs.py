@@ -10,11 +10,11 @@ duplicates of a pair already made for the same image.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from refine.metrics.summary import normalized
+from refine.metrics.summary import consensus_score, normalized, samples_by_caption
 
 if TYPE_CHECKING:
     from refine.stages.critique import CritiqueRow
@@ -66,20 +66,16 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, verified: Sequence[CritiqueRow] | None = None,
-                verify_vocabulary=None) -> list[PreferencePair]:
+                sources: str, swap: bool = False, dropped: Collection[tuple[str, str]] = ()) -> list[PreferencePair]:
     """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
-    With ``verified`` (critiques of the refined captions), a refined pair is kept only if its critique
-    confirms it (``refine.metrics.summary.unverified`` lists the others: by its edits under
-    ``verify_vocabulary``, else by score). ``swap`` is the
-    control experiment: the same pairs with the preference reversed.
+    ``dropped``: the ``(image_id, original)`` of refinements their verification did not confirm
+    (:func:`unverified`); they make no refined pair. ``swap`` is the control
+    experiment: the same pairs with the preference reversed.
     """
-    from refine.metrics.summary import consensus_score, samples_by_caption, unverified
-
     table = samples_by_caption(critiques)
-    dropped = set(unverified(refined, critiques, verified, verify_vocabulary)) if verified is not None else set()
+    dropped = set(dropped)
     out: list[PreferencePair] = []
     if "refined" in sources:
         for row in refined:
@@ -105,3 +101,44 @@ def to_verify(refined: Sequence[Refinement]) -> list[CaptionSet]:
     return [CaptionSet(image_id, caption) for image_id, caption in changed]
 
 
+def unverified(refined: Sequence, critiques: Sequence, verified: Sequence, vocabulary=None) -> list[tuple[str, str]]:
+    """``(image_id, original)`` of each refinement its own critique does not confirm. Rows are the step's
+    ``Refinement``s and the critique stage's rows; a failed verification confirms nothing.
+
+    With a ``vocabulary`` (``loop.verify_by=edits``), a refinement that changes the objects named is
+    judged by its edits alone (:func:`edits_confirmed`), so a critique that errs about an object the
+    rewrite left alone does not count against it. Without one (``score``), and for a refinement that
+    changes no object, its critique must score it above the original's.
+    """
+    before, after = samples_by_caption(critiques), samples_by_caption(verified)
+    out = []
+    for r in refined:
+        if normalized(r.refined) == normalized(r.original):
+            continue
+        rows = after.get((r.image_id, r.refined), [])
+        confirmed = edits_confirmed(r.original, r.refined, rows, vocabulary) if vocabulary is not None else None
+        if confirmed is None:  # NaN (failed) is not better
+            confirmed = consensus_score(rows) > consensus_score(before[(r.image_id, r.original)])
+        if not confirmed:
+            out.append((r.image_id, r.original))
+    return out
+
+
+def edits_confirmed(original: str, refined: str, critiques: Sequence, vocabulary) -> bool | None:
+    """Whether the critiques of ``refined`` confirm what it changed in ``original``'s objects: none reports
+    missing an object it removed, hallucinated an object it added, or a wrong count where it changed a
+    count. None when it changed no object (nothing to confirm); False when no critique succeeded."""
+    from refine.objects import mentions
+
+    said, now = mentions(original, vocabulary), mentions(refined, vocabulary)
+    removed, added = said.keys() - now.keys(), now.keys() - said.keys()
+    recounted = {label for label in said.keys() & now.keys() if said[label] != now[label]}
+    if not (removed or added or recounted):
+        return None
+    ok = [c for c in critiques if c.ok]
+
+    def labels(items) -> set[str]:
+        return {label for item in items for label in mentions(item, vocabulary)}
+
+    return bool(ok) and not any(removed & labels(c.missing) or added & labels(c.hallucinated)
+                                or recounted & labels(c.count_errors) for c in ok)

@@ -343,10 +343,10 @@ class TextualStep:
             out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error,
                              usage=spent)
         else:
-            usable = [r for r in results if not (r.error or r.rejected)]
-            contents = Counter(self._content(r.caption) for r in usable)
+            usable = [(self._content(r.caption), r.caption) for r in results if not (r.error or r.rejected)]
+            contents = Counter(content for content, _ in usable)
             content, n = contents.most_common(1)[0] if contents else (None, 0)
-            wordings = Counter(r.caption for r in usable if self._content(r.caption) == content)
+            wordings = Counter(text for c, text in usable if c == content)
             refined = wordings.most_common(1)[0][0] if wordings else original
             first = next((r for r in results if r.caption == refined), results[0])
             out = Refinement(image_id, original, refined, first.source, votes=n, of=len(results), usage=spent)
