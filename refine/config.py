@@ -228,10 +228,11 @@ class LoopConfig:
     objects_column: str = ""
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
     verify_refinements: bool = False  # critique each refined caption too; keep its pair only if that confirms it
-    # How the refined caption's critique confirms it: score (it must score the rewrite above the original)
-    # or edits (it must not contradict the objects the rewrite removed, added or recounted; errors about
-    # untouched objects do not count: cleaner pairs, but half as many at 25% noise, and a smaller cut;
-    # README, "A critic that is sometimes wrong"). A rewrite that changes no object is judged by score.
+    # How the refined caption's critique confirms it: score (it must score the rewrite above the original),
+    # edits (it must not contradict the objects the rewrite removed, added or recounted; errors about
+    # untouched objects do not count: cleaner pairs, but half as many at 25% noise, and a smaller cut),
+    # or repair (the edits it contradicts are undone and the rest kept; README, "A critic that is
+    # sometimes wrong"). A rewrite that changes no object is judged by score.
     verify_by: str = "score"
     min_agreement: float = 0.5  # with critic.samples > 1: a refinement needs more than this share of votes
     pair_gate: bool = False  # reject refinements that name no object or have under a third of the original's words
@@ -242,7 +243,8 @@ class LoopConfig:
                  "must be >= 0 (0 = every image every round)")
         _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
                  "must be >= 0 (0 = unlimited)")
-        _require(self.verify_by in ("score", "edits"), "loop.verify_by", self.verify_by, "must be score or edits")
+        _require(self.verify_by in ("score", "edits", "repair"), "loop.verify_by", self.verify_by,
+                 "must be score, edits or repair")
         _require(0 <= self.min_agreement < 1, "loop.min_agreement", self.min_agreement,
                  "must be in [0, 1): a refinement needs more than this share of the critiques to agree")
         _require(0 <= self.max_failure_share <= 1, "loop.max_failure_share", self.max_failure_share,

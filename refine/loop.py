@@ -40,7 +40,7 @@ from refine.runs import render_round
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
 from refine.stages.lora import targets as lora_targets
-from refine.stages.pairs import PreferencePair, build_pairs, to_verify, unverified
+from refine.stages.pairs import PreferencePair, build_pairs, to_verify, verdicts, verification_counts
 from refine.stages.regions import RegionRow, find, regions_stage
 from refine.stages.step import Refinement, TextualStep, make_step
 from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, load_student
@@ -260,7 +260,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 CaptionSet)
             if ranks.main:
                 with _relay_stops(ranks):
-                    critiques, refined, dropped, pairs = _judge(log, k, config, parts, records, captions, bars)
+                    critiques, refined, judged, pairs = _judge(log, k, config, parts, records, captions, bars)
                 ranks.broadcast(pairs)
                 log.keep_best(k, student, mean_score(critiques))
             else:
@@ -272,7 +272,8 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
         if not ranks.main:
             continue
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
-                                  log.stage_seconds(k), dropped)
+                                  log.stage_seconds(k),
+                                  None if judged is None else verification_counts(judged, refined))
         log.finish_round(k, metrics)
         trackers.log_round(k, metrics, history, steps)
         steps += len(history)
@@ -328,13 +329,12 @@ def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, cap
     verified = parts.paid_stream(log, k, "verify", lambda done, sink: critique(
         parts.critic, records, to_verify(refined), parts.regions_for, parts.spend,
         max_failure_share=loop.max_failure_share, done=done, sink=sink), CritiqueRow) if loop.verify_refinements else None
-    dropped = None  # the refinements verification did not confirm (from the rows: a resumed round counts them too)
+    judged = None  # what verification made of each refinement (from the rows: a resumed round counts them too)
     if verified is not None:
-        edits_by = parts.step.vocabulary if loop.verify_by == "edits" else None
-        dropped = unverified(refined, critiques, verified, edits_by)
+        judged = verdicts(refined, critiques, verified, loop.verify_by, parts.step.vocabulary)
     pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                      loop.swap_pairs, dropped or ()), PreferencePair)
-    return critiques, refined, dropped, pairs
+                                                      loop.swap_pairs, judged), PreferencePair)
+    return critiques, refined, judged, pairs
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from refine.images import shapes
 from refine.objects import compare, mentions
 from refine.stages.critique import CritiqueRow
 from refine.stages.dpo import corrupt_image, dpo_loss, image_preference_loss
-from refine.stages.pairs import build_pairs, to_verify, unverified
+from refine.stages.pairs import build_pairs, repair, to_verify, verdicts, verification_counts
 from refine.stages.step import Refinement, TextualStep, gate_rejection
 from refine.stages.student import CaptionSet
 
@@ -180,8 +180,10 @@ def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
     refined = [Refinement("a", "two red circles", "a red circle"), Refinement("b", "a blue square", "a blue circle")]
     assert [(c.image_id, c.caption) for c in to_verify(refined)] == [("a", "a red circle"), ("b", "a blue circle")]
     verified = [CritiqueRow("a", "a red circle", Critique(0.9, "")), CritiqueRow("b", "a blue circle", Critique(0.4, ""))]
-    assert unverified(refined, critiques, verified) == [("b", "a blue square")]
-    pairs = build_pairs(captions, critiques, refined, "refined", dropped=unverified(refined, critiques, verified))
+    judged = verdicts(refined, critiques, verified)
+    assert judged == {("a", "two red circles"): "a red circle", ("b", "a blue square"): "a blue square"}
+    assert verification_counts(judged, refined) == {"unverified": 1, "repaired": 0}
+    pairs = build_pairs(captions, critiques, refined, "refined", verdicts=judged)
     assert [p.image_id for p in pairs] == ["a"]
 
 
@@ -200,17 +202,66 @@ def test_verification_by_edits_ignores_errors_about_objects_the_rewrite_left_alo
     for sample in range(200):
         for caption in (right, wrong):
             verified = [CritiqueRow("x", caption, critic.critique(request(caption, sample=sample)))]
-            for rule, vocab in (("edits", VOCAB), ("score", None)):
-                if not unverified([Refinement("x", original, caption)], first, verified, vocab):
+            for rule in ("edits", "score"):
+                if verdicts([Refinement("x", original, caption)], first, verified, rule, VOCAB)[("x", original)] == caption:
                     kept[rule][caption] += 1
     # measured (of 200): edits keeps the right rewrite 197 times and the wrong one 35; score 123 and 0
     assert kept["edits"][right] >= 185 and kept["score"][right] <= 150
     assert kept["edits"][wrong] <= 60 and kept["score"][wrong] <= 10
     # a failed verification confirms nothing; a rewrite that changes no object is judged by score
     failed = [CritiqueRow("x", right, Critique(0.0, "", error="timeout"))]
-    assert unverified([Refinement("x", original, right)], first, failed, VOCAB) == [("x", original)]
-    same = [Refinement("x", original, "A red circle, two blue circles and a blue square on grey.")]
-    assert unverified(same, first, [CritiqueRow("x", same[0].refined, Critique(0.1, ""))], VOCAB) == [("x", original)]
+    for rule in ("edits", "repair"):
+        assert verdicts([Refinement("x", original, right)], first, failed, rule, VOCAB) == {("x", original): original}
+        same = [Refinement("x", original, "A red circle, two blue circles and a blue square on grey.")]
+        assert verdicts(same, first, [CritiqueRow("x", same[0].refined, Critique(0.1, ""))], rule, VOCAB) == {
+            ("x", original): original}
+
+
+def test_repair_undoes_exactly_the_edits_the_critique_contradicts():
+    """The rewrite's critique reports a removed object missing, an added one hallucinated or a changed count
+    wrong: that edit is undone and the others kept. Errors about objects the rewrite left alone change
+    nothing; when every edit is contradicted the verdict is the original (no pair)."""
+    original = "a red circle, two blue circles and a blue square"  # truth: TRUTH (no blue square; a green triangle)
+
+    def critique(**errors):
+        return [Critique(0.5, "", **errors)]
+
+    # dropped the blue square (right) and the red circle (a false alarm); the critique sees the red circle missing
+    assert repair(original, "two blue circles", critique(missing=["a red circle"]), VOCAB) == "two blue circles and a red circle"
+    # swapped the blue square for a green square (wrong) instead of adding the triangle
+    assert repair(original, "a red circle, two blue circles and a green square",
+                  critique(hallucinated=["a green square"], missing=["a green triangle"]), VOCAB) == "a red circle and two blue circles"
+    # a count it changed, reported wrong, is set back; the right removal stays
+    assert repair(original, "a red circle and three blue circles", critique(count_errors={"blue circle": (3, 2)}),
+                  VOCAB) == "a red circle and two blue circles"
+    # errors about untouched objects (the green triangle, the red circle's count) do not count
+    right = "a red circle and two blue circles"
+    assert repair(original, right, critique(missing=["a green triangle"], count_errors={"red circle": (1, 2)}), VOCAB) == right
+    assert repair(original, right, critique(missing=["a blue square"]), VOCAB) == original  # its only edit, contradicted
+    assert repair(original, right, [Critique(0.0, "", error="timeout")], VOCAB) == original  # nothing confirmed
+    assert repair(original, "A red circle, two blue circles and a blue square.", critique(), VOCAB) is None  # no object edit
+    judged = verdicts([Refinement("x", original, "two blue circles")], [CritiqueRow("x", original, Critique(0.4, ""))],
+                      [CritiqueRow("x", "two blue circles", critique(missing=["a red circle"])[0])], "repair", VOCAB)
+    assert judged == {("x", original): "two blue circles and a red circle"}
+    assert verification_counts(judged, [Refinement("x", original, "two blue circles")]) == {"unverified": 0, "repaired": 1}
+
+
+def test_repair_keeps_the_right_edits_of_a_noisy_rewrite():
+    """The grounded critic at 25% noise verifies the rewrite a false alarm writes ("two blue circles": the
+    hallucinated blue square dropped, rightly, and the red circle too). By edits the pair is lost whenever
+    the red circle is seen missing; repair keeps the right removal and puts the red circle back."""
+    original, wrong = "a red circle, two blue circles and a blue square", "two blue circles"
+    critic = GroundedCritic(VOCAB, noise=0.25, seed=0)
+    first = [CritiqueRow("x", original, GroundedCritic(VOCAB).critique(request(original)))]
+    made = Counter()
+    for sample in range(200):
+        verified = [CritiqueRow("x", wrong, critic.critique(request(wrong, sample=sample)))]
+        made[verdicts([Refinement("x", original, wrong)], first, verified, "repair", VOCAB)[("x", original)]] += 1
+    # measured (of 200): repaired to the right caption 159 times, the wrong one kept 35, the original 5, and once
+    # the blue square was put back too; by edits: the original 165, the wrong one 35; by score: the original 200
+    repaired = made.most_common(1)[0][0]
+    assert repaired == "two blue circles and a red circle" and made[repaired] >= 150
+    assert not compare(repaired, TRUTH, VOCAB).hallucinated and made[wrong] <= 50
 
 
 def test_the_pair_gate():
@@ -256,11 +307,12 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
 
 
-@pytest.mark.parametrize("rule", ["score", "edits"])
+@pytest.mark.parametrize("rule", ["score", "edits", "repair"])
 def test_the_loop_verifies_refinements_by_the_configured_rule(tiny_student_dir, tmp_path, rule):
     """Through refine.loop with a noisy grounded critic: the changed refinements are critiqued again
-    (``verify.jsonl``), and the pairs leave out exactly the refinements that verification does not
-    confirm under ``loop.verify_by``, which the round summary counts."""
+    (``verify.jsonl``); the refined pairs are exactly the verdicts of ``loop.verify_by`` that differ
+    from the original (unconfirmed refinements make none; repaired ones are the chosen caption), and the
+    round summary counts both."""
     from refine import loop
     from refine.stages.pairs import PreferencePair
 
@@ -273,8 +325,13 @@ def test_the_loop_verifies_refinements_by_the_configured_rule(tiny_student_dir, 
     verified = log.read_stage(0, "verify", CritiqueRow)
     pairs = log.read_stage(0, "pairs", PreferencePair)
     assert {(v.image_id, v.caption) for v in verified} == {(c.image_id, c.caption) for c in to_verify(refined)}
-    dropped = unverified(refined, critiques, verified, VOCAB if rule == "edits" else None)
-    kept = {(r.image_id, r.original) for r in refined if r.refined != r.original} - set(dropped)
-    assert {(p.image_id, p.rejected) for p in pairs if p.source == "refined"} == kept
-    assert json.loads((log.root / "rounds" / "000" / "metrics.json").read_text())["pairs/unverified"] == len(dropped)
-    assert dropped and kept  # noise at 25% leaves some of each
+    judged = verdicts(refined, critiques, verified, rule, VOCAB)
+    made = {(r.image_id, r.original): r.refined for r in refined if r.refined != r.original}
+    assert judged.keys() == made.keys()
+    kept = {(i, original, chosen) for (i, original), chosen in judged.items() if chosen != original}
+    assert {(p.image_id, p.rejected, p.chosen) for p in pairs if p.source == "refined"} == kept
+    counts = verification_counts(judged, refined)
+    metrics = json.loads((log.root / "rounds" / "000" / "metrics.json").read_text())
+    assert (metrics["pairs/unverified"], metrics["pairs/repaired"]) == (counts["unverified"], counts["repaired"])
+    assert counts["unverified"] and kept  # noise at 25% leaves some of each
+    assert bool(counts["repaired"]) == (rule == "repair")

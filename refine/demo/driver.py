@@ -52,6 +52,7 @@ METRICS = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"),
 DEFENCES = {
     "verify": ["--loop.verify_refinements=true"],  # by score (loop.verify_by's default)
     "verify_edits": ["--loop.verify_refinements=true", "--loop.verify_by=edits"],
+    "repair": ["--loop.verify_refinements=true", "--loop.verify_by=repair"],
     "agree": ["--critic.samples=3"],
     "cdpo": ["--update.label_smoothing=0.2"],
     "robust": ["--update.loss=robust", "--update.label_smoothing=0.2"],

@@ -39,11 +39,11 @@ from refine.demo.driver import run_name
 # (by score) -33% / -30% at recall -0.8 / -0.3 points; see README, "A critic that is sometimes wrong".
 BEST = ("verify",)
 NOISE = 0.25
-# The defences tuned, each alone: the pair filters (verify: by score, verify_edits: by edits, gate,
-# agree), the losses that tolerate flipped labels (cdpo, robust) and mDPO's image-side negatives.
-TUNED = ("verify", "verify_edits", "gate", "cdpo", "agree", "robust", "mdpo")
+# The defences tuned, each alone: the pair filters (verify: by score, verify_edits: by edits, repair:
+# the contradicted edits undone, gate, agree), the losses that tolerate flipped labels (cdpo, robust) and mDPO's image-side negatives.
+TUNED = ("verify", "verify_edits", "repair", "gate", "cdpo", "agree", "robust", "mdpo")
 # Combinations tried besides each defence alone: each verification with the gate.
-COMBINATIONS = [("verify", "gate"), ("verify_edits", "gate")]
+COMBINATIONS = [("verify", "gate"), ("verify_edits", "gate"), ("repair", "gate")]
 
 
 @dataclass(frozen=True)

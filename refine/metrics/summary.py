@@ -37,10 +37,11 @@ def mean(values: Iterable[float], skip_nan: bool = False) -> float:
 
 def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Sequence, refined: Sequence,
                     pairs: Sequence, history: Sequence[Mapping[str, float]], evaluation: Sequence, vocab,
-                    seconds: Mapping[str, float] = {}, dropped: Sequence | None = None) -> dict[str, Any]:
+                    seconds: Mapping[str, float] = {}, verification: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
-    ``critic/noise/*``), step, pairs (``pairs/unverified``: the refinements their verification did not
-    confirm, ``dropped``, as ``refine.stages.pairs.unverified`` lists them; absent without verification),
+    ``critic/noise/*``), step, pairs (``verification``, counted by the loop from ``refine.stages.pairs.verdicts``, as
+    ``pairs/unverified``: the refinements their verification did not confirm, and ``pairs/repaired``;
+    absent without verification),
     update, object metrics on the training images (``train/*``) and the held-out set (``eval/*``), and
     seconds per stage."""
     from collections import Counter
@@ -64,7 +65,7 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
         **{f"critic/noise/{kind}": n for kind, n in sorted(Counter(
             e["kind"] for row in critiques for e in row.critique.meta.get("noise", [])).items())},
         "pairs/total": len(pairs),
-        **({"pairs/unverified": len(dropped)} if dropped is not None else {}),
+        **{f"pairs/{what}": n for what, n in (verification or {}).items()},
         **{f"pairs/{s}": sum(1 for p in pairs if p.source == s) for s in sorted({p.source for p in pairs})},
     }
     if history:

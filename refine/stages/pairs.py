@@ -10,7 +10,7 @@ duplicates of a pair already made for the same image.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -66,22 +66,23 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, dropped: Collection[tuple[str, str]] = ()) -> list[PreferencePair]:
+                sources: str, swap: bool = False, verdicts: Mapping[tuple[str, str], str] | None = None
+                ) -> list[PreferencePair]:
     """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
-    ``dropped``: the ``(image_id, original)`` of refinements their verification did not confirm
-    (:func:`unverified`); they make no refined pair. ``swap`` is the control
-    experiment: the same pairs with the preference reversed.
+    ``verdicts``: what verification made of each refinement, by ``(image_id, original)``
+    (:func:`verdicts`); the pair's chosen caption is that verdict, so an unconfirmed refinement (its
+    verdict is the original) makes no pair and a repaired one is the pair's chosen caption. ``swap`` is
+    the control experiment: the same pairs with the preference reversed.
     """
     table = samples_by_caption(critiques)
-    dropped = set(dropped)
+    verdicts = verdicts or {}
     out: list[PreferencePair] = []
     if "refined" in sources:
         for row in refined:
-            if (row.image_id, row.original) not in dropped:
-                out += [replace(p, weight=row.votes / row.of)
-                        for p in refined_pairs(row.image_id, row.original, row.refined)]
+            chosen = verdicts.get((row.image_id, row.original), row.refined)
+            out += [replace(p, weight=row.votes / row.of) for p in refined_pairs(row.image_id, row.original, chosen)]
     if "ranked" in sources:
         for row in captions:
             scored = [(t, consensus_score(table[(row.image_id, t)])) for t in row.texts()
@@ -101,34 +102,55 @@ def to_verify(refined: Sequence[Refinement]) -> list[CaptionSet]:
     return [CaptionSet(image_id, caption) for image_id, caption in changed]
 
 
-def unverified(refined: Sequence, critiques: Sequence, verified: Sequence, vocabulary=None) -> list[tuple[str, str]]:
-    """``(image_id, original)`` of each refinement its own critique does not confirm. Rows are the step's
-    ``Refinement``s and the critique stage's rows; a failed verification confirms nothing.
+def verdicts(refined: Sequence, critiques: Sequence, verified: Sequence, rule: str = "score",
+             vocabulary=None) -> dict[tuple[str, str], str]:
+    """What verification makes of each refinement that changed its caption, by ``(image_id, original)``:
+    the refinement (confirmed), the original (not confirmed: it makes no pair), or, by ``repair``, the
+    refinement with the edits its critique contradicts undone. Rows are the step's ``Refinement``s and
+    the critique stage's rows (``verified``: the refinements' own critiques); a failed verification
+    confirms nothing.
 
-    With a ``vocabulary`` (``loop.verify_by=edits``), a refinement that changes the objects named is
-    judged by its edits alone (:func:`edits_confirmed`), so a critique that errs about an object the
-    rewrite left alone does not count against it. Without one (``score``), and for a refinement that
-    changes no object, its critique must score it above the original's.
+    ``rule`` (``loop.verify_by``): ``score``: the refinement's critique must score it above the
+    original's. ``edits`` and ``repair`` judge a refinement that changes the objects named by its edits
+    alone (:func:`repair`; a critique that errs about an object the rewrite left alone does not count
+    against it): ``edits`` keeps it only if no edit is contradicted, ``repair`` keeps what is left of
+    it. A refinement that changes no object is judged by score under every rule.
     """
     before, after = samples_by_caption(critiques), samples_by_caption(verified)
-    out = []
+    out = {}
     for r in refined:
         if normalized(r.refined) == normalized(r.original):
             continue
         rows = after.get((r.image_id, r.refined), [])
-        confirmed = edits_confirmed(r.original, r.refined, rows, vocabulary) if vocabulary is not None else None
-        if confirmed is None:  # NaN (failed) is not better
-            confirmed = consensus_score(rows) > consensus_score(before[(r.image_id, r.original)])
-        if not confirmed:
-            out.append((r.image_id, r.original))
+        kept = repair(r.original, r.refined, rows, vocabulary) if rule != "score" else None
+        if kept is None:  # NaN (failed) is not better
+            kept = r.refined if consensus_score(rows) > consensus_score(before[(r.image_id, r.original)]) else r.original
+        elif rule == "edits" and kept != r.refined:
+            kept = r.original
+        out[(r.image_id, r.original)] = kept
     return out
 
 
-def edits_confirmed(original: str, refined: str, critiques: Sequence, vocabulary) -> bool | None:
-    """Whether the critiques of ``refined`` confirm what it changed in ``original``'s objects: none reports
-    missing an object it removed, hallucinated an object it added, or a wrong count where it changed a
-    count. None when it changed no object (nothing to confirm); False when no critique succeeded."""
-    from refine.objects import mentions
+def verification_counts(judged: Mapping[tuple[str, str], str], refined: Sequence) -> dict[str, int]:
+    """How many refinements verification left unconfirmed (their verdict is the original: no pair) and
+    how many it repaired (neither the refinement nor the original), for the round summary."""
+    made = {(r.image_id, r.original): normalized(r.refined) for r in refined}
+    unconfirmed = [key for key, kept in judged.items() if normalized(kept) == normalized(key[1])]
+    fixed = [key for key, kept in judged.items() if normalized(kept) not in (normalized(key[1]), made.get(key))]
+    return {"unverified": len(unconfirmed), "repaired": len(fixed)}
+
+
+def repair(original: str, refined: str, critiques: Sequence, vocabulary) -> str | None:
+    """``refined`` with the edits of ``original``'s objects that the critiques of ``refined`` contradict
+    undone: an object it removed that a critique reports missing is put back (with the original's
+    count), one it added that a critique reports hallucinated is taken out, and a count it changed that
+    a critique reports wrong is set back. Errors reported about objects it left alone do not count.
+
+    Returns ``refined`` when no edit is contradicted, ``original`` when every edit is (or no critique
+    succeeded: nothing is confirmed), the caption rewritten to the kept edits otherwise
+    (``refine.objects.rewrite``), and None when ``refined`` changed no object (nothing to confirm).
+    """
+    from refine.objects import mentions, rewrite
 
     said, now = mentions(original, vocabulary), mentions(refined, vocabulary)
     removed, added = said.keys() - now.keys(), now.keys() - said.keys()
@@ -136,9 +158,18 @@ def edits_confirmed(original: str, refined: str, critiques: Sequence, vocabulary
     if not (removed or added or recounted):
         return None
     ok = [c for c in critiques if c.ok]
+    if not ok:
+        return original
 
     def labels(items) -> set[str]:
-        return {label for item in items for label in mentions(item, vocabulary)}
+        return {label for c in ok for item in items(c) for label in mentions(item, vocabulary)}
 
-    return bool(ok) and not any(removed & labels(c.missing) or added & labels(c.hallucinated)
-                                or recounted & labels(c.count_errors) for c in ok)
+    put_back = removed & labels(lambda c: c.missing) | recounted & labels(lambda c: c.count_errors)
+    taken_out = added & labels(lambda c: c.hallucinated)
+    if not (put_back or taken_out):
+        return refined
+    if put_back | taken_out == removed | added | recounted:
+        return original
+    kept = {label: said[label] if label in put_back else count for label, count in now.items() if label not in taken_out}
+    kept |= {label: said[label] for label in put_back - now.keys()}
+    return rewrite(refined, kept, vocabulary)
