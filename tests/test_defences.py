@@ -219,18 +219,22 @@ def test_verification_by_edits_ignores_errors_about_objects_the_rewrite_left_alo
 
 def test_repair_undoes_exactly_the_edits_the_critique_contradicts():
     """The rewrite's critique reports a removed object missing, an added one hallucinated or a changed count
-    wrong: that edit is undone and the others kept. Errors about objects the rewrite left alone change
-    nothing; when every edit is contradicted the verdict is the original (no pair)."""
+    wrong: that edit is undone and the others are applied to the original (its objects keep their place).
+    Errors about objects the rewrite left alone change nothing; when every edit is contradicted the
+    verdict is the original (no pair)."""
     original = "a red circle, two blue circles and a blue square"  # truth: TRUTH (no blue square; a green triangle)
 
     def critique(**errors):
         return [Critique(0.5, "", **errors)]
 
     # dropped the blue square (right) and the red circle (a false alarm); the critique sees the red circle missing
-    assert repair(original, "two blue circles", critique(missing=["a red circle"]), VOCAB) == "two blue circles and a red circle"
+    assert repair(original, "two blue circles", critique(missing=["a red circle"]), VOCAB) == "a red circle and two blue circles"
     # swapped the blue square for a green square (wrong) instead of adding the triangle
     assert repair(original, "a red circle, two blue circles and a green square",
                   critique(hallucinated=["a green square"], missing=["a green triangle"]), VOCAB) == "a red circle and two blue circles"
+    # an object put back keeps its place; added ones come last
+    assert repair("a blue square and a red circle", "a blue circle and a green triangle",
+                  critique(missing=["a red circle"]), VOCAB) == "a red circle, a blue circle and a green triangle"
     # a count it changed, reported wrong, is set back; the right removal stays
     assert repair(original, "a red circle and three blue circles", critique(count_errors={"blue circle": (3, 2)}),
                   VOCAB) == "a red circle and two blue circles"
@@ -242,7 +246,7 @@ def test_repair_undoes_exactly_the_edits_the_critique_contradicts():
     assert repair(original, "A red circle, two blue circles and a blue square.", critique(), VOCAB) is None  # no object edit
     judged = verdicts([Refinement("x", original, "two blue circles")], [CritiqueRow("x", original, Critique(0.4, ""))],
                       [CritiqueRow("x", "two blue circles", critique(missing=["a red circle"])[0])], "repair", VOCAB)
-    assert judged == {("x", original): "two blue circles and a red circle"}
+    assert judged == {("x", original): "a red circle and two blue circles"}
     assert verification_counts(judged, [Refinement("x", original, "two blue circles")]) == {"unverified": 0, "repaired": 1}
 
 
@@ -260,7 +264,7 @@ def test_repair_keeps_the_right_edits_of_a_noisy_rewrite():
     # measured (of 200): repaired to the right caption 159 times, the wrong one kept 35, the original 5, and once
     # the blue square was put back too; by edits: the original 165, the wrong one 35; by score: the original 200
     repaired = made.most_common(1)[0][0]
-    assert repaired == "two blue circles and a red circle" and made[repaired] >= 150
+    assert repaired == "a red circle and two blue circles" and made[repaired] >= 150
     assert not compare(repaired, TRUTH, VOCAB).hallucinated and made[wrong] <= 50
 
 

@@ -106,7 +106,7 @@ def verdicts(refined: Sequence, critiques: Sequence, verified: Sequence, rule: s
              vocabulary=None) -> dict[tuple[str, str], str]:
     """What verification makes of each refinement that changed its caption, by ``(image_id, original)``:
     the refinement (confirmed), the original (not confirmed: it makes no pair), or, by ``repair``, the
-    refinement with the edits its critique contradicts undone. Rows are the step's ``Refinement``s and
+    original with only the refinement's edits that its critique does not contradict. Rows are the step's ``Refinement``s and
     the critique stage's rows (``verified``: the refinements' own critiques); a failed verification
     confirms nothing.
 
@@ -141,14 +141,15 @@ def verification_counts(judged: Mapping[tuple[str, str], str], refined: Sequence
 
 
 def repair(original: str, refined: str, critiques: Sequence, vocabulary) -> str | None:
-    """``refined`` with the edits of ``original``'s objects that the critiques of ``refined`` contradict
-    undone: an object it removed that a critique reports missing is put back (with the original's
-    count), one it added that a critique reports hallucinated is taken out, and a count it changed that
-    a critique reports wrong is set back. Errors reported about objects it left alone do not count.
+    """The edits ``refined`` made to ``original``'s objects that the critiques of ``refined`` do not
+    contradict, applied to ``original``. An edit is contradicted when a critique reports missing an object
+    it removed, hallucinated one it added, or a wrong count where it changed a count; errors reported
+    about objects it left alone do not count.
 
     Returns ``refined`` when no edit is contradicted, ``original`` when every edit is (or no critique
-    succeeded: nothing is confirmed), the caption rewritten to the kept edits otherwise
-    (``refine.objects.rewrite``), and None when ``refined`` changed no object (nothing to confirm).
+    succeeded: nothing is confirmed), and otherwise ``original`` rewritten to the kept edits
+    (``refine.objects.rewrite``: its objects keep their place, added ones come last), so the pair
+    differs by exactly the confirmed edits. None when ``refined`` changed no object (nothing to confirm).
     """
     from refine.objects import mentions, rewrite
 
@@ -164,12 +165,13 @@ def repair(original: str, refined: str, critiques: Sequence, vocabulary) -> str 
     def labels(items) -> set[str]:
         return {label for c in ok for item in items(c) for label in mentions(item, vocabulary)}
 
-    put_back = removed & labels(lambda c: c.missing) | recounted & labels(lambda c: c.count_errors)
-    taken_out = added & labels(lambda c: c.hallucinated)
-    if not (put_back or taken_out):
+    undone = (removed & labels(lambda c: c.missing) | added & labels(lambda c: c.hallucinated)
+              | recounted & labels(lambda c: c.count_errors))
+    if not undone:
         return refined
-    if put_back | taken_out == removed | added | recounted:
+    if undone == removed | added | recounted:
         return original
-    kept = {label: said[label] if label in put_back else count for label, count in now.items() if label not in taken_out}
-    kept |= {label: said[label] for label in put_back - now.keys()}
-    return rewrite(refined, kept, vocabulary)
+    kept = {label: now[label] if label in recounted - undone else count for label, count in said.items()
+            if label not in removed - undone}
+    kept |= {label: count for label, count in now.items() if label in added - undone}
+    return rewrite(original, kept, vocabulary)
