@@ -227,7 +227,7 @@ class LoopConfig:
     caption_column: str = ""
     objects_column: str = ""
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
-    verify_refinements: bool = False  # critique each refined caption too; keep its pair only if that confirms it
+    verify_refinements: bool = False  # critique each refined caption too; its pair keeps what that confirms
     # How the refined caption's critique confirms it: score (it must score the rewrite above the original),
     # edits (it must not contradict the objects the rewrite removed, added or recounted; errors about
     # untouched objects do not count: cleaner pairs, but half as many at 25% noise, and a smaller cut),

@@ -14,7 +14,7 @@ from PIL import Image
 from critics.base import Critique, CritiqueRequest
 from critics.grounded import GroundedCritic, believe
 from refine.images import shapes
-from refine.objects import compare, mentions
+from refine.objects import coco_vocabulary, compare, mentions
 from refine.stages.critique import CritiqueRow
 from refine.stages.dpo import corrupt_image, dpo_loss, image_preference_loss
 from refine.stages.pairs import build_pairs, repair, to_verify, verdicts, verification_counts
@@ -183,7 +183,7 @@ def test_a_refinement_the_critic_does_not_score_higher_is_not_a_pair():
     judged = verdicts(refined, critiques, verified)
     assert judged == {("a", "two red circles"): "a red circle", ("b", "a blue square"): "a blue square"}
     assert verification_counts(judged, refined) == {"unverified": 1, "repaired": 0}
-    pairs = build_pairs(captions, critiques, refined, "refined", verdicts=judged)
+    pairs = build_pairs(captions, critiques, refined, "refined", judged=judged)
     assert [p.image_id for p in pairs] == ["a"]
 
 
@@ -244,6 +244,15 @@ def test_repair_undoes_exactly_the_edits_the_critique_contradicts():
     assert repair(original, right, critique(missing=["a blue square"]), VOCAB) == original  # its only edit, contradicted
     assert repair(original, right, [Critique(0.0, "", error="timeout")], VOCAB) == original  # nothing confirmed
     assert repair(original, "A red circle, two blue circles and a blue square.", critique(), VOCAB) is None  # no object edit
+    # nothing left to say once the contradicted edit is undone: no pair
+    assert repair("a blue square", "a green triangle", critique(hallucinated=["a green triangle"]), VOCAB) == "a blue square"
+    # free form: an error about an untouched object does not count; kept edits the rewrite cannot write
+    # exactly (a count split over two mentions) make no pair
+    coco = coco_vocabulary()
+    assert repair("a dog on a couch with a cat", "a dog on a couch", [Critique(0.5, "", missing=["a couch"])], coco) == (
+        "a dog on a couch")
+    assert repair("a dog next to a dog and a cat", "three dogs", [Critique(0.5, "", missing=["a cat"])], coco) == (
+        "a dog next to a dog and a cat")
     judged = verdicts([Refinement("x", original, "two blue circles")], [CritiqueRow("x", original, Critique(0.4, ""))],
                       [CritiqueRow("x", "two blue circles", critique(missing=["a red circle"])[0])], "repair", VOCAB)
     assert judged == {("x", original): "a red circle and two blue circles"}

@@ -68,7 +68,7 @@ def plan(name: str) -> list[Cell]:
     seeds = range(6)
     if name == "tune":  # under noise, on validation scenes: plain DPO, each defence alone, a few combinations
         # the cheap filters and their combination first: a sweep cut short has those
-        first = ("verify", "verify_edits", "gate")
+        first = ("verify", "verify_edits", "repair", "gate")
         sets = [(), *[(d,) for d in first], *COMBINATIONS, *[(d,) for d in TUNED if d not in first]]
         return [Cell(s, NOISE, defences, eval_set="val") for defences in sets for s in (0, 1)]
     if name == "readme":  # the held-out table: every seed, perfect critic, with its control; then BEST on it

@@ -1,7 +1,8 @@
 """Preference pairs: what the student should prefer, and why.
 
 Two sources per image (DESIGN.md):
-- ``refined``: the critic-refined caption over the student's original;
+- ``refined``: the critic-refined caption over the student's original (with verification, what the
+  refinement's own critique leaves of it: :func:`verdicts`);
 - ``ranked``: the best over the worst of the student's sampled captions, by critic score.
 
 Ties (equal text, or equal score for ranked pairs) carry no preference and are dropped, and so are
@@ -66,22 +67,22 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, verdicts: Mapping[tuple[str, str], str] | None = None
+                sources: str, swap: bool = False, judged: Mapping[tuple[str, str], str] | None = None
                 ) -> list[PreferencePair]:
     """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
-    ``verdicts``: what verification made of each refinement, by ``(image_id, original)``
+    ``judged``: what verification made of each refinement, by ``(image_id, original)``
     (:func:`verdicts`); the pair's chosen caption is that verdict, so an unconfirmed refinement (its
     verdict is the original) makes no pair and a repaired one is the pair's chosen caption. ``swap`` is
     the control experiment: the same pairs with the preference reversed.
     """
     table = samples_by_caption(critiques)
-    verdicts = verdicts or {}
+    judged = judged or {}
     out: list[PreferencePair] = []
     if "refined" in sources:
         for row in refined:
-            chosen = verdicts.get((row.image_id, row.original), row.refined)
+            chosen = judged.get((row.image_id, row.original), row.refined)
             out += [replace(p, weight=row.votes / row.of) for p in refined_pairs(row.image_id, row.original, chosen)]
     if "ranked" in sources:
         for row in captions:
@@ -122,12 +123,14 @@ def verdicts(refined: Sequence, critiques: Sequence, verified: Sequence, rule: s
         if normalized(r.refined) == normalized(r.original):
             continue
         rows = after.get((r.image_id, r.refined), [])
-        kept = repair(r.original, r.refined, rows, vocabulary) if rule != "score" else None
-        if kept is None:  # NaN (failed) is not better
-            kept = r.refined if consensus_score(rows) > consensus_score(before[(r.image_id, r.original)]) else r.original
-        elif rule == "edits" and kept != r.refined:
-            kept = r.original
-        out[(r.image_id, r.original)] = kept
+        edits = _edits(r.original, r.refined, rows, vocabulary) if rule != "score" else None
+        if edits is None:  # judged by score; NaN (failed) is not better
+            better = consensus_score(rows) > consensus_score(before[(r.image_id, r.original)])
+            out[(r.image_id, r.original)] = r.refined if better else r.original
+        elif rule == "edits":
+            out[(r.image_id, r.original)] = r.original if edits.undone else r.refined
+        else:
+            out[(r.image_id, r.original)] = edits.repaired(r.original, r.refined, vocabulary)
     return out
 
 
@@ -140,6 +143,56 @@ def verification_counts(judged: Mapping[tuple[str, str], str], refined: Sequence
     return {"unverified": len(unconfirmed), "repaired": len(fixed)}
 
 
+@dataclass(frozen=True)
+class _Edits:
+    """What a refinement changed in the original's objects (label -> count), and which of those changes
+    (labels) its critiques contradict."""
+
+    said: dict
+    now: dict
+    changed: frozenset
+    undone: frozenset
+
+    def repaired(self, original: str, refined: str, vocabulary) -> str:
+        """``refined`` when nothing is contradicted; ``original`` when everything is, or when the kept
+        edits cannot be written exactly (free-form captions are rewritten best effort); otherwise
+        ``original`` rewritten to the kept edits."""
+        from refine.objects import compare, rewrite
+
+        if not self.undone:
+            return refined
+        if self.undone == self.changed:
+            return original
+        kept = {label: self.now.get(label, count) if label not in self.undone else count
+                for label, count in self.said.items() if label in self.now or label in self.undone}
+        kept |= {label: count for label, count in self.now.items() if label not in self.said and label not in self.undone}
+        out = rewrite(original, kept, vocabulary)
+        return out if out and compare(out, kept, vocabulary).exact else original
+
+
+def _edits(original: str, refined: str, critiques: Sequence, vocabulary) -> _Edits | None:
+    """The object edits of ``refined`` and those its critiques contradict (every edit when no critique
+    succeeded: nothing is confirmed); None when it changed no object."""
+    from refine.objects import mentions
+
+    said, now = mentions(original, vocabulary), mentions(refined, vocabulary)
+    removed, added = said.keys() - now.keys(), now.keys() - said.keys()
+    recounted = {label for label in said.keys() & now.keys() if said[label] != now[label]}
+    changed = frozenset(removed | added | recounted)
+    if not changed:
+        return None
+    ok = [c for c in critiques if c.ok]
+    if not ok:
+        return _Edits(said, now, changed, changed)
+
+    def labels(items) -> set[str]:
+        return {label for c in ok for item in items(c) for label in mentions(item, vocabulary)}
+
+    undone = (removed & labels(lambda c: c.missing) | added & labels(lambda c: c.hallucinated)
+              | recounted & labels(lambda c: c.count_errors))
+    return _Edits(said, now, changed, frozenset(undone))
+
+
 def repair(original: str, refined: str, critiques: Sequence, vocabulary) -> str | None:
     """The edits ``refined`` made to ``original``'s objects that the critiques of ``refined`` do not
     contradict, applied to ``original``. An edit is contradicted when a critique reports missing an object
@@ -148,30 +201,10 @@ def repair(original: str, refined: str, critiques: Sequence, vocabulary) -> str 
 
     Returns ``refined`` when no edit is contradicted, ``original`` when every edit is (or no critique
     succeeded: nothing is confirmed), and otherwise ``original`` rewritten to the kept edits
-    (``refine.objects.rewrite``: its objects keep their place, added ones come last), so the pair
-    differs by exactly the confirmed edits. None when ``refined`` changed no object (nothing to confirm).
+    (``refine.objects.rewrite``: in a list caption its objects keep their place and added ones come
+    last, so the pair differs by the confirmed edits alone; a free-form caption is rewritten best effort,
+    and where the result does not say exactly the kept objects, the verdict is the original). None when
+    ``refined`` changed no object (nothing to confirm).
     """
-    from refine.objects import mentions, rewrite
-
-    said, now = mentions(original, vocabulary), mentions(refined, vocabulary)
-    removed, added = said.keys() - now.keys(), now.keys() - said.keys()
-    recounted = {label for label in said.keys() & now.keys() if said[label] != now[label]}
-    if not (removed or added or recounted):
-        return None
-    ok = [c for c in critiques if c.ok]
-    if not ok:
-        return original
-
-    def labels(items) -> set[str]:
-        return {label for c in ok for item in items(c) for label in mentions(item, vocabulary)}
-
-    undone = (removed & labels(lambda c: c.missing) | added & labels(lambda c: c.hallucinated)
-              | recounted & labels(lambda c: c.count_errors))
-    if not undone:
-        return refined
-    if undone == removed | added | recounted:
-        return original
-    kept = {label: now[label] if label in recounted - undone else count for label, count in said.items()
-            if label not in removed - undone}
-    kept |= {label: count for label, count in now.items() if label in added - undone}
-    return rewrite(original, kept, vocabulary)
+    edits = _edits(original, refined, critiques, vocabulary)
+    return None if edits is None else edits.repaired(original, refined, vocabulary)
