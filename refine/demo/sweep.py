@@ -40,7 +40,8 @@ from refine.demo.driver import run_name
 BEST = ("verify",)
 NOISE = 0.25
 # The defences tuned, each alone: the pair filters (verify: by score, verify_edits: by edits, repair:
-# the contradicted edits undone, gate, agree), the losses that tolerate flipped labels (cdpo, robust) and mDPO's image-side negatives.
+# the contradicted edits undone, gate, agree), the losses that tolerate flipped labels (cdpo, robust)
+# and mDPO's image-side negatives.
 TUNED = ("verify", "verify_edits", "repair", "gate", "cdpo", "agree", "robust", "mdpo")
 # Combinations tried besides each defence alone: each verification with the gate.
 COMBINATIONS = [("verify", "gate"), ("verify_edits", "gate"), ("repair", "gate")]

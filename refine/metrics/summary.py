@@ -39,10 +39,9 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
                     pairs: Sequence, history: Sequence[Mapping[str, float]], evaluation: Sequence, vocab,
                     seconds: Mapping[str, float] = {}, verification: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
-    ``critic/noise/*``), step, pairs (``verification``, counted by the loop from ``refine.stages.pairs.verdicts``, as
-    ``pairs/unverified``: the refinements their verification did not confirm, and ``pairs/repaired``;
-    absent without verification),
-    update, object metrics on the training images (``train/*``) and the held-out set (``eval/*``), and
+    ``critic/noise/*``), step, pairs (``verification``, counted by the loop from
+    ``refine.stages.pairs.verdicts``: ``pairs/unverified``, the refinements their verification did not
+    confirm, and ``pairs/repaired``; absent without verification), update, object metrics on the training images (``train/*``) and the held-out set (``eval/*``), and
     seconds per stage."""
     from collections import Counter
     usage = [row.critique.usage for row in critiques]

@@ -107,9 +107,9 @@ def verdicts(refined: Sequence, critiques: Sequence, verified: Sequence, rule: s
              vocabulary=None) -> dict[tuple[str, str], str]:
     """What verification makes of each refinement that changed its caption, by ``(image_id, original)``:
     the refinement (confirmed), the original (not confirmed: it makes no pair), or, by ``repair``, the
-    original with only the refinement's edits that its critique does not contradict. Rows are the step's ``Refinement``s and
-    the critique stage's rows (``verified``: the refinements' own critiques); a failed verification
-    confirms nothing.
+    original with only the refinement's edits that its critique does not contradict. Rows are the step's
+    ``Refinement``s and the critique stage's rows (``verified``: the refinements' own critiques); a failed
+    verification confirms nothing.
 
     ``rule`` (``loop.verify_by``): ``score``: the refinement's critique must score it above the
     original's. ``edits`` and ``repair`` judge a refinement that changes the objects named by its edits
@@ -163,9 +163,12 @@ class _Edits:
             return refined
         if self.undone == self.changed:
             return original
-        kept = {label: self.now.get(label, count) if label not in self.undone else count
-                for label, count in self.said.items() if label in self.now or label in self.undone}
-        kept |= {label: count for label, count in self.now.items() if label not in self.said and label not in self.undone}
+        kept = dict(self.now)
+        for label in self.undone:  # removed or recounted: back as the original said it; added: out again
+            if label in self.said:
+                kept[label] = self.said[label]
+            else:
+                del kept[label]
         out = rewrite(original, kept, vocabulary)
         return out if out and compare(out, kept, vocabulary).exact else original
 
