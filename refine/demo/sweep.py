@@ -44,10 +44,11 @@ NOISE = 0.25
 # the contradicted edits undone, gate, agree), the losses that tolerate flipped labels (cdpo, robust)
 # and mDPO's image-side negatives.
 TUNED = ("verify", "verify_edits", "repair", "gate", "cdpo", "agree", "robust", "mdpo")
-# Combinations tried besides each defence alone: each verification with the gate, and verify (the best
-# filter alone) with each loss that cut CHAIR_s most alone (cdpo, mdpo), whose recall it might protect.
+# Combinations tried besides each defence alone: each verification with the gate, verify (the best
+# filter alone) with each loss that cut CHAIR_s most alone (cdpo, mdpo), whose recall it might protect,
+# and the other two verifications with mdpo.
 COMBINATIONS = [("verify", "gate"), ("verify_edits", "gate"), ("repair", "gate"), ("verify", "cdpo"),
-                ("verify", "mdpo")]
+                ("verify", "mdpo"), ("verify_edits", "mdpo"), ("repair", "mdpo")]
 
 
 @dataclass(frozen=True)
