@@ -14,7 +14,7 @@ Plans:
 - ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO, each
   with its swapped-pair control; then the chosen defences ``BEST`` with the perfect critic (no control);
 - ``noise``: the README's noisy-critic table on the held-out scenes: seeds 0-5 x {plain DPO, the chosen
-  defences ``BEST``}, no controls.
+  defences ``BEST``}, ``BEST`` with its swapped-pair control.
 
 The cells run in plan order, so a sweep stopped early has its first seeds complete.
 """
@@ -78,8 +78,8 @@ def plan(name: str) -> list[Cell]:
         return [Cell(s, NOISE, defences, eval_set="val") for defences in sets for s in (0, 1)]
     if name == "readme":  # the held-out table: every seed, perfect critic, with its control; then BEST on it
         return [Cell(s, control=True) for s in seeds] + [Cell(s, 0.0, BEST) for s in seeds]
-    if name == "noise":  # the held-out table under noise: every seed, plain and BEST
-        return [Cell(s, NOISE, defences) for s in seeds for defences in ((), BEST)]
+    if name == "noise":  # the held-out table under noise: every seed, plain and BEST (with its control)
+        return [Cell(s, NOISE, defences, control=defences == BEST) for s in seeds for defences in ((), BEST)]
     raise SystemExit(f"unknown plan {name!r}: choose tune, readme or noise")
 
 
