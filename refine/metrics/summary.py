@@ -41,8 +41,8 @@ def summarize_round(k: int, records: Sequence, captions: Sequence, critiques: Se
     """The per-round summary written to ``metrics.json``: critic (with the errors a noisy critic made,
     ``critic/noise/*``), step, pairs (``verification``, counted by the loop from
     ``refine.stages.pairs.verdicts``: ``pairs/unverified``, the refinements their verification did not
-    confirm, and ``pairs/repaired``; absent without verification), update, object metrics on the training images (``train/*``) and the held-out set (``eval/*``), and
-    seconds per stage."""
+    confirm, and ``pairs/repaired``; absent without verification), update, object metrics on the
+    training images (``train/*``) and the held-out set (``eval/*``), and seconds per stage."""
     from collections import Counter
     usage = [row.critique.usage for row in critiques]
     metrics: dict[str, Any] = {
