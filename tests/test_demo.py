@@ -69,31 +69,6 @@ def test_loop_cuts_hallucination_and_swapped_pairs_do_not(biased_student, scenes
     assert swapped_after["chair_s"] >= swapped_before["chair_s"], swapped_after  # it does not cut hallucination
 
 
-def test_the_loop_makes_confusion_pairs_from_its_own_critiques(biased_student, scenes, tmp_path):
-    """``loop.pair_sources=refined,confusion`` through the real loop with the grounded critic: the student
-    mistakes objects for others, and every confusion pair's chosen caption names exactly the scene's
-    objects (the critic is perfect), its rejected one names one of them as the other half of a confusion
-    the round's critiques saw the student make, and the round summary counts them."""
-    from refine.objects import mentions
-    from refine.stages.critique import CritiqueRow
-    from refine.stages.pairs import PreferencePair, confusions
-
-    log = loop.run(["--images", str(scenes), f"--student.model={biased_student}", "--rounds=1",
-                    "--update.epochs=0", f"--loop.runs_dir={tmp_path}", "--loop.run_id=confusion",
-                    *DEMO_OVERRIDES, *TEST_OVERRIDES, "--loop.pair_sources=refined,confusion"])
-    vocab = shapes.vocabulary()
-    seen = confusions(log.read_stage(0, "critiques", CritiqueRow), vocab)
-    pairs = [p for p in log.read_stage(0, "pairs", PreferencePair) if p.source == "confusion"]
-    truth = {s.id: s.objects for s in shapes.make_scenes(32, "train", seed=0, objects=OBJECTS)}
-    metrics = json.loads((log.root / "rounds" / "000" / "metrics.json").read_text())
-    assert seen and len(pairs) >= 5 and metrics["pairs/confusion"] == len(pairs), (seen, len(pairs))
-    for p in pairs:
-        chosen, rejected = mentions(p.chosen, vocab), mentions(p.rejected, vocab)
-        assert chosen == truth[p.image_id]
-        (said,), (true,) = rejected.keys() - chosen.keys(), chosen.keys() - rejected.keys()
-        assert {(said, true), (true, said)} & seen.keys() and rejected[said] == chosen[true]
-
-
 def test_the_headline_gives_the_table_in_one_line():
     from refine.demo.driver import headline
 

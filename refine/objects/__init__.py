@@ -33,7 +33,7 @@ from refine.objects.mentions import (
     find_mentions,
     mentions,
 )
-from refine.objects.rewrite import is_list_caption, join_list, noun_phrase, rewrite, substitute
+from refine.objects.rewrite import is_list_caption, join_list, noun_phrase, rewrite
 from refine.objects.vocabulary import (
     COCO_CATEGORIES,
     COCO_MODIFIERS,
@@ -57,5 +57,5 @@ __all__ = [
     "COCO_CATEGORIES", "COCO_MODIFIERS", "COCO_NON_OBJECTS", "COCO_SYNONYMS", "Mention", "ObjectDiff", "Token", "confusable",
     "Vocabulary", "canonical_truth", "coco_vocabulary", "compare", "find_mentions", "indefinite_article",
     "is_list_caption", "join_list", "mentions", "noun_phrase", "number_word", "pluralize", "pluralize_phrase",
-    "rewrite", "singularize", "substitute", "tokenize", "vocabulary_for",
+    "rewrite", "singularize", "tokenize", "vocabulary_for",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from refine.objects.mentions import Mention, ObjectDiff, _head, compare, find_mentions, mentions
+from refine.objects.mentions import Mention, ObjectDiff, _head, compare, find_mentions
 from refine.objects.vocabulary import Vocabulary
 from refine.objects.words import (
     Token,
@@ -231,23 +231,3 @@ def _tidy(text: str) -> str:
     return text.strip()
 
 
-
-
-def substitute(caption: str, label: str, other: str, vocab: Vocabulary) -> str | None:
-    """``caption`` with its one mention of ``label`` named as ``other`` instead, with the same count and
-    in the same place: "a red circle and two blue squares", "blue square" -> "blue circle" gives "a red
-    circle and two blue circles". The hard negative of a confusion pair (``refine.stages.pairs``).
-
-    None when it cannot be written exactly: ``label`` is not named exactly once with a number (a definite,
-    vague or repeated mention), ``other`` is named already, or the result does not read back as the
-    caption's objects with ``label`` replaced by ``other``.
-    """
-    found = [m for m in find_mentions(caption, vocab) if m.label == label]
-    said = mentions(caption, vocab)
-    if len(found) != 1 or found[0].quantity != "number" or found[0].count is None or other in said or label == other:
-        return None
-    m, tokens = found[0], tokenize(caption)
-    text = _apply_edits(caption, [], [(tokens[m.start].start, tokens[m.end - 1].end, noun_phrase(other, m.count))])
-    text = _restyle(text, caption)
-    want = {(other if key == label else key): count for key, count in said.items()}
-    return text if mentions(text, vocab) == want else None

@@ -1,11 +1,9 @@
 """Preference pairs: what the student should prefer, and why.
 
-Three sources per image (DESIGN.md):
+Two sources per image (DESIGN.md):
 - ``refined``: the critic-refined caption over the student's original (with verification, what the
   refinement's own critique leaves of it: :func:`verdicts`);
-- ``ranked``: the best over the worst of the student's sampled captions, by critic score;
-- ``confusion``: a caption the critic accepts over the same caption with one object named as what the
-  student was seen to mistake it for this round (:func:`confusion_pairs`).
+- ``ranked``: the best over the worst of the student's sampled captions, by critic score.
 
 Ties (equal text, or equal score for ranked pairs) carry no preference and are dropped, and so are
 duplicates of a pair already made for the same image.
@@ -13,8 +11,6 @@ duplicates of a pair already made for the same image.
 
 from __future__ import annotations
 
-import random
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -71,10 +67,9 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, judged: Mapping[tuple[str, str], str] | None = None,
-                vocabulary=None) -> list[PreferencePair]:
-    """The pairs stage: refined ≻ original, best ≻ worst of the critic-scored captions, and (with a
-    ``vocabulary``) the confusion pairs, deduplicated.
+                sources: str, swap: bool = False, judged: Mapping[tuple[str, str], str] | None = None
+                ) -> list[PreferencePair]:
+    """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
     ``judged``: what verification made of each refinement, by ``(image_id, original)``
@@ -94,78 +89,10 @@ def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow]
             scored = [(t, consensus_score(table[(row.image_id, t)])) for t in row.texts()
                       if any(c.ok for c in table[(row.image_id, t)])]
             out += ranked_pairs(row.image_id, scored)
-    if "confusion" in sources:
-        if vocabulary is None:
-            raise ValueError("confusion pairs need the image set's object vocabulary")
-        out += confusion_pairs(captions, critiques, refined, judged, vocabulary)
     pairs = dedupe(out)
     if swap:
         pairs = [replace(p, chosen=p.rejected, rejected=p.chosen, source=p.source + ":swapped") for p in pairs]
     return pairs
-
-
-def confusions(critiques: Sequence[CritiqueRow], vocabulary) -> Counter[tuple[str, str]]:
-    """What the critiques show the student mistaking for what: ``(said, true)`` -> how often a critique
-    reported ``said`` hallucinated and ``true`` missing, two labels that resemble each other
-    (``refine.objects.confusable``: a present "blue circle" named "blue square"). Matched per critique as
-    the substitutions metric matches them (``ObjectDiff.substitutions``)."""
-    from refine.objects import ObjectDiff, mentions
-
-    def labels(items: Iterable[str]) -> list[str]:
-        return list(dict.fromkeys(label for item in items for label in mentions(item, vocabulary)))
-
-    seen: Counter[tuple[str, str]] = Counter()
-    for row in critiques:
-        c = row.critique
-        if c.ok and c.hallucinated and c.missing:
-            seen.update(ObjectDiff(labels(c.hallucinated), labels(c.missing), {}, {}).substitutions)
-    return seen
-
-
-def confusion_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                    judged: Mapping[tuple[str, str], str] | None, vocabulary) -> list[PreferencePair]:
-    """Hard negatives for the student's own confusions (as HALVA and POVID make them): per image, the
-    caption the critic accepts for the main caption ≻ that caption with one present object named as the
-    other half of a confusion the round's critiques saw the student make (:func:`confusions`, in either
-    direction), in its place and with its count (``refine.objects.substitute``).
-
-    The accepted caption is the refined pair's chosen caption (after verification, when on), or the
-    original when every critique of it approves it; an image with neither makes no pair. One swap per
-    image, picked at random (seeded by the image id) among those that can be written. A refined pair's
-    agreement weight carries over. A refined pair fixes a confusion where the student made it; these
-    contrast the same two objects on every image that shows one of them.
-    """
-    from refine.objects import mentions, substitute
-
-    seen = confusions(critiques, vocabulary)
-    if not seen:
-        return []
-    table = samples_by_caption(critiques)
-    by_original = {(r.image_id, r.original): r for r in refined}
-    out = []
-    for row in captions:
-        key = (row.image_id, row.caption)
-        r, weight = by_original.get(key), 1.0
-        if r is not None and normalized(r.refined) != normalized(r.original):
-            accepted, weight = (judged or {}).get(key, r.refined), r.votes / r.of
-            if normalized(accepted) == normalized(row.caption):
-                continue  # verification did not confirm the refinement
-        elif (rows := [c for c in table.get(key, []) if c.ok]) and all(c.approves for c in rows):
-            accepted = row.caption
-        else:
-            continue
-        named = list(mentions(accepted, vocabulary))
-        # Both directions of each confusion, one picked at random per image (seeded by the image): a
-        # label is then pushed down on images without it about as often as up on images with it.
-        # Always the most-seen one made the student avoid that label everywhere (README).
-        options = sorted({(true, said) for pair in seen for said, true in (pair, pair[::-1])
-                          if true in named and said not in named})
-        random.Random(f"confusion/{row.image_id}").shuffle(options)
-        for true, said in options:
-            if rejected := substitute(accepted, true, said, vocabulary):
-                out.append(PreferencePair(row.image_id, accepted.strip(), rejected, "confusion", weight=weight))
-                break
-    return out
 
 
 def to_verify(refined: Sequence[Refinement]) -> list[CaptionSet]:
