@@ -78,3 +78,29 @@ def test_the_headline_gives_the_table_in_one_line():
                "swapped control": {"before": before, "after": {}, "chair_s_change": 0.45}}
     assert headline(results) == ("Headline: CHAIR_s 0.100 → 0.020 (-80%), recall -0.5 points, substitutions 4 → 2, "
                                  "additions 40 → 9; the swapped control: CHAIR_s +45%")
+
+
+def test_the_demo_resumes_a_run_made_before_a_setting_existed_and_refuses_other_settings(tmp_path):
+    """A run whose config.json predates a setting (no loop.verify_by) is resumed, as ``--resume`` would
+    read it (the default); one made with another value of a setting is refused with the key named."""
+    import argparse
+
+    from refine.config import load_config
+    from refine.demo.driver import loop_args
+    from refine.loop import absolute_paths
+
+    args = argparse.Namespace(runs_dir=str(tmp_path), train=300, rounds=5, eval_set="heldout", heldout=480, seed=0,
+                              noise=0.25, defences=[], set=[])
+    fresh = loop_args(args, tmp_path / "student", "run", swap=False)
+    assert "--resume" not in fresh
+    config = load_config(fresh)[0]
+    absolute_paths(config)
+    stored = json.loads(json.dumps(config.to_json()))
+    del stored["loop"]["verify_by"]  # an older run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    assert loop_args(args, tmp_path / "student", "run", swap=False)[:2] == ["--resume", "run"]
+    stored["update"]["beta"] = 0.5
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"update\.beta: 0\.5 \(wanted 0\.2\)"):
+        loop_args(args, tmp_path / "student", "run", swap=False)

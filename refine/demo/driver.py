@@ -151,7 +151,8 @@ def run_name(args: argparse.Namespace) -> str:
 
 def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bool) -> list[str]:
     """``refine.loop`` arguments for one demo run. A run that exists already is resumed (a finished one
-    returns at once), but only if it was made with these settings: otherwise a ``ValueError`` says so."""
+    returns at once), but only if it was made with these settings (read as ``--resume`` reads them: a
+    setting the run predates has its default): otherwise a ``ValueError`` says so."""
     from refine.config import load_config
 
     common = [f"--loop.runs_dir={args.runs_dir}", f"--loop.run_id={run_id}"]
@@ -166,12 +167,14 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     stored = Path(args.runs_dir) / run_id / "config.json"
     if not stored.exists():
         return fresh
+    from refine.config import Config, apply_dict
     from refine.loop import absolute_paths
 
     config = load_config(fresh)[0]
     absolute_paths(config)  # as the loop stores them
     want = json.loads(json.dumps(config.to_json()))  # tuples as JSON lists, like the stored file
-    have = json.loads(stored.read_text())
+    # read as --resume reads it: a setting added after the run was made takes its default
+    have = json.loads(json.dumps(apply_dict(Config(), json.loads(stored.read_text()), str(stored)).to_json()))
     differ = [f"{section}.{key}: {have.get(section, {}).get(key)!r} (wanted {value!r})"
               for section, values in want.items() for key, value in values.items()
               if have.get(section, {}).get(key) != value and key != "runs_dir"]
