@@ -11,10 +11,12 @@ Plans:
 - ``tune``: the choice of defences, on validation scenes only (``--eval-set val``), no controls: 25%
   noise on seeds 0 and 1, plain DPO, each defence in ``TUNED`` alone and ``COMBINATIONS`` (the cheap
   filters and their combination first);
-- ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO, each
-  with its swapped-pair control; then the chosen defences ``BEST`` with the perfect critic (no control);
+- ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO; then
+  the chosen defences ``BEST`` with the perfect critic;
 - ``noise``: the README's noisy-critic table on the held-out scenes: seeds 0-5 x {plain DPO, the chosen
-  defences ``BEST``}, ``BEST`` with its swapped-pair control.
+  defences ``BEST``}.
+
+Every held-out cell runs with its swapped-pair control.
 
 The cells run in plan order, so a sweep stopped early has its first seeds complete.
 """
@@ -76,10 +78,10 @@ def plan(name: str) -> list[Cell]:
         first = ("verify", "verify_edits", "repair", "gate")
         sets = [(), *[(d,) for d in first], *COMBINATIONS, *[(d,) for d in TUNED if d not in first]]
         return [Cell(s, NOISE, defences, eval_set="val") for defences in sets for s in (0, 1)]
-    if name == "readme":  # the held-out table: every seed, perfect critic, with its control; then BEST on it
-        return [Cell(s, control=True) for s in seeds] + [Cell(s, 0.0, BEST) for s in seeds]
-    if name == "noise":  # the held-out table under noise: every seed, plain and BEST (with its control)
-        return [Cell(s, NOISE, defences, control=defences == BEST) for s in seeds for defences in ((), BEST)]
+    if name == "readme":  # the held-out table: every seed, perfect critic; then BEST on it
+        return [Cell(s, control=True) for s in seeds] + [Cell(s, 0.0, BEST, control=True) for s in seeds]
+    if name == "noise":  # the held-out table under noise: every seed, plain and BEST
+        return [Cell(s, NOISE, defences, control=True) for s in seeds for defences in ((), BEST)]
     raise SystemExit(f"unknown plan {name!r}: choose tune, readme or noise")
 
 
