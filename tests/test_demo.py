@@ -104,3 +104,24 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_and_refuses_other_
     (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=r"update\.beta: 0\.5 \(wanted 0\.2\)"):
         loop_args(args, tmp_path / "student", "run", swap=False)
+
+
+def test_a_demo_refused_for_other_settings_leaves_nothing_behind(tmp_path):
+    """``python -m refine.demo --control`` over a run made with other settings is refused before the toy
+    student is trained or the control is started: no control run, no log, no student."""
+    from refine.config import load_config
+    from refine.demo import driver
+    from refine.demo.toy_student import ToyRecipe, toy_student_dir
+    from refine.loop import absolute_paths
+
+    args = driver.argparse.Namespace(runs_dir=str(tmp_path), train=300, rounds=5, eval_set="heldout", heldout=480,
+                                     seed=7, noise=0.0, defences=[], set=[])
+    config = load_config(driver.loop_args(args, toy_student_dir(ToyRecipe(seed=7)), "demo-shapes-seed7", False))[0]
+    absolute_paths(config)
+    config.update.beta = 0.5
+    (tmp_path / "demo-shapes-seed7").mkdir()
+    (tmp_path / "demo-shapes-seed7" / "config.json").write_text(json.dumps(config.to_json()))
+    with pytest.raises(ValueError, match=r"update\.beta: 0\.5"):
+        driver.main(["--seed", "7", "--control", "--runs-dir", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-shapes-seed7"]
+    assert not toy_student_dir(ToyRecipe(seed=7)).exists()

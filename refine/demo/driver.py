@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from refine import loop
-    from refine.demo.toy_student import ToyRecipe, ensure_toy_student
+    from refine.demo.toy_student import ToyRecipe, ensure_toy_student, toy_student_dir
 
     parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -211,24 +211,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown defence(s) {', '.join(unknown)}; choose from {', '.join(DEFENCES)}")
 
-    student_dir = ensure_toy_student(ToyRecipe(seed=args.seed))
-    run_id = run_name(args)
+    recipe = ToyRecipe(seed=args.seed)
+    student_dir, run_id = toy_student_dir(recipe), run_name(args)
+    # Both runs' settings are checked before anything is trained, started or written: a run that
+    # exists with other settings is refused with nothing left behind.
+    run_args = loop_args(args, student_dir, run_id, swap=False)
+    control_args = loop_args(args, student_dir, f"{run_id}-swapped", swap=True) if args.control else None
+    ensure_toy_student(recipe)
     control = None
-    if args.control:
+    if control_args is not None:
         # The control runs in its own process on the second core; one torch thread each is faster
         # than two runs taking turns at two threads (small models scale poorly across threads).
         Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
         control_log = Path(args.runs_dir) / f"{run_id}-swapped.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(control_log, "a") as out:
-            control = subprocess.Popen([sys.executable, "-m", "refine.loop",
-                                        *loop_args(args, student_dir, f"{run_id}-swapped", swap=True)],
+            control = subprocess.Popen([sys.executable, "-m", "refine.loop", *control_args],
                                        stdout=out, stderr=subprocess.STDOUT, env=env)
         console.print(f"swapped-pair control: running beside this one, log in {escape(str(control_log))}")
         torch.set_num_threads(1)
     failed = False
     try:
-        logs = {"refine": loop.run(loop_args(args, student_dir, run_id, swap=False))}
+        logs = {"refine": loop.run(run_args)}
     except BaseException:
         if control is not None and control.poll() is None:
             control.terminate()  # the real run failed: do not leave the control writing on its own
