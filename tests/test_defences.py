@@ -313,11 +313,19 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
         (tmp_path / cell.name / "demo.json").write_text(json.dumps({"refine": {"after": {"chair_s": 0.1}}}))
     (tmp_path / cells[2].name).mkdir()  # a control cell without its control's result is unfinished
     (tmp_path / cells[2].name / "demo.json").write_text(json.dumps({"refine": {}}))
+    # seed 0's toy student records where it was trained; seed 1's predates that record
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
+    machine = {"cpu": "a CPU (family 6, model 1)", "cpu_capability": "AVX2", "torch": "2.0"}
+    for seed, log in ((0, {"machine": machine}), (1, {})):
+        student = sweep.toy_student_dir(sweep.ToyRecipe(seed))
+        student.mkdir(parents=True)
+        (student / "train_log.json").write_text(json.dumps(log))
     assert sweep.main(["--plan", "x", "--runs-dir", str(tmp_path)]) == 1  # one cell still unfinished
     assert ran == ["demo-shapes-seed2"]
     table = json.loads((tmp_path / "sweep-x.json").read_text())
     assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
+    assert [row["student_trained_on"] for row in table["rows"]] == [machine, None]
 
 
 @pytest.mark.parametrize("rule", ["score", "edits", "repair"])

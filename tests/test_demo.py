@@ -8,8 +8,10 @@ epochs) so that two rounds on 32 scenes show the direction. CPU, so the check is
 """
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from refine import loop
 from refine.demo import DEMO_OVERRIDES, summary
@@ -78,6 +80,17 @@ def test_the_headline_gives_the_table_in_one_line():
                "swapped control": {"before": before, "after": {}, "chair_s_change": 0.45}}
     assert headline(results) == ("Headline: CHAIR_s 0.100 → 0.020 (-80%), recall -0.5 points, substitutions 4 → 2, "
                                  "additions 40 → 9; the swapped control: CHAIR_s +45%")
+
+
+def test_the_demo_names_the_machine_its_toy_student_was_trained_on():
+    from refine.demo.driver import machine_line
+    from refine.infra.devices import cpu_name, numerics
+
+    line = machine_line("abc", numerics())
+    assert line.startswith(f"Toy student abc trained on {cpu_name()}, torch {torch.__version__} with "
+                           f"{torch.backends.cpu.get_cpu_capability()} kernels.")
+    assert "model" in cpu_name() or not Path("/proc/cpuinfo").exists()  # the generation, not only the brand
+    assert machine_line("abc", None).startswith("Toy student abc trained on an unrecorded machine.")
 
 
 def test_the_demo_resumes_a_run_made_before_a_setting_existed_and_refuses_other_settings(tmp_path):

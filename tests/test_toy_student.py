@@ -16,6 +16,7 @@ from refine.demo.toy_student import (
     grammar_token_ids,
     object_metrics,
     toy_student_dir,
+    trained_on,
     training_caption,
 )
 from refine.images import shapes
@@ -116,6 +117,10 @@ def test_build_cache_hit_load_and_caption(cache_dir, train_spy):
     assert not list(path.parent.glob(".tmp-*"))  # the temp dir was renamed, nothing left behind
     train_log = json.loads((path / "train_log.json").read_text())
     assert train_log["recipe"] == json.loads(json.dumps(TINY.to_json())) and len(train_log["history"]) == 2  # steps 0 and 3
+    # the machine is recorded: another CPU's vector instructions train other weights from the same recipe
+    assert train_log["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert train_log["machine"]["torch"] == torch.__version__ and train_log["machine"]["cpu"]
+    assert trained_on(path) == train_log["machine"] and trained_on(path.parent / "missing") is None
     mtimes = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
 
     assert ensure_toy_student(TINY, cache_dir) == path  # cache hit: no retraining, nothing rewritten

@@ -121,6 +121,15 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
     return line
 
 
+def machine_line(key: str, machine: dict[str, str] | None) -> str:
+    """Where the toy student was trained: the same seed trains another student, and so prints other
+    numbers, on a CPU whose torch kernels use other vector instructions (README, "One seed, two machines")."""
+    where = ("an unrecorded machine" if machine is None
+             else f"{machine['cpu']}, torch {machine['torch']} with {machine['cpu_capability']} kernels")
+    return (f"Toy student {key} trained on {where}. A CPU with other vector instructions trains another "
+            "student from the same seed: compare the README's spread over seeds, not one row.")
+
+
 def _fmt(value: float | int) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from refine import loop
-    from refine.demo.toy_student import ToyRecipe, ensure_toy_student, toy_student_dir
+    from refine.demo.toy_student import ToyRecipe, ensure_toy_student, toy_student_dir, trained_on
 
     parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: summary(log) for name, log in logs.items()}
     render(results, "validation scenes" if args.eval_set == "val" else "held-out scenes")
     examples(logs["refine"])
+    console.print(machine_line(recipe.key(), trained_on(student_dir)))
     out = Path(args.runs_dir) / run_id / "demo.json"
     out.write_text(json.dumps(results, indent=2))
     console.print(f"Numbers written to {escape(str(out))}")

@@ -233,7 +233,9 @@ def train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | os
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain a toy student from scratch into ``out_dir`` (saved with ``Student.save``).
 
-    Deterministic for a given recipe. Returns the training log it also writes to ``out_dir/train_log.json``.
+    Deterministic for a given recipe on one kind of CPU: another CPU's vector instructions train other
+    weights (``refine.infra.devices.numerics``; the log records them as ``machine``). Returns the training
+    log it also writes to ``out_dir/train_log.json``.
     """
     from refine.infra.devices import preserved_torch_threads
 
@@ -246,6 +248,7 @@ def _train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | o
            log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import GitProcessor
 
+    from refine.infra.devices import numerics
     from refine.offline.tokenizer import load_gpt2_tokenizer
     from refine.students.ved import VisionEncoderDecoderStudent, fix_special_tokens
 
@@ -318,6 +321,7 @@ def _train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | o
         "train_seconds": round(time.perf_counter() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "planted_captions": sum(c != s.caption for c, s in zip(captions, scenes, strict=True)),
+        "machine": numerics(),  # the same recipe trains other weights on a CPU with other vector instructions
         "history": history,
     }
     (out / "train_log.json").write_text(json.dumps(train_log, indent=1))
@@ -328,6 +332,13 @@ def _train(recipe: ToyRecipe, out_dir: str | os.PathLike, tokenizer_dir: str | o
 def toy_student_dir(recipe: ToyRecipe = ToyRecipe(), cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``recipe``'s student lives (built or not): ``<cache>/toy-student/<recipe hash>``."""
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "toy-student" / recipe.key()
+
+
+def trained_on(student_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The machine a cached toy student was trained on (``train_log.json``'s ``machine``; None for a
+    student trained before it was recorded)."""
+    path = Path(student_dir) / "train_log.json"
+    return json.loads(path.read_text()).get("machine") if path.is_file() else None
 
 
 def ensure_toy_student(recipe: ToyRecipe = ToyRecipe(), cache_dir: str | os.PathLike | None = None,
