@@ -134,17 +134,6 @@ def ratios(numerators: list[float], denominators: list[float]) -> list[float]:
 # --- the machine ---------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> list[float]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -201,9 +190,11 @@ def versions() -> dict[str, str | None]:
 def machine() -> dict[str, Any]:
     import torch
 
+    from refine.infra.devices import cpu_name
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -301,6 +301,7 @@ def test_substitutions_are_what_the_swap_error_teaches():
 def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, monkeypatch):
     """A finished cell's demo.json is read back, not run again; the table holds every finished cell."""
     from refine.demo import sweep
+    from refine.demo import toy_student as toy
 
     cells = [sweep.Cell(0, eval_set="val"), sweep.Cell(1, 0.25, ("verify",), eval_set="val"),
              sweep.Cell(2, control=True)]
@@ -317,7 +318,7 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
     machine = {"cpu": "a CPU (family 6, model 1)", "cpu_capability": "AVX2", "torch": "2.0"}
     for seed, log in ((0, {"machine": machine}), (1, {})):
-        student = sweep.toy_student_dir(sweep.ToyRecipe(seed))
+        student = toy.toy_student_dir(toy.ToyRecipe(seed))
         student.mkdir(parents=True)
         (student / "train_log.json").write_text(json.dumps(log))
     assert sweep.main(["--plan", "x", "--runs-dir", str(tmp_path)]) == 1  # one cell still unfinished

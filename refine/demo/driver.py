@@ -123,7 +123,7 @@ def headline(results: dict[str, dict[str, Any]]) -> str:
 
 def machine_line(key: str, machine: dict[str, str] | None) -> str:
     """Where the toy student was trained: the same seed trains another student, and so prints other
-    numbers, on a CPU whose torch kernels use other vector instructions (README, "One seed, two machines")."""
+    numbers, on a CPU whose torch kernels use other vector instructions (README, "One seed, two CPUs")."""
     where = ("an unrecorded machine" if machine is None
              else f"{machine['cpu']}, torch {machine['torch']} with {machine['cpu_capability']} kernels")
     return (f"Toy student {key} trained on {where}. A CPU with other vector instructions trains another "

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from refine.demo.driver import run_name
-from refine.demo.toy_student import ToyRecipe, toy_student_dir, trained_on
 
 # The defences the README's "best combination" uses, chosen on validation scenes (plan "tune": the
 # largest CHAIR_s cut on the worse of seeds 0 and 1 with recall at most 1 point lower on both): verify
@@ -115,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     table_path = runs_dir / f"sweep-{args.plan}.json"
 
     def write_table() -> None:
+        from refine.demo.toy_student import ToyRecipe, toy_student_dir, trained_on  # torch: not at import
+
         rows = [{**asdict(c), "run": c.name, "results": r, "student_trained_on": trained_on(toy_student_dir(ToyRecipe(c.seed)))}
                 for c in cells if (r := result_of(c, runs_dir))]
         table_path.write_text(json.dumps({"plan": args.plan, "cells": len(cells), "rows": rows}, indent=1))
