@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -72,6 +74,29 @@ def test_caption_modes(tiny_student, photos, drawn_images):
     assert [len(c) for c in beams] == [2, 2]
     with pytest.raises(ValueError, match="n=3"):
         tiny_student.caption(images, n=3)
+
+
+def test_captioning_drops_only_transformers_warning_about_a_missing_attention_mask(tiny_student, drawn_images):
+    """With pad == eos (GPT-2 decoders) transformers warns, once per process, that a batch without an
+    attention mask may be padded wrongly; a caption has no text prompt to pad, so refine drops that one
+    warning while captioning, and leaves the logger as it was."""
+    logger = logging.getLogger("transformers.generation.utils")
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process memory of what it said
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        tiny_student.caption([drawn_images["gray"]] * 2, max_new_tokens=4)
+        logger.warning("any other warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["any other warning"]
+    assert logger.filters == []
 
 
 def test_save_round_trips_and_loads_with_plain_transformers(tiny_student, tmp_path, bus_path):

@@ -20,8 +20,10 @@ since GPT-2 pads with the EOS id. Architectures differ only in how the image rea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,29 @@ from PIL import Image
 from torch import nn
 
 from refine.infra.devices import autocast
+
+# transformers warns, once per process, that a batch without an attention mask "may" be padded wrongly
+# whenever the pad token is the end token (every GPT-2 decoder). A caption is generated from the image
+# alone: every row starts from the same start token, with no text prompt to pad or mask, so the warning
+# is never true here and only alarms (BLIP-2, which has a prompt, passes its mask).
+_NO_PROMPT_MASK_WARNINGS = ("The attention mask is not set with a batched input",
+                            "The attention mask and the pad token id were not set")
+
+
+class _NoPromptMaskFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_PROMPT_MASK_WARNINGS)
+
+
+@contextlib.contextmanager
+def _without_prompt_mask_warnings():
+    """Drop only those two warnings of ``transformers.generation.utils`` while captioning."""
+    logger, quiet = logging.getLogger("transformers.generation.utils"), _NoPromptMaskFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class FastSampling:
@@ -276,7 +301,7 @@ class Student:
             if sample:  # greedy over a token drawn per sequence and step (see FastSampling)
                 uniforms = None if seeds is None else image_uniforms(seeds[i : i + batch_size], n, max_new_tokens)
                 kwargs["logits_processor"] = LogitsProcessorList([FastSampling(temperature, top_p, uniforms=uniforms)])
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision), _without_prompt_mask_warnings():
                 ids = self.generate_ids(pixels, n, sample, kwargs)
             text = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             out.extend(text[j : j + n] for j in range(0, len(text), n))
