@@ -36,7 +36,7 @@ from typing import Any
 
 from refine.demo.driver import run_name
 
-# The defences the README's "best combination" uses, chosen on validation scenes (plan "tune": the
+# The defences the README calls "the chosen defences", chosen on validation scenes (plan "tune": the
 # largest CHAIR_s cut on the worse of seeds 0 and 1 with recall at most 1 point lower on both): verify
 # (by score) with mDPO's image-side terms, -59% / -55% at recall -0.7 / -0.7 points (verify alone:
 # -33% / -30%); see README, "A critic that is sometimes wrong".
