@@ -43,20 +43,19 @@ _NO_PROMPT_MASK_WARNINGS = ("The attention mask is not set with a batched input"
                             "The attention mask and the pad token id were not set")
 
 
-class _NoPromptMaskFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_NO_PROMPT_MASK_WARNINGS)
+def _not_a_prompt_mask_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_NO_PROMPT_MASK_WARNINGS)
 
 
 @contextlib.contextmanager
 def _without_prompt_mask_warnings():
     """Drop only those two warnings of ``transformers.generation.utils`` while captioning."""
-    logger, quiet = logging.getLogger("transformers.generation.utils"), _NoPromptMaskFilter()
-    logger.addFilter(quiet)
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addFilter(_not_a_prompt_mask_warning)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        logger.removeFilter(_not_a_prompt_mask_warning)
 
 
 class FastSampling:
