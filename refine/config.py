@@ -426,11 +426,12 @@ def config_reference(config: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-# Settings a resumed run may change: where and how requests are sent, and how much may be spent.
+# Settings a resumed run may change: where and how requests are sent, how much may be spent, and how
+# many rounds it runs (more rounds continue a finished run; never fewer than it has completed).
 # Everything else would make the run's later rounds disagree with its earlier ones.
 RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
-    "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with",
+    "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds",
 })
 
 

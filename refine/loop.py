@@ -130,7 +130,7 @@ def run(argv: list[str] | None = None) -> RunLog:
             log.writer = ranks.main
             if ranks.main:
                 held.enter_context(log.lock())
-            if log.is_done():
+            if log.is_done() and config.loop.rounds <= log.completed_rounds():  # more rounds continue it
                 if ranks.main:
                     console.print(f"{escape(str(log.root))} is complete; nothing to resume.")
                 return log
@@ -373,6 +373,10 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
                               "Start a new run to change it")
         setattr(getattr(config, section), name, new)
         changes[key] = [old, new]
+    completed = log.completed_rounds()
+    if config.loop.rounds < completed:
+        raise ConfigError(f"--resume {args.resume}: loop.rounds {config.loop.rounds} is fewer than the {completed} "
+                          f"round(s) the run has completed; give --rounds {completed} or more")
     return log, config.validate(), changes
 
 

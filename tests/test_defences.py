@@ -299,21 +299,23 @@ def test_substitutions_are_what_the_swap_error_teaches():
 # --- the sweep ----------------------------------------------------------------------------------------
 
 def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, monkeypatch):
-    """A finished cell's demo.json is read back, not run again; the table holds every finished cell."""
+    """A finished cell's demo.json is read back, not run again; the table holds every finished cell. With
+    more ``--rounds``, a cell whose run has fewer is not finished (the demo takes the run on)."""
     from refine.demo import sweep
     from refine.demo import toy_student as toy
 
     cells = [sweep.Cell(0, eval_set="val"), sweep.Cell(1, 0.25, ("verify",), eval_set="val"),
              sweep.Cell(2, control=True)]
-    monkeypatch.setattr(sweep, "plan", lambda name: cells)
+    monkeypatch.setattr(sweep, "_cells", lambda name: cells)
     ran = []
     monkeypatch.setattr(sweep, "run_cell", lambda cell, runs_dir, log_dir: ran.append(cell.name) or 1)
     monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: None)  # the toy students exist
     for cell in cells[:2]:
         (tmp_path / cell.name).mkdir()
-        (tmp_path / cell.name / "demo.json").write_text(json.dumps({"refine": {"after": {"chair_s": 0.1}}}))
+        (tmp_path / cell.name / "demo.json").write_text(json.dumps({"refine": {"after": {"chair_s": 0.1},
+                                                                                "per_round": [{}] * 6}}))
     (tmp_path / cells[2].name).mkdir()  # a control cell without its control's result is unfinished
-    (tmp_path / cells[2].name / "demo.json").write_text(json.dumps({"refine": {}}))
+    (tmp_path / cells[2].name / "demo.json").write_text(json.dumps({"refine": {"per_round": [{}] * 6}}))
     # seed 0's toy student records where it was trained; seed 1's predates that record
     monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
     machine = {"cpu": "a CPU (family 6, model 1)", "cpu_capability": "AVX2", "torch": "2.0"}
@@ -327,6 +329,14 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     assert [row["run"] for row in table["rows"]] == ["demo-shapes-seed0-val", "demo-shapes-seed1-noise25-verify-val"]
     assert table["rows"][1]["noise"] == 0.25 and table["rows"][1]["defences"] == ["verify"]
     assert [row["student_trained_on"] for row in table["rows"]] == [machine, None]
+    args = sweep.plan("x")[0].args()
+    assert table["rounds"] == 5 and args[args.index("--rounds") + 1] == "5"
+
+    ran.clear()
+    assert sweep.main(["--plan", "x", "--runs-dir", str(tmp_path), "--rounds", "6"]) == 1
+    assert ran == [c.name for c in cells]  # 5-round runs: not the 6-round cells' results
+    table = json.loads((tmp_path / "sweep-x-rounds6.json").read_text())
+    assert table["rounds"] == 6 and table["rows"] == []
 
 
 @pytest.mark.parametrize("rule", ["score", "edits", "repair"])

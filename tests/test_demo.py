@@ -93,9 +93,10 @@ def test_the_demo_names_the_machine_its_toy_student_was_trained_on():
     assert machine_line("abc", None).startswith("Toy student abc trained on an unrecorded machine.")
 
 
-def test_the_demo_resumes_a_run_made_before_a_setting_existed_and_refuses_other_settings(tmp_path):
+def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_rounds_and_refuses_other_settings(tmp_path):
     """A run whose config.json predates a setting (no loop.verify_by) is resumed, as ``--resume`` would
-    read it (the default); one made with another value of a setting is refused with the key named."""
+    read it (the default), and taken on with more rounds; one made with another value of a setting, or
+    that completed more rounds than asked, is refused with the key named."""
     import argparse
 
     from refine.config import load_config
@@ -113,6 +114,15 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_and_refuses_other_
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
     assert loop_args(args, tmp_path / "student", "run", swap=False)[:2] == ["--resume", "run"]
+    # more rounds go on from the run's last round; fewer than it completed are refused
+    args.rounds = 6
+    assert loop_args(args, tmp_path / "student", "run", swap=False)[-1] == "--rounds=6"
+    (tmp_path / "run" / "events.jsonl").write_text("".join(
+        json.dumps({"time": 0, "event": "round_done", "round": k}) + "\n" for k in range(5)))
+    args.rounds = 4
+    with pytest.raises(ValueError, match="has completed 5 rounds, more than --rounds 4"):
+        loop_args(args, tmp_path / "student", "run", swap=False)
+    args.rounds = 5
     stored["update"]["beta"] = 0.5
     (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=r"update\.beta: 0\.5 \(wanted 0\.2\)"):

@@ -206,3 +206,40 @@ def test_a_run_written_before_the_package_layout_resumes(tmp_path, tiny_student_
     refined = log.read_stage(1, "refined", Refinement)
     assert refined and all(r.source == "" and r.rejected is None for r in refined)  # old rows: new fields empty
     assert json.loads((log.round_dir(1) / "metrics.json").read_text())["pairs/total"] == len(log.read_stage(1, "pairs"))
+
+
+def test_a_finished_run_goes_on_for_more_rounds_as_if_it_had_run_them(manifest, tiny_student_dir, tmp_path, capsys):
+    """``--resume RUN --rounds N`` continues a finished run from its last student: its rounds and held-out
+    captions equal those of a run made with N rounds; fewer rounds than it completed are refused, and an
+    extension cut short is not reported done."""
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+    held_out = f"--loop.eval_images={manifest}"
+    loop.run(_args(manifest, tiny_student_dir, runs_dir, "--rounds=1", held_out))
+    assert loop.main(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--rounds=2"]) == 0
+    whole = loop.run(_args(manifest, tiny_student_dir, runs_dir, held_out, "--loop.run_id=whole"))
+    log = RunLog(runs_dir / "e2e")
+    assert log.status() == "done" and log.completed_rounds() == 2 and log.config["loop"]["rounds"] == 2
+    assert [e["changes"] for e in log.events() if e["event"] == "resume"] == [{"loop.rounds": [1, 2]}]
+    for k in range(2):
+        for stage in ("eval", "captions", "pairs"):
+            assert log.read_stage(k, stage) == whole.read_stage(k, stage), (k, stage)
+    final = [r["caption"] for r in log.read_stage(2, "eval")]
+    assert final == [r["caption"] for r in whole.read_stage(2, "eval")]
+    for a, b in zip(load_student(log.student_dir("last")).model.parameters(),
+                    load_student(whole.student_dir("last")).model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    capsys.readouterr()
+    events = len(log.events())
+    assert loop.main(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--rounds=1"]) == 2
+    assert "loop.rounds 1 is fewer than the 2 round(s) the run has completed" in capsys.readouterr().err
+    assert len(log.events()) == events and log.config["loop"]["rounds"] == 2
+
+    # An extension killed in its first new round is not done, and a resume finishes it.
+    kill_when_exists(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--rounds=3"], env,
+                     runs_dir / "e2e" / "rounds" / "002" / "captions.jsonl")
+    assert log.status() == "incomplete (resumable)" and not log.is_done()
+    assert subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "e2e", f"--loop.runs_dir={runs_dir}"],
+                          env=env, capture_output=True).returncode == 0
+    assert log.status() == "done" and log.completed_rounds() == 3 and log.has_stage(3, "eval")

@@ -160,8 +160,9 @@ def run_name(args: argparse.Namespace) -> str:
 
 def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bool) -> list[str]:
     """``refine.loop`` arguments for one demo run. A run that exists already is resumed (a finished one
-    returns at once), but only if it was made with these settings (read as ``--resume`` reads them: a
-    setting the run predates has its default): otherwise a ``ValueError`` says so."""
+    returns at once, or with more ``--rounds`` goes on from its last round), but only if it was made with
+    these settings (read as ``--resume`` reads them: a setting the run predates has its default) and has
+    not completed more rounds than asked: otherwise a ``ValueError`` says so."""
     from refine.config import load_config
 
     common = [f"--loop.runs_dir={args.runs_dir}", f"--loop.run_id={run_id}"]
@@ -186,11 +187,15 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     have = json.loads(json.dumps(apply_dict(Config(), json.loads(stored.read_text()), str(stored)).to_json()))
     differ = [f"{section}.{key}: {have.get(section, {}).get(key)!r} (wanted {value!r})"
               for section, values in want.items() for key, value in values.items()
-              if have.get(section, {}).get(key) != value and key != "runs_dir"]
+              if have.get(section, {}).get(key) != value and key not in ("runs_dir", "rounds")]
     if differ:
         raise ValueError(f"{stored.parent} was made with other settings ({'; '.join(differ[:4])}). "
                          f"Remove it, or pass --runs-dir to write the demo elsewhere.")
-    return ["--resume", run_id, *common[:1]]
+    completed = RunLog(stored.parent).completed_rounds()
+    if args.rounds < completed:
+        raise ValueError(f"{stored.parent} has completed {completed} rounds, more than --rounds {args.rounds}. "
+                         f"Pass --rounds {completed} or more, or --runs-dir to write the demo elsewhere.")
+    return ["--resume", run_id, *common[:1], f"--rounds={args.rounds}"]
 
 
 def main(argv: list[str] | None = None) -> int:

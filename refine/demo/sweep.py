@@ -4,7 +4,10 @@ Each cell is one ``python -m refine.demo`` run (a seed, a critic noise, a set of
 with the swapped-pair control beside it when the plan asks for one. A cell whose run finished is read
 back, not run again, so the command can be stopped and started again at any time; an unfinished run is
 resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
-after metrics and is rewritten after each cell.
+after metrics and is rewritten after each cell. ``--rounds N`` runs every cell for N rounds instead of the
+demo's 5 and writes ``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last
+round (the run names leave rounds out), and each run's curve (``demo.json``, ``per_round``) keeps every
+round's metrics.
 
 Plans:
 
@@ -30,11 +33,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from refine.demo.driver import run_name
+from refine.demo.driver import ROUNDS, run_name
 
 # The defences the README calls "the chosen defences", chosen on validation scenes (plan "tune": the
 # largest CHAIR_s cut on the worse of seeds 0 and 1 with recall at most 1 point lower on both): verify
@@ -60,10 +63,11 @@ class Cell:
     defences: tuple[str, ...] = ()
     eval_set: str = "heldout"
     control: bool = False
+    rounds: int = ROUNDS
 
     def args(self) -> list[str]:
         return ["--seed", str(self.seed), "--noise", str(self.noise), "--defences", ",".join(self.defences),
-                "--eval-set", self.eval_set, *(["--control"] if self.control else [])]
+                "--eval-set", self.eval_set, "--rounds", str(self.rounds), *(["--control"] if self.control else [])]
 
     @property
     def name(self) -> str:
@@ -71,7 +75,13 @@ class Cell:
                                            eval_set=self.eval_set))
 
 
-def plan(name: str) -> list[Cell]:
+def plan(name: str, rounds: int = ROUNDS) -> list[Cell]:
+    """The plan's cells, each run for ``rounds`` rounds (the run name leaves rounds out: a sweep with more
+    rounds takes the same runs on from their last round)."""
+    return [replace(c, rounds=rounds) for c in _cells(name)]
+
+
+def _cells(name: str) -> list[Cell]:
     seeds = range(6)
     if name == "tune":  # under noise, on validation scenes: plain DPO, each defence alone, a few combinations
         # the cheap filters and their combination first: a sweep cut short has those
@@ -90,7 +100,10 @@ def result_of(cell: Cell, runs_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     results = json.loads(path.read_text())
-    return results if (not cell.control or "swapped control" in results) else None
+    runs = [results.get("refine"), results.get("swapped control") if cell.control else {}]
+    # a run taken on for more rounds since has a longer curve: not this cell's result
+    return results if all(r is not None for r in runs) and all(
+        len(r["per_round"]) == cell.rounds + 1 for r in runs if r) else None
 
 
 def run_cell(cell: Cell, runs_dir: Path, log_dir: Path) -> int:
@@ -106,19 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True, help="tune | readme | noise")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="rounds per cell; more than a finished sweep's takes its runs on from their last round "
+                             "(the table of each round stays in every run's curve, demo.json's per_round)")
     args = parser.parse_args(argv)
     runs_dir = Path(args.runs_dir)
     log_dir = runs_dir / "sweep-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    cells = plan(args.plan)
-    table_path = runs_dir / f"sweep-{args.plan}.json"
+    cells = plan(args.plan, args.rounds)
+    table_path = runs_dir / (f"sweep-{args.plan}.json" if args.rounds == ROUNDS else f"sweep-{args.plan}-rounds{args.rounds}.json")
 
     def write_table() -> None:
         from refine.demo.toy_student import ToyRecipe, toy_student_dir, trained_on  # torch: not at import
 
         rows = [{**asdict(c), "run": c.name, "results": r, "student_trained_on": trained_on(toy_student_dir(ToyRecipe(c.seed)))}
                 for c in cells if (r := result_of(c, runs_dir))]
-        table_path.write_text(json.dumps({"plan": args.plan, "cells": len(cells), "rows": rows}, indent=1))
+        table_path.write_text(json.dumps({"plan": args.plan, "rounds": args.rounds, "cells": len(cells), "rows": rows}, indent=1))
 
     todo = [c for c in cells if result_of(c, runs_dir) is None]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}", flush=True)

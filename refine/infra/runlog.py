@@ -191,12 +191,18 @@ class RunLog:
         write_json(self.root / "config.json", config)
 
     def is_done(self) -> bool:
-        return any(e["event"] == "run_done" for e in self.events())
+        """A ``run_done`` event after the last ``resume``: a finished run resumed for more rounds
+        (``--resume RUN --rounds N``) is not done again until they are."""
+        return self._done() is not None
+
+    def _done(self) -> dict[str, Any] | None:
+        last = next((e for e in reversed(self.events()) if e["event"] in ("run_done", "resume")), None)
+        return last if last is not None and last["event"] == "run_done" else None
 
     def status(self) -> str:
         """One phrase for ``refine.runs``: done, or how it stopped and that it can be resumed."""
         events = self.events()
-        done = next((e for e in events if e["event"] == "run_done"), None)
+        done = self._done()
         if done is not None:
             return "done, no pairs" if done.get("pairs") == 0 else "done"
         last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed")), {})
