@@ -215,7 +215,10 @@ class LoopConfig:
     pair_sources: str = "refined,ranked"  # which preference pairs to build
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
-    eval_images: str = ""  # optional held-out set, captioned greedily after every round
+    eval_images: str = ""  # optional held-out set, captioned greedily (see eval_every)
+    # Evaluate on eval_images the student entering every N-th round (0, N, 2N, ...); the final student
+    # always. 0: the final student only. Evaluating changes nothing the run trains on.
+    eval_every: int = 1
     # Images per round: 0 = the whole set every round; N = a fresh slice of N each round (one fixed shuffle
     # by loop.seed, wrapping around), for sets too large to caption whole every round.
     images_per_round: int = 0
@@ -239,6 +242,8 @@ class LoopConfig:
 
     def validate(self) -> None:
         _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
+        _require(self.eval_every >= 0, "loop.eval_every", self.eval_every,
+                 "must be >= 0 (0 = the final student only)")
         _require(self.images_per_round >= 0, "loop.images_per_round", self.images_per_round,
                  "must be >= 0 (0 = every image every round)")
         _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
@@ -426,12 +431,13 @@ def config_reference(config: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-# Settings a resumed run may change: where and how requests are sent, how much may be spent, and how
-# many rounds it runs (more rounds continue a finished run; never fewer than it has completed).
+# Settings a resumed run may change: where and how requests are sent, how much may be spent, how
+# many rounds it runs (more rounds continue a finished run; never fewer than it has completed) and how
+# often the student is evaluated.
 # Everything else would make the run's later rounds disagree with its earlier ones.
 RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
-    "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds",
+    "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds", "loop.eval_every",
 })
 
 

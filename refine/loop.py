@@ -254,7 +254,8 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
         records = _round_records(log, k, parts.images.records, loop)
         with RoundProgress(enabled=ranks.main) as bars:
             evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
-                student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
+                student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if (
+                parts.eval_images and (_evaluates(k, loop) or log.has_stage(k, "eval"))) else []
             captions = parts.shared_stream(log, k, "captions", lambda done, sink: caption(
                 student, records, cfg, loop.seed * 1_000_003 + k, bars.add("caption", len(records)), done, sink, ranks),
                 CaptionSet)
@@ -282,6 +283,12 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
             console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
                           "so the student did not change this round")
     return student
+
+
+def _evaluates(k: int, loop) -> bool:
+    """Whether the student entering round ``k`` is due an evaluation (``loop.eval_every``); the final
+    student (``k == loop.rounds``) always is."""
+    return k == loop.rounds or (loop.eval_every > 0 and k % loop.eval_every == 0)
 
 
 def _round_records(log: RunLog, k: int, records: list, loop) -> list:

@@ -66,7 +66,7 @@ def test_loop_cuts_hallucination_and_swapped_pairs_do_not(biased_student, scenes
     assert direction_holds(before, after), (before, after)
 
     swapped_before, swapped_after = run_loop(biased_student, scenes, tmp_path, swap=True)
-    assert swapped_before == before  # the same student on the same scenes
+    assert swapped_before == before  # the same student on the same scenes (the demo's control relies on it)
     assert not direction_holds(swapped_before, swapped_after), (swapped_before, swapped_after)
     assert swapped_after["chair_s"] >= swapped_before["chair_s"], swapped_after  # it does not cut hallucination
 
@@ -148,3 +148,43 @@ def test_a_demo_refused_for_other_settings_leaves_nothing_behind(tmp_path):
         driver.main(["--seed", "7", "--control", "--runs-dir", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-shapes-seed7"]
     assert not toy_student_dir(ToyRecipe(seed=7)).exists()
+
+
+def test_the_control_takes_its_opening_evaluation_from_the_real_run(tmp_path):
+    """A run that evaluated only its final student (the demo's control, ``loop.eval_every=0``) is
+    summarised against the opening evaluation it is given; without one it is refused."""
+    from refine.demo.driver import eval_rows, summary
+    from refine.infra.runlog import RunLog, write_jsonl
+
+    def row(caption):
+        return {"image_id": "s0", "caption": caption, "objects": {"red circle": 1}}
+
+    real = RunLog.create(tmp_path, "real", {"loop": {"eval_images": "shapes-heldout:1"}})
+    control = RunLog.create(tmp_path, "control", {"loop": {"eval_images": "shapes-heldout:1"}})
+    for k, caption in ((0, "a red circle and a blue square"), (2, "a red circle")):
+        write_jsonl(real.stage_path(k, "eval"), [row(caption)])
+    write_jsonl(control.stage_path(2, "eval"), [row("a red circle and a blue square and a blue circle")])
+    result = summary(control, start=eval_rows(real)[0])
+    assert result["before"] == summary(real)["before"] and result["before"]["chair_s"] == 1.0
+    assert result["per_round"][1] is None and result["after"]["hallucinated_mentions"] == 2
+    with pytest.raises(ValueError, match="starting student was not evaluated"):
+        summary(control)
+
+
+def test_the_control_process_waits_for_the_toy_student_then_runs_the_loop(tmp_path):
+    """The control starts before the toy student exists, and runs ``refine.loop`` once it does."""
+    import subprocess
+    import sys
+    import time
+
+    from refine.demo.driver import _CONTROL
+
+    student = tmp_path / "student"
+    proc = subprocess.Popen([sys.executable, "-c", _CONTROL, str(student)],  # no loop arguments
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(15)  # its imports done, it waits
+    assert proc.poll() is None
+    student.mkdir()
+    (student / "train_log.json").write_text("{}")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--images is required" in out, out  # refine.loop's answer to no arguments

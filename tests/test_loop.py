@@ -243,3 +243,16 @@ def test_a_finished_run_goes_on_for_more_rounds_as_if_it_had_run_them(manifest, 
     assert subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "e2e", f"--loop.runs_dir={runs_dir}"],
                           env=env, capture_output=True).returncode == 0
     assert log.status() == "done" and log.completed_rounds() == 3 and log.has_stage(3, "eval")
+
+
+def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manifest, tiny_student_dir, tmp_path):
+    """``loop.eval_every=2`` over 3 rounds: the students entering rounds 0 and 2, and the final one."""
+    log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=3", "--loop.eval_every=2",
+                         f"--loop.eval_images={manifest}"))
+    assert [k for k in range(4) if log.has_stage(k, "eval")] == [0, 2, 3]
+    assert ["eval/chair_s" in json.loads((log.round_dir(k) / "metrics.json").read_text()) for k in range(3)] == [
+        True, False, True]
+    final = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=0", "--loop.eval_every=0",
+                           f"--loop.eval_images={manifest}", "--loop.run_id=none",
+                           f"--student.model={log.student_dir('last')}"))
+    assert final.read_stage(0, "eval") == log.read_stage(3, "eval")  # the final student's, as a fresh run sees it

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,27 +63,33 @@ DEFENCES = {
 EVAL_SETS = {"heldout": "shapes-heldout", "val": "shapes-val"}
 
 
-def eval_rows(log: RunLog) -> list[list[dict[str, Any]]]:
-    """Held-out captions per evaluation point: index 0 is the starting student, the last the final one."""
+def eval_rows(log: RunLog) -> dict[int, list[dict[str, Any]]]:
+    """Held-out captions by round: round k's are those of the student entering round k, the last round's
+    the final student's (a run with ``loop.eval_every`` other than 1 has fewer)."""
     rounds = sorted(int(p.name) for p in (log.root / "rounds").iterdir() if (p / "eval.jsonl").exists())
-    return [read_jsonl(log.stage_path(k, "eval")) for k in rounds]
+    return {k: read_jsonl(log.stage_path(k, "eval")) for k in rounds}
 
 
 def eval_vocabulary(log: RunLog):
     """The held-out set's object vocabulary (``refine.images.object_vocabulary``), from the run alone."""
     from refine.images import object_vocabulary, world_of
 
-    labels = {label for rows in eval_rows(log) for r in rows for label in (r["objects"] or {})}
+    labels = {label for rows in eval_rows(log).values() for r in rows for label in (r["objects"] or {})}
     return object_vocabulary(world_of(log.config["loop"]["eval_images"]), labels)
 
 
-def summary(log: RunLog) -> dict[str, Any]:
+def summary(log: RunLog, start: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Before and after, and ``per_round`` (None where a round was not evaluated). ``start``: the
+    opening evaluation's rows for a run that skipped its own (the control: the real run's)."""
     from refine.metrics.summary import metrics_of_rows
 
     points, vocab = eval_rows(log), eval_vocabulary(log)
-    before, after = metrics_of_rows(points[0], vocab), metrics_of_rows(points[-1], vocab)
-    return {"run": log.root.name, "before": before, "after": after,
-            "per_round": [metrics_of_rows(rows, vocab) for rows in points],
+    points.setdefault(0, start)
+    if points[0] is None:
+        raise ValueError(f"{log.root}: its starting student was not evaluated")
+    per_round = [metrics_of_rows(points[k], vocab) if k in points else None for k in range(max(points) + 1)]
+    before, after = per_round[0], per_round[-1]
+    return {"run": log.root.name, "before": before, "after": after, "per_round": per_round,
             "chair_s_change": (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
 
 
@@ -140,11 +147,12 @@ def examples(log: RunLog, n: int = 3) -> None:
 
     points = eval_rows(log)
     vocab = eval_vocabulary(log)
-    picked = [i for i, r in enumerate(points[0]) if compare(r["caption"], r["objects"], vocab).hallucinated][:n]
+    picked = [i for i, r in enumerate(points[min(points)]) if compare(r["caption"], r["objects"], vocab).hallucinated][:n]
     for i in picked:
-        truth = ", ".join(f"{c} {label}" for label, c in points[0][i]["objects"].items())
-        console.print(f"[bold]{escape(points[0][i]['image_id'])}[/]  truth: {escape(truth)}")
-        for k, rows in enumerate(points):
+        first = points[min(points)][i]
+        truth = ", ".join(f"{c} {label}" for label, c in first["objects"].items())
+        console.print(f"[bold]{escape(first['image_id'])}[/]  truth: {escape(truth)}")
+        for k, rows in points.items():
             console.print(f"  round {k}: {escape(rows[i]['caption'])}")
 
 
@@ -161,16 +169,21 @@ def run_name(args: argparse.Namespace) -> str:
 def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bool) -> list[str]:
     """``refine.loop`` arguments for one demo run. A run that exists already is resumed (a finished one
     returns at once, or with more ``--rounds`` goes on from its last round), but only if it was made with
-    these settings (read as ``--resume`` reads them: a setting the run predates has its default) and has
-    not completed more rounds than asked: otherwise a ``ValueError`` says so."""
-    from refine.config import load_config
+    these settings (read as ``--resume`` reads them: a setting the run predates has its default; those a
+    resume may change are passed on) and has not completed more rounds than asked: otherwise a
+    ``ValueError`` says so.
+
+    The swapped control evaluates its final student only (``loop.eval_every=0``): it starts from the
+    same student as the real run, on the same held-out scenes, so its opening evaluation is the real
+    run's, and the demo prints no other round of it."""
+    from refine.config import RESUMABLE_KEYS, load_config
 
     common = [f"--loop.runs_dir={args.runs_dir}", f"--loop.run_id={run_id}"]
     fresh = [
         "--images", f"shapes:{args.train}", f"--student.model={student_dir}", f"--rounds={args.rounds}",
         f"--loop.eval_images={EVAL_SETS[args.eval_set]}:{args.heldout}", f"--loop.seed={args.seed}",
         f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", f"--critic.noise={args.noise}",
-        f"--critic.seed={args.seed}", *common, *DEMO_OVERRIDES,
+        f"--critic.seed={args.seed}", f"--loop.eval_every={0 if swap else 1}", *common, *DEMO_OVERRIDES,
         *(flag for name in args.defences for flag in DEFENCES[name]),
         *(f"--{item}" for item in args.set),
     ]
@@ -185,9 +198,9 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     want = json.loads(json.dumps(config.to_json()))  # tuples as JSON lists, like the stored file
     # read as --resume reads it: a setting added after the run was made takes its default
     have = json.loads(json.dumps(apply_dict(Config(), json.loads(stored.read_text()), str(stored)).to_json()))
-    differ = [f"{section}.{key}: {have.get(section, {}).get(key)!r} (wanted {value!r})"
-              for section, values in want.items() for key, value in values.items()
-              if have.get(section, {}).get(key) != value and key not in ("runs_dir", "rounds")]
+    changed = {f"{section}.{key}": (have.get(section, {}).get(key), value) for section, values in want.items()
+               for key, value in values.items() if have.get(section, {}).get(key) != value and key != "runs_dir"}
+    differ = [f"{key}: {old!r} (wanted {new!r})" for key, (old, new) in changed.items() if key not in RESUMABLE_KEYS]
     if differ:
         raise ValueError(f"{stored.parent} was made with other settings ({'; '.join(differ[:4])}). "
                          f"Remove it, or pass --runs-dir to write the demo elsewhere.")
@@ -195,7 +208,28 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     if args.rounds < completed:
         raise ValueError(f"{stored.parent} has completed {completed} rounds, more than --rounds {args.rounds}. "
                          f"Pass --rounds {completed} or more, or --runs-dir to write the demo elsewhere.")
-    return ["--resume", run_id, *common[:1], f"--rounds={args.rounds}"]
+    return ["--resume", run_id, *common[:1], *(f"--{key}={new}" for key, (_, new) in changed.items())]
+
+
+# The control's process: ``python -c _CONTROL STUDENT_DIR LOOP_ARGS...``.
+_CONTROL = "import sys; from refine.demo.driver import control_when_ready; sys.exit(control_when_ready(sys.argv[1], sys.argv[2:]))"
+
+
+def control_when_ready(student_dir: str, argv: list[str]) -> int:
+    """Run ``refine.loop`` with ``argv`` once the toy student in ``student_dir`` is complete, having loaded
+    the loop's modules meanwhile (seconds of the demo's wall time); give up if the demo is gone."""
+    import transformers.image_processing_utils  # noqa: F401
+
+    import critics  # noqa: F401  (loaded now, used by the run)
+    import refine.stages.critique  # noqa: F401
+    from refine import loop
+
+    parent, ready = os.getppid(), Path(student_dir) / "train_log.json"
+    while not ready.is_file():
+        if os.getppid() != parent:  # the demo died without stopping us
+            return 1
+        time.sleep(0.2)
+    return loop.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,26 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     # exists with other settings is refused with nothing left behind.
     run_args = loop_args(args, student_dir, run_id, swap=False)
     control_args = loop_args(args, student_dir, f"{run_id}-swapped", swap=True) if args.control else None
-    ensure_toy_student(recipe)
     control = None
     if control_args is not None:
         # The control runs in its own process on the second core; one torch thread each is faster
-        # than two runs taking turns at two threads (small models scale poorly across threads).
+        # than two runs taking turns at two threads (small models scale poorly across threads). It
+        # starts now, loads its modules while the toy student trains here, and waits for the student.
         Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
         control_log = Path(args.runs_dir) / f"{run_id}-swapped.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(control_log, "a") as out:
-            control = subprocess.Popen([sys.executable, "-m", "refine.loop", *control_args],
+            control = subprocess.Popen([sys.executable, "-c", _CONTROL, str(student_dir), *control_args],
                                        stdout=out, stderr=subprocess.STDOUT, env=env)
-        console.print(f"swapped-pair control: running beside this one, log in {escape(str(control_log))}")
-        torch.set_num_threads(1)
     failed = False
     try:
+        ensure_toy_student(recipe)
+        if control is not None:
+            console.print(f"swapped-pair control: running beside this one, log in {escape(str(control_log))}")
+            torch.set_num_threads(1)
         logs = {"refine": loop.run(run_args)}
     except BaseException:
-        if control is not None and control.poll() is None:
-            control.terminate()  # the real run failed: do not leave the control writing on its own
-            control.wait()
+        if control is not None:
+            if control.poll() is None:
+                control.terminate()  # the real run failed: do not leave the control writing on its own
+                control.wait()
+            if not (Path(args.runs_dir) / f"{run_id}-swapped").exists():
+                control_log.unlink(missing_ok=True)  # it never started: leave nothing behind
         raise
     if control is not None:
         console.print("waiting for the swapped-pair control …")
@@ -258,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             logs["swapped control"] = RunLog(Path(args.runs_dir) / f"{run_id}-swapped")
         else:
             failed = True
-    results = {name: summary(log) for name, log in logs.items()}
+    start = eval_rows(logs["refine"])[0]  # the control's opening evaluation (see loop_args)
+    results = {name: summary(log, start) for name, log in logs.items()}
     render(results, "validation scenes" if args.eval_set == "val" else "held-out scenes")
     examples(logs["refine"])
     console.print(machine_line(recipe.key(), trained_on(student_dir)))
