@@ -216,9 +216,7 @@ class LoopConfig:
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     eval_images: str = ""  # optional held-out set, captioned greedily (see eval_every)
-    # Evaluate on eval_images the student entering every N-th round (0, N, 2N, ...); the final student
-    # always. 0: the final student only. Evaluating changes nothing the run trains on.
-    eval_every: int = 1
+    eval_every: int = 1  # evaluate the student entering rounds 0, N, 2N, ... and always the final one (0: only it)
     # Images per round: 0 = the whole set every round; N = a fresh slice of N each round (one fixed shuffle
     # by loop.seed, wrapping around), for sets too large to caption whole every round.
     images_per_round: int = 0
@@ -242,8 +240,7 @@ class LoopConfig:
 
     def validate(self) -> None:
         _require(self.rounds >= 0, "loop.rounds", self.rounds, "must be >= 0")
-        _require(self.eval_every >= 0, "loop.eval_every", self.eval_every,
-                 "must be >= 0 (0 = the final student only)")
+        _require(self.eval_every >= 0, "loop.eval_every", self.eval_every, "must be >= 0 (0 = the final student only)")
         _require(self.images_per_round >= 0, "loop.images_per_round", self.images_per_round,
                  "must be >= 0 (0 = every image every round)")
         _require(self.max_critic_calls >= 0, "loop.max_critic_calls", self.max_critic_calls,
@@ -431,10 +428,8 @@ def config_reference(config: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-# Settings a resumed run may change: where and how requests are sent, how much may be spent, how
-# many rounds it runs (more rounds continue a finished run; never fewer than it has completed) and how
-# often the student is evaluated.
-# Everything else would make the run's later rounds disagree with its earlier ones.
+# Settings a resume may change: where and how requests go, the budget, how often it evaluates and how many
+# rounds it runs (more go on from a finished run). Any other would make later rounds disagree with earlier.
 RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
     "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds", "loop.eval_every",
@@ -464,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m refine.loop --images photos/ --critic.backend=openai --critic.base_url=http://localhost:8000/v1 "
             "--critic.model=Qwen/Qwen2.5-VL-7B-Instruct\n"
             "  python -m refine.loop --resume RUN --max-critic-calls 500 --critic.base_url=http://other:8000/v1\n\n"
-            "On --resume, only settings that do not change what the run computes may change: "
+            "On --resume, only settings that do not change what the rounds already run compute may change: "
             + ", ".join(sorted(RESUMABLE_KEYS)) + "."
         ),
     )
@@ -479,7 +474,7 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     parser = build_parser()
     parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-heldout[:N] | a folder | a glob | a .jsonl manifest")
     parser.add_argument("--config", type=Path, help="a JSON (or TOML) file of {section: {key: value}}")
-    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C")
+    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C, or a finished run with more --rounds")
     parser.add_argument("--rounds", help="shorthand for --loop.rounds")
     parser.add_argument("--coco-root", help="shorthand for --loop.coco_root")
     parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")

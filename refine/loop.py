@@ -132,7 +132,7 @@ def run(argv: list[str] | None = None) -> RunLog:
                 held.enter_context(log.lock())
             if log.is_done() and config.loop.rounds <= log.completed_rounds():  # more rounds continue it
                 if ranks.main:
-                    console.print(f"{escape(str(log.root))} is complete; nothing to resume.")
+                    console.print(f"{escape(str(log.root))} is complete; nothing to resume (--rounds N takes it on for more rounds).")
                 return log
         else:
             config.loop.run_id = ranks.broadcast(config.loop.run_id or (
@@ -361,7 +361,8 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     """The run to resume and its config, with the command line's safe overrides applied.
 
     An override that would change what the run computes is refused with the key named; a safe one
-    (``RESUMABLE_KEYS``: endpoint, concurrency, timeouts, budget) is applied and returned as
+    (``RESUMABLE_KEYS``: endpoint, concurrency, timeouts, budget, trackers, more rounds, how often to
+    evaluate) is applied and returned as
     ``{key: [old, new]}`` for the resume event. Overrides equal to the stored value change nothing.
     """
     log = RunLog.open(args.resume, cli.loop.runs_dir)

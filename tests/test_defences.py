@@ -337,6 +337,15 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     assert ran == [c.name for c in cells]  # 5-round runs: not the 6-round cells' results
     table = json.loads((tmp_path / "sweep-x-rounds6.json").read_text())
     assert table["rounds"] == 6 and table["rows"] == []
+    # a run taken on to 6 rounds still gives the 5-round table its round-5 point
+    curve = [{"chair_s": 0.1}, {}, {}, {}, {}, {"chair_s": 0.05}, {"chair_s": 0.02}]
+    (tmp_path / cells[0].name / "demo.json").write_text(json.dumps({"refine": {
+        "before": curve[0], "after": curve[6], "per_round": curve, "chair_s_change": -0.8}}))
+    ran.clear()
+    assert sweep.main(["--plan", "x", "--runs-dir", str(tmp_path)]) == 1
+    assert ran == ["demo-shapes-seed2"]
+    row = json.loads((tmp_path / "sweep-x.json").read_text())["rows"][0]["results"]["refine"]
+    assert row["after"] == {"chair_s": 0.05} and row["chair_s_change"] == -0.5 and len(row["per_round"]) == 6
 
 
 @pytest.mark.parametrize("rule", ["score", "edits", "repair"])

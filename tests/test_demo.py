@@ -106,7 +106,9 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_roun
     args = argparse.Namespace(runs_dir=str(tmp_path), train=300, rounds=5, eval_set="heldout", heldout=480, seed=0,
                               noise=0.25, defences=[], set=[])
     fresh = loop_args(args, tmp_path / "student", "run", swap=False)
-    assert "--resume" not in fresh
+    assert "--resume" not in fresh and "--loop.eval_every=1" in fresh
+    # the control evaluates its final student only (its opening evaluation is the real run's)
+    assert "--loop.eval_every=0" in loop_args(args, tmp_path / "student", "control", swap=True)
     config = load_config(fresh)[0]
     absolute_paths(config)
     stored = json.loads(json.dumps(config.to_json()))
@@ -116,7 +118,7 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_roun
     assert loop_args(args, tmp_path / "student", "run", swap=False)[:2] == ["--resume", "run"]
     # more rounds go on from the run's last round; fewer than it completed are refused
     args.rounds = 6
-    assert loop_args(args, tmp_path / "student", "run", swap=False)[-1] == "--rounds=6"
+    assert loop_args(args, tmp_path / "student", "run", swap=False)[2:] == [f"--loop.runs_dir={tmp_path}", "--loop.rounds=6"]
     (tmp_path / "run" / "events.jsonl").write_text("".join(
         json.dumps({"time": 0, "event": "round_done", "round": k}) + "\n" for k in range(5)))
     args.rounds = 4
@@ -172,19 +174,25 @@ def test_the_control_takes_its_opening_evaluation_from_the_real_run(tmp_path):
 
 
 def test_the_control_process_waits_for_the_toy_student_then_runs_the_loop(tmp_path):
-    """The control starts before the toy student exists, and runs ``refine.loop`` once it does."""
-    import subprocess
-    import sys
+    """The control starts before the toy student exists and runs ``refine.loop`` once it does; it gives
+    up if the demo that started it is gone."""
+    import os
+    import threading
     import time
 
-    from refine.demo.driver import _CONTROL
+    from refine.demo.driver import control_when_ready
 
-    student = tmp_path / "student"
-    proc = subprocess.Popen([sys.executable, "-c", _CONTROL, str(student)],  # no loop arguments
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(15)  # its imports done, it waits
-    assert proc.poll() is None
-    student.mkdir()
-    (student / "train_log.json").write_text("{}")
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "--images is required" in out, out  # refine.loop's answer to no arguments
+    student, codes, seen = tmp_path / "student", [], []
+
+    def train_the_student():
+        time.sleep(2)
+        seen.append(list(codes))  # still waiting?
+        student.mkdir()
+        (student / "train_log.json").write_text("{}")
+
+    trainer = threading.Thread(target=train_the_student)
+    trainer.start()
+    codes.append(control_when_ready(os.getppid(), str(student), []))  # the main thread: the loop sets signals
+    trainer.join()
+    assert seen == [[]] and codes == [2]  # it waited, then refine.loop ran (no arguments: "--images is required")
+    assert control_when_ready(os.getppid() + 1_000_000, str(tmp_path / "never"), []) == 1  # the demo is gone

@@ -256,3 +256,11 @@ def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manife
                            f"--loop.eval_images={manifest}", "--loop.run_id=none",
                            f"--student.model={log.student_dir('last')}"))
     assert final.read_stage(0, "eval") == log.read_stage(3, "eval")  # the final student's, as a fresh run sees it
+
+    # Taken on for a fourth round: round 3's evaluation (not due by eval_every) is the one recorded as
+    # the final student's, read back once, not made again.
+    assert loop.main(["--resume", "e2e", f"--loop.runs_dir={tmp_path / 'runs'}", "--rounds=4"]) == 0
+    assert [k for k in range(5) if log.has_stage(k, "eval")] == [0, 2, 3, 4]
+    assert "eval/chair_s" in json.loads((log.round_dir(3) / "metrics.json").read_text())
+    evals = [e["round"] for e in log.events() if e["event"] == "stage_done" and e["stage"] == "eval"]
+    assert evals == [0, 2, 3, 4]

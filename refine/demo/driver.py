@@ -211,29 +211,36 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     return ["--resume", run_id, *common[:1], *(f"--{key}={new}" for key, (_, new) in changed.items())]
 
 
-# The control's process: ``python -c _CONTROL STUDENT_DIR LOOP_ARGS...``.
-_CONTROL = "import sys; from refine.demo.driver import control_when_ready; sys.exit(control_when_ready(sys.argv[1], sys.argv[2:]))"
+# The control's process: ``python -c _CONTROL DEMO_PID STUDENT_DIR LOOP_ARGS...``.
+_CONTROL = ("import sys; from refine.demo.driver import control_when_ready; "
+            "sys.exit(control_when_ready(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))")
 
 
-def control_when_ready(student_dir: str, argv: list[str]) -> int:
+def control_when_ready(demo_pid: int, student_dir: str, argv: list[str]) -> int:
     """Run ``refine.loop`` with ``argv`` once the toy student in ``student_dir`` is complete, having loaded
-    the loop's modules meanwhile (seconds of the demo's wall time); give up if the demo is gone."""
-    import transformers.image_processing_utils  # noqa: F401
+    the loop's modules meanwhile (seconds of the demo's wall time). Gives up (exit 1) if the demo
+    (``demo_pid``, its parent) is gone, and quietly (130) on Ctrl-C, which the demo handles."""
+    try:
+        import transformers.image_processing_utils  # noqa: F401
 
-    import critics  # noqa: F401  (loaded now, used by the run)
-    import refine.stages.critique  # noqa: F401
-    from refine import loop
+        import critics  # noqa: F401  (loaded now, used by the run)
+        import refine.stages.critique  # noqa: F401
+        from refine import loop
 
-    parent, ready = os.getppid(), Path(student_dir) / "train_log.json"
-    while not ready.is_file():
-        if os.getppid() != parent:  # the demo died without stopping us
-            return 1
-        time.sleep(0.2)
+        ready = Path(student_dir) / "train_log.json"
+        while not ready.is_file():
+            if os.getppid() != demo_pid:  # the demo died without stopping us
+                print(f"the demo (pid {demo_pid}) is gone before its toy student was trained; not started")
+                return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 130
     return loop.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from refine import loop
     from refine.demo.toy_student import ToyRecipe, ensure_toy_student, toy_student_dir, trained_on
@@ -258,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in args.defences if d not in DEFENCES]
     if unknown:
         parser.error(f"unknown defence(s) {', '.join(unknown)}; choose from {', '.join(DEFENCES)}")
+    if any(item.startswith("loop.eval_every") for item in args.set):
+        parser.error("--set loop.eval_every: the demo evaluates its run every round and the control at its end; leave it out")
 
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" each round, as refine.loop does
     recipe = ToyRecipe(seed=args.seed)
     student_dir, run_id = toy_student_dir(recipe), run_name(args)
     # Both runs' settings are checked before anything is trained, started or written: a run that
@@ -270,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         # The control runs in its own process on the second core; one torch thread each is faster
         # than two runs taking turns at two threads (small models scale poorly across threads). It
         # starts now, loads its modules while the toy student trains here, and waits for the student.
+        made_runs_dir = not Path(args.runs_dir).exists()
         Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
         control_log = Path(args.runs_dir) / f"{run_id}-swapped.log"
+        new_log = not control_log.exists()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(control_log, "a") as out:
-            control = subprocess.Popen([sys.executable, "-c", _CONTROL, str(student_dir), *control_args],
+            control = subprocess.Popen([sys.executable, "-c", _CONTROL, str(os.getpid()), str(student_dir), *control_args],
                                        stdout=out, stderr=subprocess.STDOUT, env=env)
     failed = False
     try:
@@ -288,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             if control.poll() is None:
                 control.terminate()  # the real run failed: do not leave the control writing on its own
                 control.wait()
-            if not (Path(args.runs_dir) / f"{run_id}-swapped").exists():
+            if new_log and not (Path(args.runs_dir) / f"{run_id}-swapped").exists():
                 control_log.unlink(missing_ok=True)  # it never started: leave nothing behind
+                if made_runs_dir and not any(Path(args.runs_dir).iterdir()):
+                    Path(args.runs_dir).rmdir()
         raise
     if control is not None:
         console.print("waiting for the swapped-pair control …")
@@ -297,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             logs["swapped control"] = RunLog(Path(args.runs_dir) / f"{run_id}-swapped")
         else:
             failed = True
-    start = eval_rows(logs["refine"])[0]  # the control's opening evaluation (see loop_args)
+    start = eval_rows(logs["refine"]).get(0)  # the control's opening evaluation (see loop_args)
     results = {name: summary(log, start) for name, log in logs.items()}
     render(results, "validation scenes" if args.eval_set == "val" else "held-out scenes")
     examples(logs["refine"])

@@ -6,8 +6,8 @@ back, not run again, so the command can be stopped and started again at any time
 resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
 after metrics and is rewritten after each cell. ``--rounds N`` runs every cell for N rounds instead of the
 demo's 5 and writes ``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last
-round (the run names leave rounds out), and each run's curve (``demo.json``, ``per_round``) keeps every
-round's metrics.
+round (the run names leave rounds out), and the real run's curve (``demo.json``, ``per_round``) keeps every
+round's metrics, so the table of fewer rounds is still read from the same runs.
 
 Plans:
 
@@ -96,14 +96,27 @@ def _cells(name: str) -> list[Cell]:
 
 
 def result_of(cell: Cell, runs_dir: Path) -> dict[str, Any] | None:
+    """The cell's results (its run's demo.json), None while unfinished. A run taken on for more rounds
+    since gives its results at the cell's round, cut from its curves (None where that round was not
+    evaluated: a control evaluates only its end)."""
     path = runs_dir / cell.name / "demo.json"
     if not path.exists():
         return None
     results = json.loads(path.read_text())
-    runs = [results.get("refine"), results.get("swapped control") if cell.control else {}]
-    # a run taken on for more rounds since has a longer curve: not this cell's result
-    return results if all(r is not None for r in runs) and all(
-        len(r["per_round"]) == cell.rounds + 1 for r in runs if r) else None
+    cut = {}
+    for name in ("refine", *(["swapped control"] if cell.control else [])):
+        if name not in results:
+            return None
+        run, k = results[name], cell.rounds
+        curve = run.get("per_round") or []
+        if len(curve) <= k or curve[k] is None:
+            return None
+        if len(curve) > k + 1:
+            before, after = run["before"], curve[k]
+            run = {**run, "after": after, "per_round": curve[: k + 1], "chair_s_change":
+                   (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
+        cut[name] = run
+    return cut
 
 
 def run_cell(cell: Cell, runs_dir: Path, log_dir: Path) -> int:
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="rounds per cell; more than a finished sweep's takes its runs on from their last round "
-                             "(the table of each round stays in every run's curve, demo.json's per_round)")
+                             "(a sweep of fewer rounds reads its cells from their curves)")
     args = parser.parse_args(argv)
     runs_dir = Path(args.runs_dir)
     log_dir = runs_dir / "sweep-logs"
