@@ -14,7 +14,6 @@ flight, and ``--resume`` repeats no answered request.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -31,11 +30,12 @@ from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_
 from refine.images import ImageSet, load_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
+from refine.infra.interrupts import exit_now, second_interrupt_exits
 from refine.infra.progress import RoundProgress, console
 from refine.infra.runlog import RunLog, to_row
 from refine.infra.trackers import Trackers
 from refine.infra.trackers import parse as parse_trackers
-from refine.metrics.summary import mean_score, summarize_round
+from refine.metrics.summary import mean_score, metrics_of_rows, summarize_round
 from refine.runs import render_round
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
@@ -160,6 +160,9 @@ def run(argv: list[str] | None = None) -> RunLog:
             if changes:
                 log.write_config(config.to_json())
             log.event("resume", completed_rounds=log.completed_rounds(), changes=changes)
+            console.print(f"resuming {escape(str(log.root))}: {log.completed_rounds()} of {config.loop.rounds} "
+                          "round(s) done" + "".join(f"; {key} {old!r} → {new!r}" for key, (old, new) in changes.items()),
+                          soft_wrap=True)
         _run_rounds(log, config, parts)
     return log
 
@@ -232,18 +235,25 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
         student = _each_round(log, config, parts, student, vocab, pixels, trackers)
     finally:
         trackers.finish()
-    if parts.eval_images:
-        parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
-            student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption)
+    final = parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
+        student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
     if not ranks.main:
         return
     pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
-    log.event("run_done", pairs=pairs_made)
+    # the final student's held-out metrics: no round summary holds them (a round's are its entering student's)
+    held_out = {f"eval/{key}": value for key, value in metrics_of_rows(final, vocab).items()}
+    log.event("run_done", pairs=pairs_made, **({"eval": held_out} if held_out else {}))
+    if held_out:
+        console.print("held-out, the final student: " + ", ".join(
+            f"{name} {held_out[f'eval/{key}']:.3f}" for key, name in FINAL_EVAL if f"eval/{key}" in held_out))
     if pairs_made == 0 and loop.rounds > 0:
         console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
                       "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
     console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
                   f"{escape(str(log.root))}; the report: python -m refine.report {escape(str(log.root))}", soft_wrap=True)
+
+
+FINAL_EVAL = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"), ("exact", "exact")]
 
 
 def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixels, trackers: Trackers):
@@ -442,55 +452,35 @@ def _device(setting: str, ranks: Ranks) -> str:
     return str(ranks.device) if setting == "auto" and ranks.device is not None else setting
 
 
-@contextmanager
-def _second_interrupt_exits() -> Iterator[None]:
-    """The first Ctrl-C raises ``KeyboardInterrupt`` (the run records it and stops within seconds);
-    a second one exits at once."""
-    presses = 0
-
-    def handler(signum, frame):
-        nonlocal presses
-        presses += 1
-        if presses > 1:
-            os._exit(130)
-        console.print("[yellow]Stopping: queued requests cancelled, finished work is recorded "
-                      "(press Ctrl-C again to quit at once) …[/]")
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _exit_now(code: int) -> None:
-    """Exit without joining the threads of abandoned requests (their answers would arrive too late)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" / "Writing model shards" bars: noise here
-    with _second_interrupt_exits():
+    with second_interrupt_exits() as over:
         try:
             run(argv)
-        except RunStopped as stop:
-            if str(stop):  # the other processes of a data-parallel run stop silently with the main one
-                console.print(("[red]" if stop.code != 130 else "[yellow]") + escape(str(stop)) + "[/]", soft_wrap=True)
-            if stop.code == 130:
-                _exit_now(130)
-            return stop.code
-        except KeyboardInterrupt:
-            console.print("[yellow]Interrupted before the run started; nothing was written.[/]")
-            _exit_now(130)
-        except (ValueError, OSError, KeyError) as e:
-            console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, however long
-            return 2
+        except BaseException as e:
+            over(130)  # from here on a Ctrl-C has nothing left to stop
+            return _exit_code(e)
+        over(0)  # the run is done: a Ctrl-C now ends the process as it was about to end
     return 0
+
+
+def _exit_code(e: BaseException) -> int:
+    """How ``main`` ends on ``e``: one line and its exit code; anything unexpected is raised."""
+    if isinstance(e, RunStopped):
+        if str(e):  # the other processes of a data-parallel run stop silently with the main one
+            console.print(("[red]" if e.code != 130 else "[yellow]") + escape(str(e)) + "[/]", soft_wrap=True)
+        if e.code == 130:
+            exit_now(130)
+        return e.code
+    if isinstance(e, KeyboardInterrupt):  # the rounds convert theirs into RunStopped: this came before them
+        console.print("[yellow]Interrupted before the rounds began; nothing new was written.[/]")
+        exit_now(130)
+    if isinstance(e, (ValueError, OSError, KeyError)):
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, however long
+        return 2
+    raise e
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
     console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
                          f"critic={cfg['critic']['backend']}  status={log.status()}"))
-    metrics = log.metrics()
+    metrics, final = log.metrics(), log.final_eval()
+    if final:  # the final student's held-out metrics, beside the rounds' (each round's are its entering student's)
+        metrics = [*metrics, {"round": f"{log.completed_rounds()} (final)", **final}]
     if metrics:
         console.print(metrics_table(metrics, title="rounds"))
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []

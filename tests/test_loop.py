@@ -245,10 +245,13 @@ def test_a_finished_run_goes_on_for_more_rounds_as_if_it_had_run_them(manifest, 
     assert log.status() == "done" and log.completed_rounds() == 3 and log.has_stage(3, "eval")
 
 
-def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manifest, tiny_student_dir, tmp_path):
-    """``loop.eval_every=2`` over 3 rounds: the students entering rounds 0 and 2, and the final one."""
+def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manifest, tiny_student_dir, tmp_path,
+                                                                          capsys):
+    """``loop.eval_every=2`` over 3 rounds: the students entering rounds 0 and 2, and the final one, whose
+    held-out metrics the run prints, records with ``run_done`` and ``refine.runs show`` lists."""
     log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=3", "--loop.eval_every=2",
                          f"--loop.eval_images={manifest}"))
+    assert "held-out, the final student: CHAIR_s" in capsys.readouterr().err
     assert [k for k in range(4) if log.has_stage(k, "eval")] == [0, 2, 3]
     assert ["eval/chair_s" in json.loads((log.round_dir(k) / "metrics.json").read_text()) for k in range(3)] == [
         True, False, True]
@@ -256,10 +259,15 @@ def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manife
                            f"--loop.eval_images={manifest}", "--loop.run_id=none",
                            f"--student.model={log.student_dir('last')}"))
     assert final.read_stage(0, "eval") == log.read_stage(3, "eval")  # the final student's, as a fresh run sees it
+    assert log.final_eval() == final.final_eval() and "eval/recall" in log.final_eval()
+    capsys.readouterr()
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e"]) == 0
+    assert "round 3 (final)" in capsys.readouterr().out
 
     # Taken on for a fourth round: round 3's evaluation (not due by eval_every) is the one recorded as
     # the final student's, read back once, not made again.
     assert loop.main(["--resume", "e2e", f"--loop.runs_dir={tmp_path / 'runs'}", "--rounds=4"]) == 0
+    assert "3 of 4 round(s) done; loop.rounds 3 → 4" in capsys.readouterr().err
     assert [k for k in range(5) if log.has_stage(k, "eval")] == [0, 2, 3, 4]
     assert "eval/chair_s" in json.loads((log.round_dir(3) / "metrics.json").read_text())
     evals = [e["round"] for e in log.events() if e["event"] == "stage_done" and e["stage"] == "eval"]

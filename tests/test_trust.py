@@ -257,6 +257,20 @@ def test_a_second_ctrl_c_exits_at_once(manifest, tiny_student_dir, tmp_path, env
     assert proc.returncode == 130
 
 
+def test_a_ctrl_c_after_the_run_is_over_exits_quietly():
+    """Once the run has returned, Ctrl-C has nothing to stop: the process ends with the run's exit code
+    and no traceback (it used to raise KeyboardInterrupt from the still-installed handler)."""
+    code = ("import os, signal, time\n"
+            "from refine.infra.interrupts import second_interrupt_exits\n"
+            "with second_interrupt_exits() as over:\n"
+            "    over(0)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
+            "    print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "not reached" not in done.stdout, done.stderr
+
+
 # --- 6. resume overrides --------------------------------------------------------------------------
 
 def test_resume_refuses_an_override_that_changes_the_run(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811

@@ -199,6 +199,12 @@ class RunLog:
         last = next((e for e in reversed(self.events()) if e["event"] in ("run_done", "resume")), None)
         return last if last is not None and last["event"] == "run_done" else None
 
+    def final_eval(self) -> dict[str, Any] | None:
+        """The final student's held-out metrics (``eval/*``, recorded with ``run_done``): None before the
+        run is done, without ``loop.eval_images``, or for a run that predates them."""
+        done = self._done()
+        return done.get("eval") if done is not None else None
+
     def status(self) -> str:
         """One phrase for ``refine.runs``: done, or how it stopped and that it can be resumed."""
         events = self.events()

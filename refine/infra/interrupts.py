@@ -1,0 +1,48 @@
+"""How a refine command ends on Ctrl-C: the first press stops the work within seconds (the caller
+records what finished), a second exits at once, and once the work is over a press exits quietly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from refine.infra.progress import console
+
+
+@contextmanager
+def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
+    """The first Ctrl-C raises ``KeyboardInterrupt`` (the run records it and stops within seconds);
+    a second one exits at once. Yields ``over(code)``: once called (the run has returned or stopped), a
+    Ctrl-C has nothing left to stop and exits at once with ``code``, with no traceback."""
+    presses, finished = 0, None
+
+    def over(code: int) -> None:
+        nonlocal finished
+        finished = code
+
+    def handler(signum, frame):
+        nonlocal presses
+        if finished is not None:
+            exit_now(finished)
+        presses += 1
+        if presses > 1:
+            os._exit(130)
+        console.print("[yellow]Stopping: queued requests cancelled, finished work is recorded "
+                      "(press Ctrl-C again to quit at once) …[/]")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield over
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def exit_now(code: int) -> None:
+    """Exit without joining the threads of abandoned requests (their answers would arrive too late)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
