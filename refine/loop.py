@@ -245,7 +245,8 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
     log.event("run_done", pairs=pairs_made, **({"eval": held_out} if held_out else {}))
     if held_out:
         console.print("held-out, the final student: " + ", ".join(
-            f"{name} {held_out[f'eval/{key}']:.3f}" for key, name in FINAL_EVAL if f"eval/{key}" in held_out))
+            f"{name} {held_out[f'eval/{key}']:.3f}" for key, name in FINAL_EVAL if f"eval/{key}" in held_out),
+            soft_wrap=True)
     if pairs_made == 0 and loop.rounds > 0:
         console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
                       "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
