@@ -1,5 +1,5 @@
 # The captioning service for a trained student: docker build -t refine-serve . && docker run -p 8000:8000
-# -v $PWD/runs/<id>/student/best:/student refine-serve. CPU torch wheels by default (a few hundred MB);
+# -v $PWD/runs/<id>/student/last:/student refine-serve. CPU torch wheels by default (a few hundred MB);
 # pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 for a CUDA image.
 FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu

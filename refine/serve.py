@@ -1,6 +1,6 @@
 """``python -m refine.serve DIR``: an HTTP captioning service for a student directory (FastAPI + uvicorn).
 
-Any student ``load_student`` reads (e.g. ``runs/<id>/student/best``). Endpoints:
+Any student ``load_student`` reads (e.g. ``runs/<id>/student/last``). Endpoints:
 
 - ``POST /caption``: an image as a multipart file (``file``) or as JSON ``{"image": "<base64>"}``;
   options ``beams`` (1 = greedy) and ``max_tokens``. Returns ``{"caption": ..., "seconds": ...}``.
@@ -233,7 +233,7 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("student", metavar="STUDENT", help="a student directory (e.g. runs/<id>/student/best) or a hub id")
+    parser.add_argument("student", metavar="STUDENT", help="a student directory (e.g. runs/<id>/student/last) or a hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
