@@ -77,7 +77,7 @@ def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int 
 def with_final(log: RunLog, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rounds' metrics and, as the point after the last round, the final student's held-out ones."""
     final = log.final_eval()
-    return [*metrics, {"round": log.completed_rounds(), **final}] if final else metrics
+    return [*metrics, final] if final else metrics
 
 
 def plots(metrics: list[dict[str, Any]]) -> list[str]:

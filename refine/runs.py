@@ -54,7 +54,7 @@ def metrics_table(rows: list[dict[str, Any]], title: str | None = None) -> Table
     table = Table(title=title)
     table.add_column("metric")
     for r in rows:
-        table.add_column(f"round {r.get('round', '?')}", justify="right")
+        table.add_column(f"round {r.get('round', '?')}" + (" (final)" if r.get("final") else ""), justify="right")
     for key, name in keys:
         table.add_row(name, *[fmt(r.get(key)) for r in rows])
     return table
@@ -137,9 +137,8 @@ def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
     console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
                          f"critic={cfg['critic']['backend']}  status={log.status()}"))
-    metrics, final = log.metrics(), log.final_eval()
-    if final:  # the final student's held-out metrics, beside the rounds' (each round's are its entering student's)
-        metrics = [*metrics, {"round": f"{log.completed_rounds()} (final)", **final}]
+    final = log.final_eval()  # beside the rounds' metrics (each round's are its entering student's)
+    metrics = [*log.metrics(), *([final] if final else [])]
     if metrics:
         console.print(metrics_table(metrics, title="rounds"))
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []

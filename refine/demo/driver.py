@@ -90,7 +90,12 @@ def summary(log: RunLog, start: list[dict[str, Any]] | None = None) -> dict[str,
     per_round = [metrics_of_rows(points[k], vocab) if k in points else None for k in range(max(points) + 1)]
     before, after = per_round[0], per_round[-1]
     return {"run": log.root.name, "before": before, "after": after, "per_round": per_round,
-            "chair_s_change": (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
+            "chair_s_change": chair_s_change(before, after)}
+
+
+def chair_s_change(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """The relative change of CHAIR_s (None when it started at 0)."""
+    return (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None
 
 
 def render(results: dict[str, dict[str, Any]], scenes: str = "held-out scenes") -> None:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from refine.demo.driver import ROUNDS, run_name
+from refine.demo.driver import ROUNDS, chair_s_change, run_name
 
 # The defences the README calls "the chosen defences", chosen on validation scenes (plan "tune": the
 # largest CHAIR_s cut on the worse of seeds 0 and 1 with recall at most 1 point lower on both): verify
@@ -112,9 +112,8 @@ def result_of(cell: Cell, runs_dir: Path) -> dict[str, Any] | None:
         if len(curve) <= k or curve[k] is None:
             return None
         if len(curve) > k + 1:
-            before, after = run["before"], curve[k]
-            run = {**run, "after": after, "per_round": curve[: k + 1], "chair_s_change":
-                   (after["chair_s"] - before["chair_s"]) / before["chair_s"] if before["chair_s"] else None}
+            run = {**run, "after": curve[k], "per_round": curve[: k + 1],
+                   "chair_s_change": chair_s_change(run["before"], curve[k])}
         cut[name] = run
     return cut
 

@@ -193,22 +193,27 @@ class RunLog:
     def is_done(self) -> bool:
         """A ``run_done`` event after the last ``resume``: a finished run resumed for more rounds
         (``--resume RUN --rounds N``) is not done again until they are."""
-        return self._done() is not None
+        return self._done(self.events()) is not None
 
-    def _done(self) -> dict[str, Any] | None:
-        last = next((e for e in reversed(self.events()) if e["event"] in ("run_done", "resume")), None)
+    @staticmethod
+    def _done(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+        last = next((e for e in reversed(events) if e["event"] in ("run_done", "resume")), None)
         return last if last is not None and last["event"] == "run_done" else None
 
     def final_eval(self) -> dict[str, Any] | None:
-        """The final student's held-out metrics (``eval/*``, recorded with ``run_done``): None before the
-        run is done, without ``loop.eval_images``, or for a run that predates them."""
-        done = self._done()
-        return done.get("eval") if done is not None else None
+        """The final student's held-out metrics as a row beside the rounds' metrics (``round``: the number
+        of rounds, ``final``: True, ``eval/*``; recorded with ``run_done``): None before the run is done,
+        without ``loop.eval_images``, or for a run that predates them."""
+        events = self.events()
+        done = self._done(events)
+        if done is None or not done.get("eval"):
+            return None
+        return {"round": sum(e["event"] == "round_done" for e in events), "final": True, **done["eval"]}
 
     def status(self) -> str:
         """One phrase for ``refine.runs``: done, or how it stopped and that it can be resumed."""
         events = self.events()
-        done = self._done()
+        done = self._done(events)
         if done is not None:
             return "done, no pairs" if done.get("pairs") == 0 else "done"
         last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed")), {})
