@@ -1,4 +1,6 @@
-"""One typed config tree: defaults, a config file, and ``--section.key=value`` overrides.
+"""One typed config tree: defaults, a config file, and dotted overrides (``refine.cli`` parses the
+command line into them). The comment beside or above each field is its documentation: ``--help``
+prints it.
 
 Every config dataclass and every default lives here, and this module imports nothing heavy (no torch,
 no transformers, no stage): the stages import their config from it, never the reverse.
@@ -11,7 +13,6 @@ exists or a paid call is made. The resolved tree is saved first into every run a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -56,10 +57,10 @@ class StudentConfig:
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
     num_beams: int = 1  # for the main caption (1 = greedy)
     n_samples: int = 2  # extra sampled captions per image, ranked by the critic into best ≻ worst pairs
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 20
-    batch_size: int = 16
+    temperature: float = 1.0  # sampling temperature of the sampled captions
+    top_p: float = 1.0  # nucleus sampling of the sampled captions (1 = off)
+    max_new_tokens: int = 20  # longest caption, in tokens
+    batch_size: int = 16  # images per captioning batch
     static_cache: bool = False  # static KV cache; on CUDA, decoding compiled to CUDA graphs (see Student)
 
     def validate(self) -> None:
@@ -109,16 +110,16 @@ class RegionConfig:
 
 @dataclass
 class CriticConfig:
-    backend: Backend = "grounded"
+    backend: Backend = "grounded"  # openai (any OpenAI-compatible VLM), florence2 (local), grounded (annotations)
     model: str = ""  # "" = the backend's default: gpt-4o (openai), florence-community/Florence-2-base
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, ...)
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    max_retries: int = 4
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the API key
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY  # requests in flight (16 fits OpenAI's lowest paid tiers)
+    max_retries: int = 4  # retries of a failed request, with backoff, before it counts as failed
     timeout: float = 60.0  # seconds per request attempt
-    temperature: float = 0.0
+    temperature: float = 0.0  # the critic's sampling temperature (> 0 for critic.samples > 1)
     max_views: int = 4  # crops/tiles attached besides the full image
-    template: str = "critique"
+    template: str = "critique"  # the prompt template in prompts/ (prompts/critique.txt)
     # Agreement (a defence against a wrong critic): critiques per caption. With more than one, a
     # refinement becomes a training pair only if more than loop.min_agreement of them agree on it (name
     # the same objects with the same counts, in any wording). For the OpenAI critic each sample is its
@@ -161,15 +162,15 @@ class StepConfig:
 
 @dataclass
 class UpdateConfig:
-    beta: float = 0.1
+    beta: float = 0.1  # DPO's β: how far the student may move from the reference, per unit of preference
     nll_weight: float = 0.5  # weight of the per-token NLL on the chosen caption
-    lr: float = 1e-5
-    epochs: int = 1
+    lr: float = 1e-5  # RAdam's learning rate
+    epochs: int = 1  # passes over the round's pairs
     batch_size: int = 8  # pairs per optimizer step
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping
     precision: Precision = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU (or what accelerate launch set)
     freeze_encoder: bool = False  # train only the decoder (and cross-attention)
-    seed: int = 0
+    seed: int = 0  # seeds the update: initialisation of adapters, pair order, mDPO's corrupted images
     # Robust losses against flipped preferences (TRL's loss_type options): "sigmoid" with label_smoothing
     # is conservative DPO (Mitchell 2023); "robust" is Chowdhury et al. 2024's unbiased estimator.
     loss: LossType = "sigmoid"
@@ -180,11 +181,11 @@ class UpdateConfig:
     # What the round trains: dpo (DPO + NLL against the round's starting student), sft (cross-entropy on
     # the chosen captions, `epochs` of it), or sft+dpo (`sft_epochs` of SFT, then DPO against the result).
     mode: UpdateMode = "dpo"
-    sft_epochs: int = 1
+    sft_epochs: int = 1  # in sft+dpo: passes of SFT before the DPO epochs
     # LoRA (peft): r > 0 trains adapters only (--update.lora.r=16 works too); targets default per architecture.
     lora_r: int = 0
     lora_alpha: int = 32  # (dropout is off in updates, as in TRL, LoRA's included)
-    lora_targets: str = ""
+    lora_targets: str = ""  # comma-separated module names to adapt; empty = the architecture's default
 
     def validate(self) -> None:
         _require(self.beta > 0, "update.beta", self.beta, "must be > 0, e.g. 0.1")
@@ -202,9 +203,9 @@ class UpdateConfig:
 @dataclass
 class LoopConfig:
     images: str = ""  # named set, folder, glob or JSONL manifest
-    rounds: int = 3
-    seed: int = 0
-    runs_dir: str = "runs"
+    rounds: int = 3  # caption → critique → step → update cycles
+    seed: int = 0  # seeds the sampled captions and, with images_per_round, the order of the images
+    runs_dir: str = "runs"  # where run directories go
     run_id: str = ""  # default: <timestamp>-<images>
     coco_root: str = ""  # local COCO dir for coco_val10 (val2017/, annotations/)
     max_critic_calls: int = 0  # 0 = unlimited; the run stops cleanly and stays resumable
@@ -224,9 +225,9 @@ class LoopConfig:
     log_with: str = ""
     # For hf:DATASET image sets: the columns holding the image, the reference captions and the object
     # annotations (empty: found by name; see refine.images.hf).
-    image_column: str = ""
-    caption_column: str = ""
-    objects_column: str = ""
+    image_column: str = ""  # the image column
+    caption_column: str = ""  # the reference captions column
+    objects_column: str = ""  # the object annotations column
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
     verify_refinements: bool = False  # critique each refined caption too; its pair keeps what that confirms
     # How the refined caption's critique confirms it: score (it must score the rewrite above the original),
@@ -336,7 +337,7 @@ RETIRED = {
 }
 
 
-def _set(config: Config, dotted: str, value: Any) -> None:
+def set_value(config: Config, dotted: str, value: Any) -> None:
     if dotted in RETIRED:
         raise ConfigError(f"{dotted} is no longer a setting: {RETIRED[dotted][1]}")
     section, _, key = dotted.partition(".")
@@ -402,30 +403,8 @@ def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> 
             if value == off:
                 continue
             raise ConfigError(f"{source}: {key}={value} is no longer a setting: {why}")
-        _set(config, key, value)
+        set_value(config, key, value)
     return config.validate()
-
-
-def config_reference(config: Config | None = None) -> str:
-    """Every setting as ``--section.key=default``, one section per line group (for --help)."""
-    config = config or Config()
-    lines = []
-    for section in dataclasses.fields(config):
-        node = getattr(config, section.name)
-
-        def show(value: Any) -> str:
-            return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-        items = [f"--{section.name}.{f.name}={show(getattr(node, f.name))}" for f in dataclasses.fields(node)]
-        lines.append(f"  {section.name}:")
-        line = "   "
-        for item in items:
-            if len(line) + len(item) > 100:
-                lines.append(line)
-                line = "   "
-            line += " " + item
-        lines.append(line)
-    return "\n".join(lines)
 
 
 # Settings a resume may change: where and how requests go, the budget, how often it evaluates and how many
@@ -434,67 +413,3 @@ RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
     "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds", "loop.eval_every",
 })
-
-
-class UsageError(ValueError):
-    """A command line that cannot run (argparse's own errors exit through it instead of SystemExit)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump; the caller exits with 2
-        raise UsageError(f"{message} (see python -m refine.loop --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _Parser(
-        prog="python -m refine.loop",
-        description="Caption images with the student, critique them, apply the critique (the textual step), "
-                    "and update the student with DPO on the resulting preference pairs, round after round. "
-                    "Every round is recorded under runs/<id>/ (see python -m refine.runs).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "Override any setting as --section.key=value. Settings and defaults:\n" + config_reference() + "\n\n"
-            "Examples:\n"
-            "  python -m refine.loop --images coco_val10 --critic.backend=openai --rounds 3\n"
-            "  python -m refine.loop --images photos/ --critic.backend=openai --critic.base_url=http://localhost:8000/v1 "
-            "--critic.model=Qwen/Qwen2.5-VL-7B-Instruct\n"
-            "  python -m refine.loop --resume RUN --max-critic-calls 500 --critic.base_url=http://other:8000/v1\n\n"
-            "On --resume, only settings that do not change what the rounds already run compute may change: "
-            + ", ".join(sorted(RESUMABLE_KEYS)) + "."
-        ),
-    )
-
-
-def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse the CLI: ``--images``, ``--config FILE``, ``--resume RUN`` and dotted overrides.
-
-    Returns the validated config and the parsed flags; ``args.overrides`` holds every dotted key that
-    the command line or the config file set (a resume checks them against ``RESUMABLE_KEYS``).
-    """
-    parser = build_parser()
-    parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-heldout[:N] | a folder | a glob | a .jsonl manifest")
-    parser.add_argument("--config", type=Path, help="a JSON (or TOML) file of {section: {key: value}}")
-    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C, or a finished run with more --rounds")
-    parser.add_argument("--rounds", help="shorthand for --loop.rounds")
-    parser.add_argument("--coco-root", help="shorthand for --loop.coco_root")
-    parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")
-    args, rest = parser.parse_known_args(argv)
-    config = Config()
-    overrides = flatten(read_config_file(args.config), f"--config {args.config}") if args.config else {}
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
-        key, value = item[2:].split("=", 1)
-        if key.startswith("update.lora."):  # --update.lora.r=16 is --update.lora_r=16
-            key = "update.lora_" + key.removeprefix("update.lora.")
-        overrides[key] = value
-    for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
-                         ("max_critic_calls", "loop.max_critic_calls")):
-        if getattr(args, name) is not None:
-            overrides[dotted] = getattr(args, name)
-    for key, value in overrides.items():
-        _set(config, key, value)
-    if not config.loop.images and not args.resume:
-        parser.error("--images is required (e.g. --images shapes, --images coco_val10, --images path/to/folder)")
-    args.overrides = overrides
-    return config.validate(), args

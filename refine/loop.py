@@ -26,7 +26,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict, load_config
+from refine.cli import check_effect, load_config
+from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
 from refine.images import ImageSet, load_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
@@ -396,7 +397,8 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     if config.loop.rounds < completed:
         raise ConfigError(f"--resume {args.resume}: loop.rounds {config.loop.rounds} is fewer than the {completed} "
                           f"round(s) the run has completed; give --rounds {completed} or more")
-    return log, config.validate(), changes
+    check_effect(config.validate(), changes)
+    return log, config, changes
 
 
 def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) -> Parts:

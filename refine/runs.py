@@ -43,6 +43,8 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if 0 < abs(value) < 0.0005:  # would print 0.000: a reward margin of 1e-5 is not zero
+            return f"{value:.2g}"
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
 
@@ -100,13 +102,15 @@ def _critique_line(c: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _rounds(log: RunLog, stage: str) -> list[int]:
+    """The rounds whose ``stage`` is on disk, in order."""
+    return [k for k in sorted(int(rd.name) for rd in (log.root / "rounds").glob("*")) if log.has_stage(k, stage)]
+
+
 def image_history(log: RunLog, image_id: str) -> Tree:
     """How one image's caption changed round by round, and the critique that caused each change."""
     tree = Tree(f"[bold]{escape(image_id)}[/]")
-    for rd in sorted((log.root / "rounds").glob("*")):
-        k = int(rd.name)
-        if not log.has_stage(k, "captions"):
-            continue
+    for k in _rounds(log, "captions"):
         caption = next((r for r in log.read_stage(k, "captions") if r["image_id"] == image_id), None)
         if caption is None:
             continue
@@ -133,6 +137,24 @@ def image_history(log: RunLog, image_id: str) -> Tree:
     return tree
 
 
+def held_out_history(log: RunLog, image_id: str) -> Tree | None:
+    """One held-out image's caption by each evaluated student (the final one last), or None if the run
+    never evaluated it. Held-out images are captioned only: never critiqued, never trained on."""
+    final = log.final_eval()
+    tree = None
+    for k in _rounds(log, "eval"):
+        row = next((r for r in log.read_stage(k, "eval") if r["image_id"] == image_id), None)
+        if row is None:
+            continue
+        if tree is None:
+            truth = ", ".join(f"{n} {label}" if n > 1 else label for label, n in (row.get("objects") or {}).items())
+            tree = Tree(f"[bold]{escape(image_id)}[/] (held-out: captioned, never critiqued or trained on)"
+                        + (f"\n[dim]annotated:[/] {escape(truth)}" if truth else ""))
+        who = "the final student" if final and k == final["round"] else f"the student entering round {k}"
+        tree.add(f"{who}: [cyan]{escape(row['caption'])}[/]")
+    return tree
+
+
 def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
     console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
@@ -143,8 +165,14 @@ def cmd_show(log: RunLog, image: str | None) -> None:
         console.print(metrics_table(metrics, title="rounds"))
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
     ids = [image] if image else [r["image_id"] for r in captions][:8]
-    if image is not None and image not in {r["image_id"] for r in captions}:
-        raise LookupError(f"image {image!r} is not in run {log.root.name}; known: {', '.join(r['image_id'] for r in captions[:10])}")
+    trained = (r["image_id"] == image for k in _rounds(log, "captions") for r in log.read_stage(k, "captions"))
+    if image is not None and not any(trained):
+        held_out = held_out_history(log, image)
+        if held_out is None:
+            raise LookupError(f"image {image!r} is not in run {log.root.name}, neither trained on nor held out; "
+                              f"known: {', '.join(r['image_id'] for r in captions[:10])}")
+        console.print(held_out)
+        return
     for image_id in ids:
         console.print(image_history(log, image_id))
     if not image and len(captions) > len(ids):

@@ -99,7 +99,7 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_roun
     that completed more rounds than asked, is refused with the key named."""
     import argparse
 
-    from refine.config import load_config
+    from refine.cli import load_config
     from refine.demo.driver import loop_args
     from refine.loop import absolute_paths
 
@@ -134,7 +134,7 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_roun
 def test_a_demo_refused_for_other_settings_leaves_nothing_behind(tmp_path):
     """``python -m refine.demo --control`` over a run made with other settings is refused before the toy
     student is trained or the control is started: no control run, no log, no student."""
-    from refine.config import load_config
+    from refine.cli import load_config
     from refine.demo import driver
     from refine.demo.toy_student import ToyRecipe, toy_student_dir
     from refine.loop import absolute_paths

@@ -246,17 +246,22 @@ def test_a_finished_run_goes_on_for_more_rounds_as_if_it_had_run_them(manifest, 
 
 
 def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manifest, tiny_student_dir, tmp_path,
-                                                                          capsys):
+                                                                          drawn_images, capsys):
     """``loop.eval_every=2`` over 3 rounds: the students entering rounds 0 and 2, and the final one, whose
     held-out metrics the run prints, records with ``run_done`` and ``refine.runs show`` lists."""
+    held_out = tmp_path / "held-out" / "images.jsonl"
+    held_out.parent.mkdir()
+    drawn_images["red-circle"].save(held_out.parent / "circle.png")
+    held_out.write_text('{"path": "circle.png", "id": "held-circle", "objects": {"sports ball": 1}}\n'
+                        + json.dumps({"path": str(manifest.parent / "bus.png"), "id": "held-bus"}) + "\n")
     log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=3", "--loop.eval_every=2",
-                         f"--loop.eval_images={manifest}"))
+                         f"--loop.eval_images={held_out}"))
     assert "held-out, the final student: CHAIR_s" in capsys.readouterr().err
     assert [k for k in range(4) if log.has_stage(k, "eval")] == [0, 2, 3]
     assert ["eval/chair_s" in json.loads((log.round_dir(k) / "metrics.json").read_text()) for k in range(3)] == [
         True, False, True]
     final = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=0", "--loop.eval_every=0",
-                           f"--loop.eval_images={manifest}", "--loop.run_id=none",
+                           f"--loop.eval_images={held_out}", "--loop.run_id=none",
                            f"--student.model={log.student_dir('last')}"))
     assert final.read_stage(0, "eval") == log.read_stage(3, "eval")  # the final student's, as a fresh run sees it
     def held_out(run):
@@ -267,6 +272,15 @@ def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manife
     capsys.readouterr()
     assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e"]) == 0
     assert "round 3 (final)" in capsys.readouterr().out
+    # A held-out image: its caption by each evaluated student, the final one last.
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", "held-circle"]) == 0
+    out = capsys.readouterr().out
+    captions = [r["caption"] for k in (0, 2, 3) for r in log.read_stage(k, "eval") if r["image_id"] == "held-circle"]
+    assert "held-out" in out and "annotated: sports ball" in out and len(captions) == 3
+    assert out.index("round 0") < out.index("round 2") < out.index("the final student")
+    assert all(c in out for c in captions)
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", "nowhere"]) == 2
+    assert "neither trained on nor held out" in capsys.readouterr().err
 
     # Taken on for a fourth round: round 3's evaluation (not due by eval_every) is the one recorded as
     # the final student's, read back once, not made again.
@@ -276,3 +290,9 @@ def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manife
     assert "eval/chair_s" in json.loads((log.round_dir(3) / "metrics.json").read_text())
     evals = [e["round"] for e in log.events() if e["event"] == "stage_done" and e["stage"] == "eval"]
     assert evals == [0, 2, 3, 4]
+
+
+def test_the_run_tables_print_a_small_value_as_itself_not_as_zero():
+    """A reward margin of 1e-5 after a round is a fact about the update; "0.000" hid it."""
+    assert [runs.fmt(v) for v in (1e-5, -2.5e-4, 0.0, 0.1234, -0.5, 12345.6, None, 3)] == [
+        "1e-05", "-0.00025", "0.000", "0.123", "-0.500", "12,346", "–", "3"]

@@ -181,7 +181,8 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
     The swapped control evaluates its final student only (``loop.eval_every=0``): it starts from the
     same student as the real run, on the same held-out scenes, so its opening evaluation is the real
     run's, and the demo prints no other round of it."""
-    from refine.config import RESUMABLE_KEYS, load_config
+    from refine.cli import load_config
+    from refine.config import RESUMABLE_KEYS
 
     common = [f"--loop.runs_dir={args.runs_dir}", f"--loop.run_id={run_id}"]
     fresh = [

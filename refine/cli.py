@@ -1,0 +1,167 @@
+"""The loop's command line: ``--images``, ``--config FILE``, ``--resume RUN``, the shorthands, and any
+setting as ``--section.key=value`` (or ``--section.key value``), parsed into a validated ``Config``.
+
+``--help`` lists every setting with its default and its meaning. The meanings are the comments beside
+and above each field in ``refine/config.py`` (read from its source, as simple-parsing reads dataclass
+field docs), so a setting is documented in exactly one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import re
+import textwrap
+import tokenize
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from refine.config import RESUMABLE_KEYS, Config, ConfigError, flatten, read_config_file, set_value
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:")
+
+
+def _trailing_comment(line: str) -> str:
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, SyntaxError):
+        return ""
+    return next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")
+
+
+@cache
+def setting_docs(cls: type) -> dict[str, str]:
+    """``{field: meaning}`` for a config dataclass: the comment block above a field and the comment
+    beside it, joined. Empty when the source cannot be read (a frozen app, say)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()[1:]
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    block: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            block.append(stripped.lstrip("#").strip())
+            continue
+        match = _FIELD.match(line)
+        if match and match.group(1) in names:
+            docs[match.group(1)] = " ".join(filter(None, [*block, _trailing_comment(line)]))
+        block = []
+    return docs
+
+
+def config_reference(config: Config | None = None, width: int = 100) -> str:
+    """Every setting as ``--section.key=default`` with its meaning, one group per section (for --help)."""
+    config = config or Config()
+    lines = []
+    for section in dataclasses.fields(config):
+        node = getattr(config, section.name)
+        docs = setting_docs(type(node))
+        lines.append(f"  {section.name}:")
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            flag = f"    --{section.name}.{f.name}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+            doc = docs.get(f.name, "")
+            if not doc:
+                lines.append(flag)
+            elif len(flag) <= 38:
+                lines.extend(textwrap.wrap(doc, width, initial_indent=flag.ljust(40), subsequent_indent=" " * 40))
+            else:
+                lines.append(flag)
+                lines.extend(textwrap.wrap(doc, width, initial_indent=" " * 40, subsequent_indent=" " * 40))
+    return "\n".join(lines)
+
+
+class UsageError(ValueError):
+    """A command line that cannot run (argparse's own errors exit through it instead of SystemExit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump; the caller exits with 2
+        raise UsageError(f"{message} (see python -m refine.loop --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _Parser(
+        prog="python -m refine.loop",
+        description="Caption images with the student, critique them, apply the critique (the textual step), "
+                    "and update the student with DPO on the resulting preference pairs, round after round. "
+                    "Every round is recorded under runs/<id>/ (see python -m refine.runs).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Override any setting as --section.key=value (or --section.key value). Settings, defaults and what "
+            "they do:\n" + config_reference() + "\n\n"
+            "Examples:\n"
+            "  python -m refine.loop --images coco_val10 --critic.backend=openai --rounds 3\n"
+            "  python -m refine.loop --images photos/ --critic.backend=openai --critic.base_url=http://localhost:8000/v1 "
+            "--critic.model=Qwen/Qwen2.5-VL-7B-Instruct\n"
+            "  python -m refine.loop --resume RUN --max-critic-calls 500 --critic.base_url=http://other:8000/v1\n\n"
+            "On --resume, only settings that do not change what the rounds already run compute may change: "
+            + ", ".join(sorted(RESUMABLE_KEYS)) + "."
+        ),
+    )
+
+
+def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``--section.key=value`` and ``--section.key value`` items as ``{"section.key": value}``."""
+    overrides: dict[str, str] = {}
+    items = iter(rest)
+    for item in items:
+        if not item.startswith("--"):
+            parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+        else:
+            key, value = item[2:], next(items, None)
+            if "." not in key:
+                parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
+            if value is None or value.startswith("--"):
+                parser.error(f"{item} needs a value: {item}=VALUE")
+        if key.startswith("update.lora."):  # --update.lora.r=16 is --update.lora_r=16
+            key = "update.lora_" + key.removeprefix("update.lora.")
+        overrides[key] = value
+    return overrides
+
+
+def check_effect(config: Config, overrides: dict[str, Any]) -> None:
+    """Refuse a setting the command line gives that the rest of the config makes a no-op."""
+    if "loop.eval_every" in overrides and not config.loop.eval_images:
+        raise ConfigError(f"loop.eval_every={config.loop.eval_every}: there is nothing to evaluate; give the "
+                          "held-out images as --loop.eval_images=SET too")
+
+
+def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the CLI: ``--images``, ``--config FILE``, ``--resume RUN`` and dotted overrides.
+
+    Returns the validated config and the parsed flags; ``args.overrides`` holds every dotted key that
+    the command line or the config file set (a resume checks them against ``RESUMABLE_KEYS``).
+    """
+    parser = build_parser()
+    parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-heldout[:N] | a folder | a glob | a .jsonl manifest")
+    parser.add_argument("--config", type=Path, help="a JSON (or TOML) file of {section: {key: value}}")
+    parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C, or a finished run with more --rounds")
+    parser.add_argument("--rounds", help="shorthand for --loop.rounds")
+    parser.add_argument("--coco-root", help="shorthand for --loop.coco_root")
+    parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")
+    args, rest = parser.parse_known_args(argv)
+    config = Config()
+    overrides = flatten(read_config_file(args.config), f"--config {args.config}") if args.config else {}
+    overrides.update(dotted_overrides(rest, parser))
+    for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
+                         ("max_critic_calls", "loop.max_critic_calls")):
+        if getattr(args, name) is not None:
+            overrides[dotted] = getattr(args, name)
+    for key, value in overrides.items():
+        set_value(config, key, value)
+    if not config.loop.images and not args.resume:
+        parser.error("--images is required (e.g. --images shapes, --images coco_val10, --images path/to/folder)")
+    args.overrides = overrides
+    config.validate()
+    if not args.resume:  # a resume checks the run's own config, once merged (loop._reopen)
+        check_effect(config, overrides)
+    return config, args

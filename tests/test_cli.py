@@ -1,0 +1,49 @@
+"""The loop's command line: both spellings of a setting, --help's meanings, a setting that would do nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from refine import loop
+from refine.cli import config_reference, load_config, setting_docs
+from refine.config import Config
+
+
+def test_a_setting_and_its_value_may_be_two_words():
+    apart = ["--images", "shapes", "--update.beta", "0.3", "--update.lora.r", "4", "--loop.eval_images",
+             "shapes-heldout:8", "--loop.eval_every", "2", "--rounds", "2", "--critic.noise", "0.25"]
+    joined = ["--images=shapes", "--update.beta=0.3", "--update.lora.r=4", "--loop.eval_images=shapes-heldout:8",
+              "--loop.eval_every=2", "--rounds=2", "--critic.noise=0.25"]
+    (a, a_args), (b, b_args) = load_config(apart), load_config(joined)
+    assert a.to_json() == b.to_json() and a_args.overrides == b_args.overrides
+    assert (a.update.beta, a.update.lora_r, a.loop.eval_every, a.critic.noise) == (0.3, 4, 2, 0.25)
+    assert a.to_json() != Config().to_json()
+
+
+def test_help_gives_every_setting_its_default_and_meaning():
+    config = Config()
+    undocumented = [f"{section.name}.{f.name}" for section in dataclasses.fields(config)
+                    for f in dataclasses.fields(getattr(config, section.name))
+                    if not setting_docs(type(getattr(config, section.name))).get(f.name)]
+    assert not undocumented, f"give these a comment in refine/config.py (it is their --help): {undocumented}"
+    text = config_reference()
+    # the comment beside the field, and a comment block above one
+    assert "--update.nll_weight=0.5" in text and "weight of the per-token NLL on the chosen caption" in text
+    lines = text.splitlines()
+    noise = next(i for i, line in enumerate(lines) if line.strip().startswith("--critic.noise=0.0"))
+    assert "error rate per object and critique" in " ".join(lines[noise:noise + 3])
+
+
+def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out_images(tmp_path, tiny_student_dir,
+                                                                                         photos, capsys):
+    photos["bus"].resize((64, 48)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "objects": {"bus": 1}}\n')
+    runs = tmp_path / "runs"
+    common = [f"--loop.runs_dir={runs}"]
+    assert loop.main(["--images", str(tmp_path / "m.jsonl"), f"--student.model={tiny_student_dir}", *common,
+                      "--loop.run_id=r", "--loop.use_regions=false", "--rounds=0"]) == 0
+    capsys.readouterr()
+    assert loop.main(["--resume", "r", *common, "--rounds=1", "--loop.eval_every", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "loop.eval_every=2: there is nothing to evaluate" in err and err.count("\n") == 1, err
+    assert loop.main(["--resume", "r", *common, "--rounds=1", "--student.n_samples=0"]) == 2  # not resumable
