@@ -296,3 +296,16 @@ def test_the_run_tables_print_a_small_value_as_itself_not_as_zero():
     """A reward margin of 1e-5 after a round is a fact about the update; "0.000" hid it."""
     assert [runs.fmt(v) for v in (1e-5, -2.5e-4, 0.0, 0.1234, -0.5, 12345.6, None, 3)] == [
         "1e-05", "-0.00025", "0.000", "0.123", "-0.500", "12,346", "–", "3"]
+
+
+def test_show_finds_an_image_that_only_a_later_round_took(manifest, tiny_student_dir, tmp_path, capsys):
+    """With ``loop.images_per_round``, round 0 holds some images and round 1 others; ``show --image``
+    looks in every round, not only round 0."""
+    log = loop.run(_args(manifest, tiny_student_dir, tmp_path / "runs", "--loop.images_per_round=2",
+                         "--student.n_samples=0", "--update.epochs=1"))
+    first = {r["image_id"] for r in log.read_stage(0, "captions")}
+    later = next(r["image_id"] for r in log.read_stage(1, "captions") if r["image_id"] not in first)
+    capsys.readouterr()
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", later]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: " in out and "round 0: " not in out
