@@ -1,7 +1,7 @@
 """``python -m refine.loop --images SPEC``: caption, find regions, critique, step, pair, update, record.
 
-Each round reads top to bottom below, in :func:`run`. The stages live in their modules; this file
-only sequences them, records them through :class:`refine.runlog.RunLog`, and draws progress.
+Each round reads top to bottom below, in :func:`_each_round`. The stages live in their modules; this file
+only sequences them, records them through :class:`refine.infra.runlog.RunLog`, and draws progress.
 
 Before the run directory exists, everything that can be wrong with the input is checked and loaded:
 the config, the image sets, the student, the critic, the detector. A bad input therefore costs one
@@ -14,6 +14,7 @@ flight, and ``--resume`` repeats no answered request.
 from __future__ import annotations
 
 import os
+import random
 import sys
 import traceback
 from collections.abc import Iterator
@@ -113,6 +114,16 @@ class Parts:
         if self.detector is None:
             return None
         return find([record], self.detector, self.config.regions, self.region_cache)[0]
+
+    def keep_best(self, log: RunLog, k: int, student, critiques: list, evaluation: list) -> None:
+        """Offer the student entering round ``k`` (or the final one) as ``student/best``: ranked by held-out
+        exact match if the held-out images are annotated (evaluated students only), else by the mean critic
+        score of its captions in round ``k``."""
+        if self.eval_images is None or all(r.objects is None for r in self.eval_images.records):
+            if critiques:
+                log.keep_best(k, student, "critic/mean_score", mean_score(critiques))
+        elif (exact := metrics_of_rows(evaluation, self.images.vocabulary()).get("exact")) is not None:
+            log.keep_best(k, student, "eval/exact", exact)
 
     def reload_student(self, path: Path):
         cfg = self.config.student
@@ -243,6 +254,7 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
     pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
     # the final student's held-out metrics: no round summary holds them (a round's are its entering student's)
     held_out = {f"eval/{key}": value for key, value in metrics_of_rows(final, vocab).items()}
+    parts.keep_best(log, loop.rounds, student, [], final)
     log.event("run_done", pairs=pairs_made, **({"eval": held_out} if held_out else {}))
     if held_out:
         console.print("held-out, the final student: " + ", ".join(
@@ -275,7 +287,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 with _relay_stops(ranks):
                     critiques, refined, judged, pairs = _judge(log, k, config, parts, records, captions, bars)
                 ranks.broadcast(pairs)
-                log.keep_best(k, student, mean_score(critiques))
+                parts.keep_best(log, k, student, critiques, evaluation)
             else:
                 pairs = ranks.broadcast(None)
                 if isinstance(pairs, tuple) and pairs[:1] == ("stop",):  # the main process stopped
@@ -322,8 +334,6 @@ def round_images(records: list, per_round: int, seed: int, k: int) -> list:
     until the set is used up."""
     if per_round <= 0 or per_round >= len(records):
         return list(records)
-    import random
-
     order = list(range(len(records)))
     random.Random(f"rounds/{seed}").shuffle(order)
     start = (k * per_round) % len(records)

@@ -282,6 +282,13 @@ def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manife
     assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", "nowhere"]) == 2
     assert "neither trained on nor held out" in capsys.readouterr().err
 
+    # student/best: ranked by held-out exact match, among the evaluated students, the final one included
+    rounds = log.metrics()
+    exact = {-1: rounds[0]["eval/exact"], 1: rounds[2]["eval/exact"], 2: held_out(log)["eval/exact"]}
+    best = log.student_state("best")
+    assert best["by"] == "eval/exact" and best["eval/exact"] == max(exact.values())
+    assert best["round"] == min(r for r, v in exact.items() if v == best["eval/exact"])
+
     # Taken on for a fourth round: round 3's evaluation (not due by eval_every) is the one recorded as
     # the final student's, read back once, not made again.
     assert loop.main(["--resume", "e2e", f"--loop.runs_dir={tmp_path / 'runs'}", "--rounds=4"]) == 0
@@ -309,3 +316,23 @@ def test_show_finds_an_image_that_only_a_later_round_took(manifest, tiny_student
     assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "e2e", "--image", later]) == 0
     out = capsys.readouterr().out
     assert "round 1: " in out and "round 0: " not in out
+
+
+def test_best_is_the_student_with_the_highest_score_by_one_measure(tiny_student_dir, tmp_path):
+    """``RunLog.keep_best``: a higher score replaces the best, a lower or NaN one does not, and a score by
+    another measure replaces one it cannot be compared with."""
+    log = RunLog.create(tmp_path / "runs", "best", {})
+    student = load_student(tiny_student_dir)
+
+    def offer(k, by, score):
+        log.keep_best(k, student, by, score)
+        state = log.student_state("best")
+        return state and (state["round"], state["by"], state[state["by"]])
+
+    assert offer(0, "critic/mean_score", float("nan")) is None  # every critique failed: no score
+    assert offer(1, "critic/mean_score", 0.5) == (0, "critic/mean_score", 0.5)
+    assert offer(2, "critic/mean_score", 0.4) == (0, "critic/mean_score", 0.5)
+    assert offer(3, "critic/mean_score", 0.6) == (2, "critic/mean_score", 0.6)
+    assert offer(4, "eval/exact", 0.1) == (3, "eval/exact", 0.1)
+    assert offer(5, "eval/exact", float("nan")) == (3, "eval/exact", 0.1)
+    assert (log.student_dir("best") / "config.json").exists()

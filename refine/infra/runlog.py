@@ -358,15 +358,17 @@ class RunLog:
         self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
         return student, list(rows)
 
-    def keep_best(self, k: int, student, score: float) -> None:
-        """Save the student that entered round ``k`` as ``student/best`` if ``score`` (its mean critic
-        score in round ``k``) beats the best so far. After this round's update that student is gone."""
+    def keep_best(self, k: int, student, by: str, score: float) -> None:
+        """Save the student entering round ``k`` (after the last round: the final one) as ``student/best``
+        if its ``score`` (the measure ``by``, higher is better) beats the best so far, or the best so far
+        has none by that measure. Saved before round ``k``'s update, which changes the student; a NaN
+        score (every critique failed) is no score."""
         state = self.student_state("last")
-        if not self.writer or (state and state["round"] >= k):
+        if not self.writer or (state and state["round"] >= k) or score != score:
             return
-        best = self.student_state("best")
-        if best is None or score > best["critic/mean_score"]:
-            self.save_student(student, "best", {"round": k - 1, "critic/mean_score": score})
+        previous = (self.student_state("best") or {}).get(by)
+        if previous is None or previous != previous or score > previous:
+            self.save_student(student, "best", {"round": k - 1, "by": by, by: score})
 
     def stage_seconds(self, k: int) -> dict[str, float]:
         """Seconds per stage of round ``k``: each recorded stage's ``stage_done`` event (from whichever
