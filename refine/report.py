@@ -193,7 +193,7 @@ def load_pixels(log: RunLog) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run id (under --runs-dir) or a run directory")
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
     parser.add_argument("--out", type=Path, help="where to write the page (default: RUN/report.html)")
     args = parser.parse_args(argv)
     try:

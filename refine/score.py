@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.score", description="Score a run per round: the student's captions (before) and the refined ones (after).",
                                      epilog="Writes runs/<id>/scores.json.")
     parser.add_argument("run", help="run id (a folder of runs/) or a path")
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
     parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIPScore model (hub id or dir)")
     parser.add_argument("--pick-model", default=DEFAULT_PICKSCORE_MODEL, help="PickScore model (hub id or dir)")

@@ -234,13 +234,16 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("student", metavar="STUDENT", help="a student directory (e.g. runs/<id>/student/last) or a hub id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="default: 8000")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--max-batch", type=int, default=16, help="images per batch at most (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help=f"largest upload accepted, in bytes (default {DEFAULT_MAX_BYTES:,}); larger: 413")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"largest image accepted, width x height read from its header before decoding "
+                             f"(default {DEFAULT_MAX_PIXELS:,}); larger: 413")
     parser.add_argument("--quantize", default="none", choices=("none", "8bit", "4bit"),
                         help="8- or 4-bit weights (bitsandbytes, CUDA only)")
     args = parser.parse_args(argv)

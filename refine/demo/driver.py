@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     from refine.demo.toy_student import ToyRecipe, ensure_toy_student, toy_student_dir, trained_on
 
     parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"rounds of the loop (default {ROUNDS}); more than an existing run's take it on from its last round")
     parser.add_argument("--train", type=int, default=300, help="training scenes per round")
     parser.add_argument("--heldout", type=int, default=480, help="held-out scenes for evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seeds the toy student's pretraining and the loop's sampling and shuffling")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure on the held-out scenes, or on validation scenes (for choosing settings)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any other loop setting, e.g. --set update.nll_weight=1.0 (repeatable; part of the run name)")
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default="runs", help="where the runs go (default: runs)")
     args = parser.parse_args(argv)
     args.defences = [d.strip() for d in args.defences.split(",") if d.strip()]
     unknown = [d for d in args.defences if d not in DEFENCES]

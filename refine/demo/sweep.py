@@ -129,7 +129,7 @@ def run_cell(cell: Cell, runs_dir: Path, log_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.demo.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", required=True, help="tune | readme | noise")
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default="runs", help="where the runs and the table go (default: runs)")
     parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="rounds per cell; more than a finished sweep's takes its runs on from their last round "
