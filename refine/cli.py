@@ -128,11 +128,14 @@ def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[s
     return overrides
 
 
-def check_effect(config: Config, overrides: dict[str, Any]) -> None:
-    """Refuse a setting the command line gives that the rest of the config makes a no-op."""
-    if "loop.eval_every" in overrides and not config.loop.eval_images:
-        raise ConfigError(f"loop.eval_every={config.loop.eval_every}: there is nothing to evaluate; give the "
-                          "held-out images as --loop.eval_images=SET too")
+def check_effect(config: Config, overrides: dict[str, Any], resume: str | None = None) -> None:
+    """Refuse a setting given a value other than its default that the rest of the config makes a no-op
+    (a saved config.json, which holds every default, passes)."""
+    default = type(config.loop).eval_every
+    if "loop.eval_every" in overrides and config.loop.eval_every != default and not config.loop.eval_images:
+        raise ConfigError(f"loop.eval_every={config.loop.eval_every}: there is nothing to evaluate; " + (
+            f"run {resume} has no held-out images (loop.eval_images), and a resume cannot add them" if resume
+            else "give the held-out images as --loop.eval_images=SET too"))
 
 
 def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:

@@ -14,7 +14,6 @@ flight, and ``--resume`` repeats no answered request.
 from __future__ import annotations
 
 import os
-import random
 import sys
 import traceback
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from rich.markup import escape
 
 from refine.cli import check_effect, load_config
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
-from refine.images import ImageSet, load_images, world_of
+from refine.images import ImageSet, load_images, round_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
 from refine.infra.interrupts import exit_now, second_interrupt_exits
@@ -38,7 +37,7 @@ from refine.infra.runlog import RunLog, to_row
 from refine.infra.trackers import Trackers
 from refine.infra.trackers import parse as parse_trackers
 from refine.metrics.summary import mean_score, metrics_of_rows, summarize_round
-from refine.runs import render_round
+from refine.runs import render_round, round_notes
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
 from refine.stages.lora import targets as lora_targets
@@ -303,9 +302,8 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
         trackers.log_round(k, metrics, history, steps)
         steps += len(history)
         render_round(metrics)
-        if not pairs:
-            console.print(f"[yellow]round {k}: no preference pairs[/] (no critique led to a different caption), "
-                          "so the student did not change this round")
+        for note in round_notes(metrics):
+            console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     return student
 
 
@@ -326,19 +324,6 @@ def _round_records(log: RunLog, k: int, records: list, loop) -> list:
     picked = round_images(records, loop.images_per_round, loop.seed, k)
     log.record(k, "images", [{"image_id": r.id} for r in picked])
     return picked
-
-
-def round_images(records: list, per_round: int, seed: int, k: int) -> list:
-    """The images of round ``k``: all of them, or with ``per_round`` > 0 the ``k``-th slice of that size of
-    one fixed shuffle of the set (by ``seed``), wrapping around, so consecutive rounds see fresh images
-    until the set is used up."""
-    if per_round <= 0 or per_round >= len(records):
-        return list(records)
-    order = list(range(len(records)))
-    random.Random(f"rounds/{seed}").shuffle(order)
-    start = (k * per_round) % len(records)
-    picked = [order[(start + i) % len(records)] for i in range(per_round)]
-    return [records[i] for i in sorted(picked)]
 
 
 def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, captions: list[CaptionSet],
@@ -407,7 +392,7 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     if config.loop.rounds < completed:
         raise ConfigError(f"--resume {args.resume}: loop.rounds {config.loop.rounds} is fewer than the {completed} "
                           f"round(s) the run has completed; give --rounds {completed} or more")
-    check_effect(config.validate(), changes)
+    check_effect(config.validate(), changes, args.resume)
     return log, config, changes
 
 
@@ -440,13 +425,18 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
                 raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of round {k} are no longer in "
                                  f"{loop.images} ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore "
                                  "them, or start a new run")
+    detects = loop.use_regions and images.detectable
+    if config.critic.backend == "grounded" and not detects and all(r.objects is None for r in images.records):
+        raise ConfigError(f"--images {loop.images}: no image has annotations, and without them (or the regions "
+                          "stage's detections: --loop.use_regions=true) the grounded critic cannot judge a caption; "
+                          'annotate them (a manifest\'s "objects") or use --critic.backend=openai')
     critic = step = detector = None
     if ranks.main:
         critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
         step = make_step(config.critic, config.step, images.vocabulary(), loop.pair_gate, loop.min_agreement)
         if loop.use_regions and not images.detectable:
             console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
-        detector = load_detector(config.regions.model) if loop.use_regions and images.detectable else None
+        detector = load_detector(config.regions.model) if detects else None
     source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
     cfg = config.student
     student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)

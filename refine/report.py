@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -159,11 +160,23 @@ def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: the page parses its data with JSON.parse, which takes
+    no NaN (a failed critique's score is NaN in the run's files)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def render(log: RunLog, images: dict[str, Any] | None = None) -> str:
     config = log.config
     metrics = log.metrics()
     data = cards(log, images or {})
-    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    blob = json.dumps(strict_json(data), ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     title = f"refine run {log.root.name}"
     summary = (f"{len(data)} images, {len(metrics)} round(s), status: {log.status()}; "
                f"{sum(c['changed'] for c in data)} changed, {sum(c['failed'] for c in data)} with a failed critique, "

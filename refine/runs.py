@@ -28,7 +28,7 @@ console = Console()
 ROUND_COLUMNS = [
     ("critic/mean_score", "critic mean score"), ("critic/failures", "critic failures"),
     ("critic/requests", "critic requests"), ("critic/cache_hits", "cache hits"), ("critic/tokens", "tokens"),
-    ("step/changed", "captions changed by step"), ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
+    ("step/changed", "captions changed by step"), ("step/rejected", "step replies rejected"), ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
     ("pairs/ranked", "pairs best≻worst"), ("update/loss", "loss"), ("update/dpo_loss", "DPO loss"),
     ("update/nll", "NLL"), ("update/rewards/accuracies", "reward accuracy"), ("update/rewards/margins", "reward margin"),
     ("train/chair_s", "train CHAIR_s"), ("train/chair_i", "train CHAIR_i"), ("train/recall", "train recall"),
@@ -65,6 +65,22 @@ def metrics_table(rows: list[dict[str, Any]], title: str | None = None) -> Table
 def render_round(metrics: dict[str, Any], out: Console | None = None) -> None:
     """The summary the loop prints after each round."""
     (out or Console(stderr=True)).print(metrics_table([metrics], title=f"round {metrics['round']}"))
+
+
+def round_notes(m: dict[str, Any]) -> list[str]:
+    """What went wrong in a round, one line each, from its summary: the loop prints them under its table."""
+    k, notes = m.get("round"), []
+    if m.get("step/rejected"):
+        why = ", ".join(f"{key.removeprefix('step/rejected/')} {n}" for key, n in m.items()
+                        if key.startswith("step/rejected/"))
+        notes.append(f"round {k}: the textual step's reply was rejected for {m['step/rejected']} caption(s) ({why}); "
+                     "those made no refined pair (python -m refine.runs show RUN --image ID says why)")
+    if not m.get("pairs/total"):
+        critiques, failed = m.get("critic/critiques", 0), m.get("critic/failures", 0)
+        reason = (f"all {failed} critiques failed" if critiques and failed == critiques
+                  else "no critique led to a different caption")
+        notes.append(f"round {k}: no preference pairs ({reason}), so the student did not change this round")
+    return notes
 
 
 def cmd_list(runs_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from refine import loop
 from refine.cli import config_reference, load_config, setting_docs
@@ -45,5 +46,15 @@ def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out
     capsys.readouterr()
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--loop.eval_every", "2"]) == 2
     err = capsys.readouterr().err
-    assert "loop.eval_every=2: there is nothing to evaluate" in err and err.count("\n") == 1, err
+    assert "loop.eval_every=2: there is nothing to evaluate; run r has no held-out images" in err, err
+    assert err.count("\n") == 1, err
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--student.n_samples=0"]) == 2  # not resumable
+
+
+def test_a_runs_own_config_file_starts_a_new_run_with_the_same_settings(tmp_path):
+    """A saved config.json holds every setting, defaults included (eval_every 1 without held-out images):
+    as --config it must load, and equal the config it was saved from."""
+    config, _ = load_config(["--images", "shapes:4", "--rounds", "2", "--update.beta", "0.3"])
+    (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
+    again, _ = load_config(["--config", str(tmp_path / "config.json")])
+    assert again.to_json() == config.to_json()

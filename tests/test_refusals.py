@@ -96,6 +96,8 @@ CASES = [
     ("detector that is not a model", lambda t, u: ["--loop.use_regions=true", f"--regions.model={t / 'work' / 'img.png'}"],
      "is not a detector ultralytics can run"),
     ("empty image set", lambda t, u: ["--images", "shapes:0"], "--images shapes:0: the image set is empty"),
+    ("grounded critic, no annotations, no detector", lambda t, u: ["--images", str(_manifest(t, ['{"path": "img.png"}']))],
+     "no image has annotations, and without them (or the regions stage's detections"),
     ("empty held-out set", lambda t, u: ["--loop.eval_images=shapes-heldout:0"],
      "--loop.eval_images shapes-heldout:0: the image set is empty"),
     ("held-out set that does not exist", lambda t, u: [f"--loop.eval_images={t / 'nowhere'}"],

@@ -30,12 +30,35 @@ def finished_run(tmp_path_factory, tiny_student_dir, bus_path, zidane_path):
     return loop.run(_args(tmp / "images.jsonl", tiny_student_dir, tmp / "runs", "--loop.log_with=tensorboard"))
 
 
+def page_data(page: str) -> list:
+    """The cards embedded in a report page, parsed as strictly as the browser's JSON.parse does."""
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON: JSON.parse would throw and the page show no card")
+
+    return json.loads(blob.replace("<\\/", "</"), parse_constant=refuse)
+
+
+def test_a_failed_critique_leaves_the_page_readable(tmp_path, tiny_student_dir, drawn_images):
+    """One image with no annotations (the grounded critic, no detector, cannot judge it): its critique fails
+    and its score is NaN in the run's files; the page's data must still parse, that card flagged failed."""
+    drawn_images["red-circle"].save(tmp_path / "a.png")
+    drawn_images["blue-square"].save(tmp_path / "b.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "objects": {"sports ball": 1}}\n{"path": "b.png"}\n')
+    log = loop.run(_args(tmp_path / "m.jsonl", tiny_student_dir, tmp_path / "runs", "--rounds=1",
+                         "--loop.use_regions=false", "--loop.max_failure_share=1"))
+    assert any(r["critique"]["score"] != r["critique"]["score"] for r in log.read_stage(0, "critiques"))  # NaN
+    assert report.main([str(log.root)]) == 0
+    cards = {c["id"]: c for c in page_data((log.root / "report.html").read_text())}
+    assert cards["b"]["failed"] and cards["b"]["rounds"][0]["score"] is None and not cards["a"]["failed"]
+
+
 def test_the_report_is_one_self_contained_page_with_every_image(finished_run, capsys):
     assert report.main(["--runs-dir", str(finished_run.root.parent), finished_run.root.name]) == 0
     page = (finished_run.root / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
-    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
-                      .group(1).replace("<\\/", "</"))
+    data = page_data(page)
     assert sorted(c["id"] for c in data) == ["bus", "drawn", "zidane"]
     for card in data:
         assert [r["round"] for r in card["rounds"]] == [0, 1]

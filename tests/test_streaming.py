@@ -361,7 +361,7 @@ def test_a_loop_runs_on_a_dataset(tmp_path, tiny_student_dir):
 
 
 def test_rounds_take_fresh_slices_of_a_large_set():
-    from refine.loop import round_images
+    from refine.images import round_images
 
     records = list(range(10))
     assert round_images(records, 0, 0, 3) == records

@@ -134,6 +134,28 @@ def _image_width(body) -> int:
     return Image.open(io.BytesIO(request_images(body)[0][1])).width
 
 
+def test_a_round_says_when_the_step_replies_were_rejected_or_every_critique_failed(manifest, tiny_student_dir,  # noqa: F811
+                                                                                  tmp_path, capsys, monkeypatch):
+    """A step that never answers with a caption, then a critic that always fails: each round says so under
+    its table, and the table has the rejected count (both runs read "done" in runs list otherwise)."""
+    monkeypatch.setattr(runs.console, "width", 250)
+
+    def chatty(body):
+        return critique_reply()(body) if request_images(body) else "Sure! Here is the improved caption:"
+
+    with FakeOpenAIServer(reply=lambda body: Fault.server_error()) as server:  # first: nothing cached yet
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--loop.run_id=f",
+                               "--loop.max_failure_share=1")) == 0
+    err = capsys.readouterr().err
+    assert "round 0: no preference pairs (all 8 critiques failed)" in err, err
+    with FakeOpenAIServer(reply=chatty) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url)) == 0
+    err = capsys.readouterr().err
+    rejected = RunLog(tmp_path / "runs" / "t").metrics()[0]["step/rejected"]
+    assert rejected > 0 and "step replies rejected" in err
+    assert f"the textual step's reply was rejected for {rejected} caption(s) (" in err
+
+
 def test_a_run_without_pairs_says_so(manifest, tiny_student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setattr(runs.console, "width", 250)
     with FakeOpenAIServer(reply=critique_reply(feedback="", score=0.5, missing=())) as server:

@@ -8,6 +8,7 @@ and CHAIR all read captions with (:func:`object_vocabulary`).
 from __future__ import annotations
 
 import glob
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from refine.images.files import _records_from_paths, load_manifest
 from refine.images.records import IMAGE_SUFFIXES, ImageRecord
 
-__all__ = ["ImageRecord", "ImageSet", "load_images", "object_vocabulary", "world_of"]
+__all__ = ["ImageRecord", "ImageSet", "load_images", "object_vocabulary", "round_images", "world_of"]
 
 
 @dataclass
@@ -118,3 +119,16 @@ def _load(spec: str, coco_root: str | None, flag: str, columns) -> ImageSet:
         f"{flag} {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
         "folder, a .jsonl manifest, a glob that matches files, or hf:DATASET[:split]"
     )
+
+
+def round_images(records: list, per_round: int, seed: int, k: int) -> list:
+    """The images of round ``k``: all of them, or with ``per_round`` > 0 the ``k``-th slice of that size of
+    one fixed shuffle of the set (by ``seed``), wrapping around, so consecutive rounds see fresh images
+    until the set is used up."""
+    if per_round <= 0 or per_round >= len(records):
+        return list(records)
+    order = list(range(len(records)))
+    random.Random(f"rounds/{seed}").shuffle(order)
+    start = (k * per_round) % len(records)
+    picked = [order[(start + i) % len(records)] for i in range(per_round)]
+    return [records[i] for i in sorted(picked)]
