@@ -145,7 +145,8 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     the command line or the config file set (a resume checks them against ``RESUMABLE_KEYS``).
     """
     parser = build_parser()
-    parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-heldout[:N] | a folder | a glob | a .jsonl manifest")
+    parser.add_argument("--images", help="coco_val10 | shapes[:N] | shapes-val:N | shapes-heldout[:N] | a folder | a glob | "
+                                         "a .jsonl manifest | hf:DATASET[:split]")
     parser.add_argument("--config", type=Path, help="a JSON (or TOML) file of {section: {key: value}}")
     parser.add_argument("--resume", metavar="RUN", help="continue runs/RUN (or a run dir path) after a crash, a stop or Ctrl-C, or a finished run with more --rounds")
     parser.add_argument("--rounds", help="shorthand for --loop.rounds")

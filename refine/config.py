@@ -184,7 +184,7 @@ class UpdateConfig:
     sft_epochs: int = 1  # in sft+dpo: passes of SFT before the DPO epochs
     # LoRA (peft): r > 0 trains adapters only (--update.lora.r=16 works too); targets default per architecture.
     lora_r: int = 0
-    lora_alpha: int = 32  # (dropout is off in updates, as in TRL, LoRA's included)
+    lora_alpha: int = 32  # LoRA's scale: an adapter adds alpha / r x its output (no dropout in updates, as in TRL)
     lora_targets: str = ""  # comma-separated module names to adapt; empty = the architecture's default
 
     def validate(self) -> None:
@@ -202,7 +202,8 @@ class UpdateConfig:
 
 @dataclass
 class LoopConfig:
-    images: str = ""  # named set, folder, glob or JSONL manifest
+    # coco_val10, shapes[:N], shapes-val:N, shapes-heldout[:N], a folder, a glob, a .jsonl manifest, hf:DATASET[:split]
+    images: str = ""
     rounds: int = 3  # caption → critique → step → update cycles
     seed: int = 0  # seeds the sampled captions and, with images_per_round, the order of the images
     runs_dir: str = "runs"  # where run directories go
@@ -216,18 +217,17 @@ class LoopConfig:
     pair_sources: str = "refined,ranked"  # which preference pairs to build
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
-    eval_images: str = ""  # optional held-out set, captioned greedily (see eval_every)
+    # held-out images (any --images spec), captioned greedily and scored; annotated, they rank student/best
+    eval_images: str = ""
     eval_every: int = 1  # evaluate the student entering rounds 0, N, 2N, ... and always the final one (0: only it)
     # Images per round: 0 = the whole set every round; N = a fresh slice of N each round (one fixed shuffle
     # by loop.seed, wrapping around), for sets too large to caption whole every round.
     images_per_round: int = 0
     # Experiment trackers through accelerate: tensorboard, mlflow, wandb, a comma-separated list, or all.
     log_with: str = ""
-    # For hf:DATASET image sets: the columns holding the image, the reference captions and the object
-    # annotations (empty: found by name; see refine.images.hf).
-    image_column: str = ""  # the image column
-    caption_column: str = ""  # the reference captions column
-    objects_column: str = ""  # the object annotations column
+    image_column: str = ""  # hf:DATASET sets: the column of the images (empty: found by name; refine.images.hf)
+    caption_column: str = ""  # hf:DATASET sets: the column of the reference captions (empty: found by name)
+    objects_column: str = ""  # hf:DATASET sets: the column of the object annotations (empty: found by name)
     # Defences against a wrong critic (see README, "A critic that is sometimes wrong"):
     verify_refinements: bool = False  # critique each refined caption too; its pair keeps what that confirms
     # How the refined caption's critique confirms it: score (it must score the rewrite above the original),

@@ -14,6 +14,7 @@ flight, and ``--resume`` repeats no answered request.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -180,7 +181,7 @@ def run(argv: list[str] | None = None) -> RunLog:
 
 def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
     """The rounds, and how a run that does not finish stops: each stop is an event, and resumable."""
-    resume = f"python -m refine.loop --resume {log.root}"
+    resume = f"python -m refine.loop --resume {shlex.quote(str(log.root))}"
     try:
         _rounds(log, config, parts)
     except RunStopped:  # another process's stop, relayed by the main one
@@ -261,9 +262,10 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
             soft_wrap=True)
     if pairs_made == 0 and loop.rounds > 0:
         console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
-                      "See why in: python -m refine.runs show " + escape(str(log.root)), soft_wrap=True)
-    console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show "
-                  f"{escape(str(log.root))}; the report: python -m refine.report {escape(str(log.root))}", soft_wrap=True)
+                      "See why in: python -m refine.runs show " + escape(shlex.quote(str(log.root))), soft_wrap=True)
+    root = escape(shlex.quote(str(log.root)))
+    console.print(f"Run written to [bold]{escape(str(log.root))}[/]. Inspect: python -m refine.runs show {root}; "
+                  f"the report: python -m refine.report {root}", soft_wrap=True)
 
 
 FINAL_EVAL = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"), ("exact", "exact")]

@@ -75,12 +75,6 @@ def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int 
     return "".join(parts)
 
 
-def with_final(log: RunLog, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rounds' metrics and, as the point after the last round, the final student's held-out ones."""
-    final = log.final_eval()
-    return [*metrics, final] if final else metrics
-
-
 def plots(metrics: list[dict[str, Any]]) -> list[str]:
     out = []
     groups = list(PLOTS) + [("seconds per stage", sorted({k for m in metrics for k in m if k.startswith("time/")}))]
@@ -182,7 +176,7 @@ def render(log: RunLog, images: dict[str, Any] | None = None) -> str:
                f"{sum(c['changed'] for c in data)} changed, {sum(c['failed'] for c in data)} with a failed critique, "
                f"{sum(c['rose'] for c in data)} whose hallucinations rose")
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__SUMMARY__", html.escape(summary)) \
-        .replace("__PLOTS__", "".join(plots(with_final(log, metrics))) or "<p>No completed round yet.</p>") \
+        .replace("__PLOTS__", "".join(plots(log.metrics(final=True))) or "<p>No completed round yet.</p>") \
         .replace("__CONFIG__", html.escape(json.dumps(config, indent=2, ensure_ascii=False))) \
         .replace("__PAGE__", str(PAGE)).replace("__DATA__", blob)
 
@@ -211,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         log = RunLog.open(args.run, args.runs_dir)
-    except FileNotFoundError as e:
+        page = render(log, load_pixels(log))
+    except (FileNotFoundError, ValueError) as e:  # no such run; its config.json damaged
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or log.root / "report.html"
-    page = render(log, load_pixels(log))
     try:
         atomic_write_text(out, page)
     except OSError as e:  # --out in a folder that does not exist or is not writable, a full disk

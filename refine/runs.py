@@ -173,20 +173,20 @@ def held_out_history(log: RunLog, image_id: str) -> Tree | None:
 
 def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
-    console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
-                         f"critic={cfg['critic']['backend']}  status={log.status()}"))
-    final = log.final_eval()  # beside the rounds' metrics (each round's are its entering student's)
-    metrics = [*log.metrics(), *([final] if final else [])]
-    if metrics:
-        console.print(metrics_table(metrics, title="rounds"))
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
     ids = [image] if image else [r["image_id"] for r in captions][:8]
-    trained = (r["image_id"] == image for k in _rounds(log, "captions") for r in log.read_stage(k, "captions"))
-    if image is not None and not any(trained):
-        held_out = held_out_history(log, image)
-        if held_out is None:
-            raise LookupError(f"image {image!r} is not in run {log.root.name}, neither trained on nor held out; "
-                              f"known: {', '.join(r['image_id'] for r in captions[:10])}")
+    trained = image is None or any(r["image_id"] == image for k in _rounds(log, "captions")
+                                   for r in log.read_stage(k, "captions"))
+    held_out = None if trained else held_out_history(log, image)
+    if not trained and held_out is None:  # checked before anything is printed
+        evaluated = log.read_stage(_rounds(log, "eval")[0], "eval") if _rounds(log, "eval") else []
+        raise LookupError(f"image {image!r} is not in run {log.root.name}, neither trained on nor held out; known: "
+                          + ", ".join(r["image_id"] for r in [*captions[:6], *evaluated[:4]]))
+    console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "
+                         f"critic={cfg['critic']['backend']}  status={log.status()}"))
+    if rows := log.metrics(final=True):
+        console.print(metrics_table(rows, title="rounds"))
+    if held_out is not None:
         console.print(held_out)
         return
     for image_id in ids:
@@ -207,19 +207,21 @@ def cmd_diff(a: RunLog, b: RunLog) -> None:
                 table.add_row(escape(f"{section}.{key}"), escape(json.dumps(va)), escape(json.dumps(vb)))
     console.print(table)
     for log in (a, b):
-        if log.metrics():
-            console.print(metrics_table(log.metrics(), title=escape(log.root.name)))
+        if rows := log.metrics(final=True):
+            console.print(metrics_table(rows, title=escape(log.root.name)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.runs", description="Inspect refine runs (reads runs/ only).")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs live (default: runs)")
+    common = argparse.ArgumentParser(add_help=False)  # --runs-dir after the command works too
+    common.add_argument("--runs-dir", type=Path, default=argparse.SUPPRESS, help="where runs live (default: runs)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="one line per run: images, critic, rounds, score, status")
-    show = sub.add_parser("show", help="a run's rounds, and per image how its caption changed and why")
+    sub.add_parser("list", parents=[common], help="one line per run: images, critic, rounds, score, status")
+    show = sub.add_parser("show", parents=[common], help="a run's rounds, and per image how its caption changed and why")
     show.add_argument("run", help="run id (a folder of runs/) or a path")
     show.add_argument("--image", help="only this image id")
-    diff = sub.add_parser("diff", help="config differences and metrics of two runs")
+    diff = sub.add_parser("diff", parents=[common], help="config differences and metrics of two runs")
     diff.add_argument("run_a")
     diff.add_argument("run_b")
     args = parser.parse_args(argv)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_show(RunLog.open(args.run, args.runs_dir), args.image)
         else:
             cmd_diff(RunLog.open(args.run_a, args.runs_dir), RunLog.open(args.run_b, args.runs_dir))
-    except (FileNotFoundError, LookupError) as e:
+    except (OSError, LookupError, ValueError) as e:
         Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     return 0

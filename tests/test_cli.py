@@ -1,11 +1,14 @@
-"""The loop's command line: both spellings of a setting, --help's meanings, a setting that would do nothing."""
+"""The command lines: both spellings of a setting, --help's meanings, a setting that would do nothing, and
+what refine.runs and refine.report say about runs that are not there or are damaged."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
-from refine import loop
+from refine import loop, report, runs
 from refine.cli import config_reference, load_config, setting_docs
 from refine.config import Config
 
@@ -49,6 +52,42 @@ def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out
     assert "loop.eval_every=2: there is nothing to evaluate; run r has no held-out images" in err, err
     assert err.count("\n") == 1, err
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--student.n_samples=0"]) == 2  # not resumable
+    # a message is one line when piped (rich cut them at 80 columns)
+    done = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", str(runs / "r")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "is complete; nothing to resume (--rounds N takes it on for more rounds)." in \
+        done.stderr and done.stderr.count("\n") == 1 and len(done.stderr) > 80, done.stderr
+
+
+def test_runs_and_report_on_runs_that_are_not_there_or_are_damaged(tmp_path, tiny_student_dir, photos, capsys):
+    photos["bus"].resize((64, 48)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "objects": {"bus": 1}}\n')
+    runs_dir = tmp_path / "runs"
+    base = ["--images", str(tmp_path / "m.jsonl"), f"--student.model={tiny_student_dir}", "--loop.use_regions=false",
+            "--rounds=1", "--student.n_samples=0", "--student.max_new_tokens=4"]
+    for run_id in ("a", "b"):
+        assert loop.main([*base, f"--loop.runs_dir={runs_dir}", f"--loop.run_id={run_id}",
+                          f"--loop.eval_images={tmp_path / 'm.jsonl'}"]) == 0
+    capsys.readouterr()
+    # --runs-dir after the command, as report and score take it; diff shows the final students too
+    assert runs.main(["diff", "a", "b", "--runs-dir", str(runs_dir)]) == 0
+    assert capsys.readouterr().out.count("round 1 (final)") == 2
+    # an unknown image: one line, and no table printed before it
+    assert runs.main(["show", "a", "--image", "nope", "--runs-dir", str(runs_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "neither trained on nor held out" in err
+    # a damaged config.json: one line naming the file, from every command
+    (runs_dir / "b" / "config.json").write_text('{"loop": ')
+    assert runs.main(["show", "b", "--runs-dir", str(runs_dir)]) == 2
+    assert report.main(["b", "--runs-dir", str(runs_dir)]) == 2
+    assert loop.main(["--resume", "b", f"--loop.runs_dir={runs_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("config.json: damaged, not valid JSON") == 3 and "Traceback" not in err, err
+    # a run that exists, and a runs dir that is a file: one line each, nothing made
+    assert loop.main([*base, f"--loop.runs_dir={runs_dir}", "--loop.run_id=a"]) == 2
+    assert f"continue it with --resume {runs_dir / 'a'}" in capsys.readouterr().err
+    assert loop.main([*base, f"--loop.runs_dir={tmp_path / 'm.jsonl' / 'runs'}"]) == 2
+    assert "is not a directory this process can write to" in capsys.readouterr().err
 
 
 def test_a_runs_own_config_file_starts_a_new_run_with_the_same_settings(tmp_path):

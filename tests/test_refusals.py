@@ -81,6 +81,8 @@ CASES = [
     ("failure share out of range", lambda t, u: ["--loop.max_failure_share=2"], "loop.max_failure_share=2.0"),
     ("pair source unknown", lambda t, u: ["--loop.pair_sources=best"], "loop.pair_sources='best'"),
     ("run id with a slash", lambda t, u: ["--loop.run_id=a/b"], "loop.run_id='a/b': must be a plain folder name"),
+    ("runs dir inside a file", lambda t, u: [f"--loop.runs_dir={t / 'work' / 'img.png' / 'runs'}"],
+     "img.png is not a directory this process can write to; choose another --loop.runs_dir"),
     ("image set that does not exist", lambda t, u: ["--images", str(t / "nowhere")], "not a named set"),
     ("folder without images", lambda t, u: ["--images", str(t / "empty")], "no image files"),
     ("student that does not exist", lambda t, u: [f"--student.model={t / 'no-student'}"], "could not load the student"),

@@ -116,7 +116,7 @@ def _load(spec: str, coco_root: str | None, flag: str, columns) -> ImageSet:
     if matches:
         return ImageSet(spec, *_records_from_paths(matches, spec, flag))
     raise ValueError(
-        f"{flag} {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-heldout:N), an existing "
+        f"{flag} {spec!r}: not a named set (coco_val10, shapes, shapes:N, shapes-val:N, shapes-heldout:N), an existing "
         "folder, a .jsonl manifest, a glob that matches files, or hf:DATASET[:split]"
     )
 

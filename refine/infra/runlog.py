@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -139,7 +140,12 @@ class RunLog:
         """Raise ``FileExistsError`` if ``run_id`` is taken (checked before anything is loaded)."""
         root = Path(runs_dir) / run_id
         if (root / "config.json").exists():
-            raise FileExistsError(f"run {root} already exists; pass --resume {run_id} to continue it, or another --loop.run_id")
+            raise FileExistsError(f"run {root} already exists; continue it with --resume {shlex.quote(str(root))}, "
+                                  "or pass another --loop.run_id")
+        existing = next(p for p in (root.parent, *root.parent.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise OSError(f"--loop.runs_dir {runs_dir}: {existing} is not a directory this process can write to; "
+                          "choose another --loop.runs_dir")
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, run_id: str, config: dict[str, Any]) -> RunLog:
@@ -160,7 +166,12 @@ class RunLog:
 
     @property
     def config(self) -> dict[str, Any]:
-        return json.loads((self.root / "config.json").read_text())
+        path = self.root / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: damaged, not valid JSON ({e}); restore it from a backup, or start a new "
+                             "run") from None
 
     @contextlib.contextmanager
     def lock(self):
@@ -389,9 +400,11 @@ class RunLog:
         write_json(self.round_dir(k) / "metrics.json", metrics)
         self.event("round_done", round=k)
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """Every completed round's metrics, in round order."""
-        return [json.loads(p.read_text()) for p in sorted((self.root / "rounds").glob("*/metrics.json"))]
+    def metrics(self, final: bool = False) -> list[dict[str, Any]]:
+        """Every completed round's metrics, in round order (a round's are its entering student's); with
+        ``final``, the final student's held-out row (``final_eval``) after them, once the run is done."""
+        rows = [json.loads(p.read_text()) for p in sorted((self.root / "rounds").glob("*/metrics.json"))]
+        return [*rows, *([last] if final and (last := self.final_eval()) else [])]
 
     def completed_rounds(self) -> int:
         return sum(1 for e in self.events() if e["event"] == "round_done")
