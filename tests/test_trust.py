@@ -230,7 +230,10 @@ def _wait_for(predicate, timeout=120.0):
         time.sleep(0.05)
 
 
-def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifest, tiny_student_dir, tmp_path, env,  # noqa: F811
+                                                                         sig):
+    """SIGTERM (docker stop, a scheduler) stops the run as Ctrl-C does: it used to kill it with no event."""
     hanging = threading.Event()
     hanging.set()
 
@@ -247,7 +250,7 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifes
         _wait_for(lambda: server.request_count >= 2)
         time.sleep(0.5)
         sent = time.perf_counter()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         stopped_in = time.perf_counter() - sent
         assert proc.returncode == 130, err

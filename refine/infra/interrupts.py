@@ -1,5 +1,7 @@
 """How a refine command ends on Ctrl-C: the first press stops the work within seconds (the caller
-records what finished), a second exits at once, and once the work is over a press exits quietly."""
+records what finished), a second exits at once, and once the work is over a press exits quietly.
+SIGTERM (``docker stop``, a scheduler's preemption, ``kill``) is a first Ctrl-C: the run stops the
+same way, recorded and resumable, and exits with 130 too."""
 
 from __future__ import annotations
 
@@ -30,15 +32,17 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
         presses += 1
         if presses > 1:
             os._exit(130)
-        console.print("[yellow]Stopping: queued requests cancelled, finished work is recorded "
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        console.print(f"[yellow]Stopping ({what}): queued requests cancelled, finished work is recorded "
                       "(press Ctrl-C again to quit at once) …[/]")
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield over
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def exit_now(code: int) -> None:
