@@ -155,11 +155,15 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     args, rest = parser.parse_known_args(argv)
     config = Config()
     overrides = flatten(read_config_file(args.config), f"--config {args.config}") if args.config else {}
-    overrides.update(dotted_overrides(rest, parser))
+    given = dotted_overrides(rest, parser)
     for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
                          ("max_critic_calls", "loop.max_critic_calls")):
         if getattr(args, name) is not None:
-            overrides[dotted] = getattr(args, name)
+            if dotted in given and str(given[dotted]) != str(getattr(args, name)):
+                parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} and --{dotted}={given[dotted]} set "
+                             "the same setting; give it once")
+            given[dotted] = getattr(args, name)
+    overrides.update(given)  # the command line over the config file
     for key, value in overrides.items():
         set_value(config, key, value)
     if not config.loop.images and not args.resume:

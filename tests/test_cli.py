@@ -97,3 +97,6 @@ def test_a_runs_own_config_file_starts_a_new_run_with_the_same_settings(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
     again, _ = load_config(["--config", str(tmp_path / "config.json")])
     assert again.to_json() == config.to_json()
+    # the command line wins over the file, a shorthand as well as a setting
+    over, _ = load_config(["--config", str(tmp_path / "config.json"), "--rounds", "5", "--update.beta=0.2"])
+    assert (over.loop.rounds, over.update.beta, over.loop.images) == (5, 0.2, "shapes:4")

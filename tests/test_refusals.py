@@ -61,6 +61,8 @@ CASES = [
     ("setting without a value", lambda t, u: ["--update.beta"], "--update.beta needs a value: --update.beta=VALUE"),
     ("setting followed by another", lambda t, u: ["--update.beta", "--rounds=1"], "--update.beta needs a value"),
     ("stray word", lambda t, u: ["0.3"], "unrecognized argument '0.3'"),
+    ("a shorthand and its setting disagree", lambda t, u: ["--rounds", "2", "--loop.rounds=9"],
+     "--rounds 2 and --loop.rounds=9 set the same setting; give it once"),
     ("evaluation interval without held-out images", lambda t, u: ["--loop.eval_every=2"],
      "loop.eval_every=2: there is nothing to evaluate; give the held-out images as --loop.eval_images=SET too"),
     ("value of the wrong type", lambda t, u: ["--student.batch_size=many"], "student.batch_size='many': expected int"),
