@@ -118,8 +118,7 @@ def _rows(log: RunLog, k: int, name: str) -> list[dict[str, Any]]:
 
 def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
     """One card per image: its rounds (caption, critique, refinement, pairs) and the filter flags."""
-    rounds = sorted(int(p.name) for p in (log.root / "rounds").iterdir() if (p / "captions.jsonl").exists()) \
-        if (log.root / "rounds").exists() else []
+    rounds = log.rounds_with("captions")
     by_image: dict[str, dict[str, Any]] = defaultdict(lambda: {"rounds": []})
     detections: dict[str, list] = {}
     for k in rounds:

@@ -118,15 +118,10 @@ def _critique_line(c: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def _rounds(log: RunLog, stage: str) -> list[int]:
-    """The rounds whose ``stage`` is on disk, in order."""
-    return [k for k in sorted(int(rd.name) for rd in (log.root / "rounds").glob("*")) if log.has_stage(k, stage)]
-
-
 def image_history(log: RunLog, image_id: str) -> Tree:
     """How one image's caption changed round by round, and the critique that caused each change."""
     tree = Tree(f"[bold]{escape(image_id)}[/]")
-    for k in _rounds(log, "captions"):
+    for k in log.rounds_with("captions"):
         caption = next((r for r in log.read_stage(k, "captions") if r["image_id"] == image_id), None)
         if caption is None:
             continue
@@ -158,7 +153,7 @@ def held_out_history(log: RunLog, image_id: str) -> Tree | None:
     never evaluated it. Held-out images are captioned only: never critiqued, never trained on."""
     final = log.final_eval()
     tree = None
-    for k in _rounds(log, "eval"):
+    for k in log.rounds_with("eval"):
         row = next((r for r in log.read_stage(k, "eval") if r["image_id"] == image_id), None)
         if row is None:
             continue
@@ -175,11 +170,11 @@ def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
     captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
     ids = [image] if image else [r["image_id"] for r in captions][:8]
-    trained = image is None or any(r["image_id"] == image for k in _rounds(log, "captions")
+    trained = image is None or any(r["image_id"] == image for k in log.rounds_with("captions")
                                    for r in log.read_stage(k, "captions"))
     held_out = None if trained else held_out_history(log, image)
     if not trained and held_out is None:  # checked before anything is printed
-        evaluated = log.read_stage(_rounds(log, "eval")[0], "eval") if _rounds(log, "eval") else []
+        evaluated = next((log.read_stage(k, "eval") for k in log.rounds_with("eval")), [])
         raise LookupError(f"image {image!r} is not in run {log.root.name}, neither trained on nor held out; known: "
                           + ", ".join(r["image_id"] for r in [*captions[:6], *evaluated[:4]]))
     console.print(escape(f"{log.root.name}  images={cfg['loop']['images']}  student={cfg['student']['model']}  "

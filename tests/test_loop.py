@@ -244,6 +244,18 @@ def test_a_finished_run_goes_on_for_more_rounds_as_if_it_had_run_them(manifest, 
                           env=env, capture_output=True).returncode == 0
     assert log.status() == "done" and log.completed_rounds() == 3 and log.has_stage(3, "eval")
 
+    # An extension killed in its first new round and then cut back: its rows of that round stay on disk
+    # (their critiques are paid for, and cached), but they are not the run's: the views leave them out.
+    kill_when_exists(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--rounds=4"], env,
+                     runs_dir / "e2e" / "rounds" / "003" / "captions.jsonl")
+    assert loop.main(["--resume", "e2e", f"--loop.runs_dir={runs_dir}", "--rounds=3"]) == 0
+    assert log.status() == "done" and log.has_stage(3, "captions") and log.rounds_with("captions") == [0, 1, 2]
+    assert log.rounds_with("eval") == [0, 1, 2, 3]
+    capsys.readouterr()
+    assert runs.main(["--runs-dir", str(runs_dir), "show", "e2e", "--image", "bus"]) == 0
+    out = capsys.readouterr().out
+    assert "round 2: " in out and "round 3: " not in out
+
 
 def test_eval_every_evaluates_the_rounds_due_and_always_the_final_student(manifest, tiny_student_dir, tmp_path,
                                                                           drawn_images, capsys):

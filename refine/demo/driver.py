@@ -66,8 +66,7 @@ EVAL_SETS = {"heldout": "shapes-heldout", "val": "shapes-val"}
 def eval_rows(log: RunLog) -> dict[int, list[dict[str, Any]]]:
     """Held-out captions by round: round k's are those of the student entering round k, the last round's
     the final student's (a run with ``loop.eval_every`` other than 1 has fewer)."""
-    rounds = sorted(int(p.name) for p in (log.root / "rounds").iterdir() if (p / "eval.jsonl").exists())
-    return {k: read_jsonl(log.stage_path(k, "eval")) for k in rounds}
+    return {k: read_jsonl(log.stage_path(k, "eval")) for k in log.rounds_with("eval")}
 
 
 def eval_vocabulary(log: RunLog):

@@ -273,6 +273,14 @@ class RunLog:
     def has_stage(self, k: int, name: str) -> bool:
         return self.stage_path(k, name).exists()
 
+    def rounds_with(self, name: str) -> list[int]:
+        """The rounds whose stage ``name`` is on disk, in order, among the run's: each round below
+        ``loop.rounds``, and at ``loop.rounds`` the final student's evaluation. A resume that cut an
+        interrupted extension short (``--rounds`` back down) leaves rows beyond them that are not the run's."""
+        last = self.config["loop"]["rounds"] - (name != "eval")
+        found = (int(p.name) for p in (self.root / "rounds").glob("*") if p.name.isdigit())
+        return sorted(k for k in found if k <= last and self.has_stage(k, name))
+
     def read_stage(self, k: int, name: str, record: type | None = None) -> list[Any]:
         """A recorded stage's rows, as ``record`` instances when a record type is given."""
         return [from_row(record, row) for row in read_jsonl(self.stage_path(k, name))]
