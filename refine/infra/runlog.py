@@ -277,9 +277,9 @@ class RunLog:
         """The rounds whose stage ``name`` is on disk, in order, among the run's: each round below
         ``loop.rounds``, and at ``loop.rounds`` the final student's evaluation. A resume that cut an
         interrupted extension short (``--rounds`` back down) leaves rows beyond them that are not the run's."""
-        last = self.config["loop"]["rounds"] - (name != "eval")
+        rounds = self.config.get("loop", {}).get("rounds")
         found = (int(p.name) for p in (self.root / "rounds").glob("*") if p.name.isdigit())
-        return sorted(k for k in found if k <= last and self.has_stage(k, name))
+        return sorted(k for k in found if (rounds is None or k <= rounds - (name != "eval")) and self.has_stage(k, name))
 
     def read_stage(self, k: int, name: str, record: type | None = None) -> list[Any]:
         """A recorded stage's rows, as ``record`` instances when a record type is given."""
