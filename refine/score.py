@@ -106,8 +106,7 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
 
     rounds: list[dict[str, Any]] = []
     main_by_round: list[dict[str, str]] = []
-    k = 0
-    while log.has_stage(k, "captions"):
+    for k in log.rounds_with("captions"):
         main = {r["image_id"]: r["caption"] for r in log.read_stage(k, "captions")}
         refined = {r["image_id"]: r["refined"] for r in log.read_stage(k, "refined")
                    if r["original"] == main.get(r["image_id"])} if log.has_stage(k, "refined") else {}
@@ -123,8 +122,12 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
                 scores["pickscore"] = mean(pick.score([r.image for r in recs], texts).tolist(), skip_nan=True)
             row[side] = scores
         rounds.append(row)
-        k += 1
     result: dict[str, Any] = {"run": log.root.name, "metrics": list(metrics), "rounds": rounds}
+    result["notes"] = [note for note, applies in (
+        ("the run has no captioned round yet: nothing to score", not rounds),
+        ("chair: no image of the run has annotated objects", "chair" in metrics and all(r.objects is None for r in records)),
+        ("cider, bleu: no image of the run has reference captions",
+         bool({"cider", "bleu"} & set(metrics)) and not any(r.references for r in records))) if applies]
     if "winrate" in metrics and len(main_by_round) < 2:
         result["winrate/note"] = "the win rate compares the last round with round 0: it needs 2 rounds or more"
     if "winrate" in metrics and len(main_by_round) > 1:
@@ -154,6 +157,8 @@ def render(result: dict[str, Any]) -> None:
         table.add_row(key, *[fmt(row[side].get(key)) for row in result["rounds"] for side in ("before", "after")])
     console = Console()
     console.print(table)
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if "winrate/note" in result:
         console.print(f"[yellow]{result['winrate/note']}[/]")
     if "winrate/last_vs_first" in result:

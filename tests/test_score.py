@@ -48,3 +48,20 @@ def test_score_rejects_unknown_metric(scored_run):
     _, argv = scored_run
     with pytest.raises(SystemExit):
         score.main([*argv, "--metrics", "clipscore,meteor"])
+
+
+def test_score_says_what_it_could_not_score(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    """A table with nothing in it came with no word of why: no annotations, no references, no round."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    bare = tmp_path / "bare.jsonl"  # the same images, without objects or references
+    bare.write_text("".join(json.dumps({"path": r["path"]}) + "\n" for r in rows))
+    runs_dir = tmp_path / "runs"
+    loop.run(_args(bare, tiny_student_dir, runs_dir, "--rounds=1", "--loop.max_failure_share=1"))  # detector on
+    loop.run(_args(manifest, tiny_student_dir, runs_dir, "--rounds=0", "--loop.run_id=none"))
+    capsys.readouterr()
+    assert score.main(["e2e", "--runs-dir", str(runs_dir), "--metrics", "chair,cider,diversity"]) == 0
+    out = capsys.readouterr().out
+    assert "chair: no image of the run has annotated objects" in out and "no image of the run has reference" in out
+    assert "diversity/distinct_1" in json.loads((runs_dir / "e2e" / "scores.json").read_text())["rounds"][0]["before"]
+    assert score.main(["none", "--runs-dir", str(runs_dir), "--metrics", "chair"]) == 0
+    assert "the run has no captioned round yet" in capsys.readouterr().out
