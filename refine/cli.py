@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from refine.config import RESUMABLE_KEYS, Config, ConfigError, flatten, read_config_file, set_value
+from refine.config import RESUMABLE_KEYS, RETIRED, Config, ConfigError, flatten, read_config_file, set_value
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
 
@@ -165,6 +165,8 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
             given[dotted] = getattr(args, name)
     overrides.update(given)  # the command line over the config file
     for key, value in overrides.items():
+        if key in RETIRED and value == RETIRED[key][0]:  # a saved config.json of an older version: the off value
+            continue
         set_value(config, key, value)
     if not config.loop.images and not args.resume:
         parser.error("--images is required (e.g. --images shapes, --images coco_val10, --images path/to/folder)")

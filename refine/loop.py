@@ -150,8 +150,7 @@ def run(argv: list[str] | None = None) -> RunLog:
             config.loop.run_id = ranks.broadcast(config.loop.run_id or (
                 f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.loop.images).name.replace(':', '-')}"))
             absolute_paths(config)
-            if ranks.main:
-                RunLog.check_new(config.loop.runs_dir, config.loop.run_id)
+            RunLog.check_new(config.loop.runs_dir, config.loop.run_id)  # every process: a bad one fails everywhere
             log, changes = None, {}
         parts = _load_parts(config, log, ranks)
         if ranks.main:
@@ -281,6 +280,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
             evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
                 student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if (
                 parts.eval_images and (_evaluates(k, loop) or log.has_stage(k, "eval"))) else []
+            parts.keep_best(log, k, student, [], evaluation)  # by held-out: before a stop in this round's critiques
             captions = parts.shared_stream(log, k, "captions", lambda done, sink: caption(
                 student, records, cfg, loop.seed * 1_000_003 + k, bars.add("caption", len(records)), done, sink, ranks),
                 CaptionSet)
@@ -288,7 +288,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 with _relay_stops(ranks):
                     critiques, refined, judged, pairs = _judge(log, k, config, parts, records, captions, bars)
                 ranks.broadcast(pairs)
-                parts.keep_best(log, k, student, critiques, evaluation)
+                parts.keep_best(log, k, student, critiques, [])  # by the critic, without annotated held-out images
             else:
                 pairs = ranks.broadcast(None)
                 if isinstance(pairs, tuple) and pairs[:1] == ("stop",):  # the main process stopped
@@ -431,7 +431,8 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     if config.critic.backend == "grounded" and not detects and all(r.objects is None for r in images.records):
         raise ConfigError(f"--images {loop.images}: no image has annotations, and without them (or the regions "
                           "stage's detections: --loop.use_regions=true) the grounded critic cannot judge a caption; "
-                          'annotate them (a manifest\'s "objects") or use --critic.backend=openai')
+                          'annotate them (a manifest\'s "objects") or use --critic.backend=openai'
+                          + (" in a new run (a resume cannot change the critic)" if log is not None else ""))
     critic = step = detector = None
     if ranks.main:
         critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)

@@ -78,7 +78,10 @@ def round_notes(m: dict[str, Any]) -> list[str]:
     if not m.get("pairs/total"):
         critiques, failed = m.get("critic/critiques", 0), m.get("critic/failures", 0)
         reason = (f"all {failed} critiques failed" if critiques and failed == critiques
-                  else "no critique led to a different caption")
+                  else "every step reply was rejected" if m.get("step/rejected") and not m.get("step/changed")
+                  else "no critique led to a different caption" if not m.get("step/changed")
+                  else f"verification confirmed none of the {m['pairs/unverified']} refinements"
+                  if m.get("pairs/unverified") else "no refinement made a pair")
         notes.append(f"round {k}: no preference pairs ({reason}), so the student did not change this round")
     return notes
 

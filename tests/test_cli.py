@@ -52,6 +52,13 @@ def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out
     assert "loop.eval_every=2: there is nothing to evaluate; run r has no held-out images" in err, err
     assert err.count("\n") == 1, err
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--student.n_samples=0"]) == 2  # not resumable
+    # the run's own config.json starts another run with its settings, as one of an older version (which
+    # holds a retired setting at its off value) does
+    saved = json.loads((runs / "r" / "config.json").read_text())
+    (tmp_path / "old.json").write_text(json.dumps({**saved, "student": {**saved["student"], "quantize": "none"}}))
+    for path in (runs / "r" / "config.json", tmp_path / "old.json"):
+        again, _ = load_config(["--config", str(path), "--loop.run_id=r2"])
+        assert {**again.to_json()["loop"], "run_id": "r"} == saved["loop"] and again.to_json()["update"] == saved["update"]
     # a message is one line when piped (rich cut them at 80 columns)
     done = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", str(runs / "r")], capture_output=True,
                           text=True)

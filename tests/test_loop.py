@@ -87,7 +87,7 @@ def test_two_rounds_end_to_end(manifest, tiny_student_dir, tmp_path, capsys):
 
 
 def test_existing_run_is_not_overwritten(manifest, tiny_student_dir, tmp_path):
-    args = _args(manifest, tiny_student_dir, tmp_path / "runs", "--loop.rounds=0")
+    args = _args(manifest, tiny_student_dir, tmp_path / "runs", "--rounds=0")
     loop.run(args)
     with pytest.raises(FileExistsError, match="--resume"):
         loop.run(args)
@@ -348,3 +348,47 @@ def test_best_is_the_student_with_the_highest_score_by_one_measure(tiny_student_
     assert offer(4, "eval/exact", 0.1) == (3, "eval/exact", 0.1)
     assert offer(5, "eval/exact", float("nan")) == (3, "eval/exact", 0.1)
     assert (log.student_dir("best") / "config.json").exists()
+
+
+def test_best_by_held_out_exact_match_includes_the_final_student(tmp_path, tiny_student_dir, drawn_images):
+    """``Parts.keep_best`` with annotated held-out images ranks the evaluated students by exact match, the
+    final one (offered after the last round) included; critic scores then play no part. A run whose best
+    predates the rule (its state has no ``by``) counts the exact matches its rounds recorded."""
+    from refine.config import Config
+    from refine.images import load_images
+
+    drawn_images["red-circle"].save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "id": "a", "objects": {"sports ball": 1}}\n')
+    images = load_images(str(tmp_path / "m.jsonl"))
+    parts = loop.Parts(images, images, None, None, None, None, Config())
+    student = load_student(tiny_student_dir)
+    log = RunLog.create(tmp_path / "runs", "r", {"loop": {"rounds": 2}})
+
+    def offer(k, caption, critiques=()):
+        evaluation = [{"image_id": "a", "caption": caption, "objects": {"sports ball": 1}}] if caption else []
+        parts.keep_best(log, k, student, list(critiques), evaluation)
+        state = log.student_state("best")
+        return state and (state["round"], state.get("by"))
+
+    assert offer(0, "a dog") == (-1, "eval/exact")
+    assert offer(1, "") == (-1, "eval/exact")  # not evaluated: no offer, whatever the critic said
+    assert offer(2, "a sports ball") == (1, "eval/exact")  # the final student, exact: best
+    assert offer(3, "a dog") == (1, "eval/exact")
+
+    log = RunLog.create(tmp_path / "runs", "old", {"loop": {"rounds": 3}})
+    log.save_student(student, "best", {"round": -1, "critic/mean_score": 0.9})  # saved before the rule
+    for k in (0, 1):
+        log.finish_round(k, {"round": k, "eval/exact": 0.0})
+    assert offer(2, "a dog") == (-1, None)  # no better than the rounds recorded before it: kept as it was
+    assert offer(3, "a sports ball") == (2, "eval/exact")
+
+
+def test_round_notes_say_why_a_round_made_no_pairs():
+    base = {"round": 2, "pairs/total": 0, "critic/critiques": 8, "critic/failures": 0, "step/changed": 0}
+    why = [runs.round_notes({**base, **extra})[-1] for extra in (
+        {"critic/failures": 8}, {"step/rejected": 5}, {}, {"step/changed": 4, "pairs/unverified": 4},
+        {"step/changed": 4})]
+    assert [w.split("(", 1)[1].split(")")[0] for w in why] == [
+        "all 8 critiques failed", "every step reply was rejected", "no critique led to a different caption",
+        "verification confirmed none of the 4 refinements", "no refinement made a pair"]
+    assert runs.round_notes({**base, "pairs/total": 3}) == []

@@ -34,7 +34,7 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
             os._exit(130)
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         console.print(f"[yellow]Stopping ({what}): queued requests cancelled, finished work is recorded "
-                      "(press Ctrl-C again to quit at once) …[/]")
+                      f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to quit at once) …[/]")
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -277,9 +277,12 @@ class RunLog:
         """The rounds whose stage ``name`` is on disk, in order, among the run's: each round below
         ``loop.rounds``, and at ``loop.rounds`` the final student's evaluation. A resume that cut an
         interrupted extension short (``--rounds`` back down) leaves rows beyond them that are not the run's."""
+        return self._own_rounds(lambda k: self.has_stage(k, name), final=name == "eval")
+
+    def _own_rounds(self, has: Callable[[int], bool], final: bool = False) -> list[int]:
         rounds = self.config.get("loop", {}).get("rounds")
         found = (int(p.name) for p in (self.root / "rounds").glob("*") if p.name.isdigit())
-        return sorted(k for k in found if (rounds is None or k <= rounds - (name != "eval")) and self.has_stage(k, name))
+        return sorted(k for k in found if (rounds is None or k < rounds + final) and has(k))
 
     def read_stage(self, k: int, name: str, record: type | None = None) -> list[Any]:
         """A recorded stage's rows, as ``record`` instances when a record type is given."""
@@ -386,6 +389,8 @@ class RunLog:
         if not self.writer or (state and state["round"] >= k) or score != score:
             return
         previous = (self.student_state("best") or {}).get(by)
+        if previous is None and by.startswith("eval/"):  # a run from before best was ranked so: its own rounds count
+            previous = max((m[by] for m in self.metrics() if m["round"] < k and by in m), default=None)
         if previous is None or previous != previous or score > previous:
             self.save_student(student, "best", {"round": k - 1, "by": by, by: score})
 
@@ -411,7 +416,8 @@ class RunLog:
     def metrics(self, final: bool = False) -> list[dict[str, Any]]:
         """Every completed round's metrics, in round order (a round's are its entering student's); with
         ``final``, the final student's held-out row (``final_eval``) after them, once the run is done."""
-        rows = [json.loads(p.read_text()) for p in sorted((self.root / "rounds").glob("*/metrics.json"))]
+        own = self._own_rounds(lambda k: (self.round_dir(k) / "metrics.json").exists())
+        rows = [json.loads((self.round_dir(k) / "metrics.json").read_text()) for k in own]
         return [*rows, *([last] if final and (last := self.final_eval()) else [])]
 
     def completed_rounds(self) -> int:
