@@ -46,7 +46,11 @@ def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out
     common = [f"--loop.runs_dir={runs}"]
     assert loop.main(["--images", str(tmp_path / "m.jsonl"), f"--student.model={tiny_student_dir}", *common,
                       "--loop.run_id=r", "--loop.use_regions=false", "--rounds=0"]) == 0
-    capsys.readouterr()
+    assert "is the training set" not in capsys.readouterr().err
+    assert loop.main(["--images", str(tmp_path / "m.jsonl"), f"--student.model={tiny_student_dir}", *common,
+                      "--loop.run_id=same", "--loop.use_regions=false", "--rounds=0",
+                      f"--loop.eval_images={tmp_path / 'm.jsonl'}"]) == 0
+    assert "note: --loop.eval_images is the training set" in capsys.readouterr().err
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--loop.eval_every", "2"]) == 2
     err = capsys.readouterr().err
     assert "loop.eval_every=2: there is nothing to evaluate; run r has no held-out images" in err, err
