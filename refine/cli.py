@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from refine.config import RESUMABLE_KEYS, RETIRED, Config, ConfigError, flatten, read_config_file, set_value
+from refine.config import RESUMABLE_KEYS, Config, ConfigError, file_overrides, read_config_file, set_value
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
 
@@ -154,7 +154,7 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     parser.add_argument("--max-critic-calls", help="shorthand for --loop.max_critic_calls")
     args, rest = parser.parse_known_args(argv)
     config = Config()
-    overrides = flatten(read_config_file(args.config), f"--config {args.config}") if args.config else {}
+    overrides = file_overrides(read_config_file(args.config), f"--config {args.config}") if args.config else {}
     given = dotted_overrides(rest, parser)
     for name, dotted in (("images", "loop.images"), ("rounds", "loop.rounds"), ("coco_root", "loop.coco_root"),
                          ("max_critic_calls", "loop.max_critic_calls")):
@@ -165,8 +165,6 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
             given[dotted] = getattr(args, name)
     overrides.update(given)  # the command line over the config file
     for key, value in overrides.items():
-        if key in RETIRED and value == RETIRED[key][0]:  # a saved config.json of an older version: the off value
-            continue
         set_value(config, key, value)
     if not config.loop.images and not args.resume:
         parser.error("--images is required (e.g. --images shapes, --images coco_val10, --images path/to/folder)")

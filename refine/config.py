@@ -395,14 +395,23 @@ def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
-    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
+def file_overrides(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config file's (or a saved config.json's) ``{section: {key: value}}`` as dotted overrides. A
+    retired key at its off value is dropped (older versions saved it); any other value is refused."""
+    out: dict[str, Any] = {}
     for key, value in flatten(data, source).items():
         if key in RETIRED:
             off, why = RETIRED[key]
             if value == off:
                 continue
             raise ConfigError(f"{source}: {key}={value} is no longer a setting: {why}")
+        out[key] = value
+    return out
+
+
+def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` dict (a config file, or a saved config.json), then validate."""
+    for key, value in file_overrides(data, source).items():
         set_value(config, key, value)
     return config.validate()
 

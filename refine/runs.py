@@ -28,7 +28,8 @@ console = Console()
 ROUND_COLUMNS = [
     ("critic/mean_score", "critic mean score"), ("critic/failures", "critic failures"),
     ("critic/requests", "critic requests"), ("critic/cache_hits", "cache hits"), ("critic/tokens", "tokens"),
-    ("step/changed", "captions changed by step"), ("step/rejected", "step replies rejected"), ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
+    ("step/changed", "captions changed by step"), ("step/rejected", "step replies rejected"),
+    ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
     ("pairs/ranked", "pairs best≻worst"), ("update/loss", "loss"), ("update/dpo_loss", "DPO loss"),
     ("update/nll", "NLL"), ("update/rewards/accuracies", "reward accuracy"), ("update/rewards/margins", "reward margin"),
     ("train/chair_s", "train CHAIR_s"), ("train/chair_i", "train CHAIR_i"), ("train/recall", "train recall"),
@@ -77,11 +78,13 @@ def round_notes(m: dict[str, Any]) -> list[str]:
                      "those made no refined pair (python -m refine.runs show RUN --image ID says why)")
     if not m.get("pairs/total"):
         critiques, failed = m.get("critic/critiques", 0), m.get("critic/failures", 0)
-        reason = (f"all {failed} critiques failed" if critiques and failed == critiques
-                  else "every step reply was rejected" if m.get("step/rejected") and not m.get("step/changed")
-                  else "no critique led to a different caption" if not m.get("step/changed")
-                  else f"verification confirmed none of the {m['pairs/unverified']} refinements"
-                  if m.get("pairs/unverified") else "no refinement made a pair")
+        causes = [  # the first that applies
+            (critiques and failed == critiques, f"all {failed} critiques failed"),
+            (m.get("step/rejected") and not m.get("step/changed"), "every step reply was rejected"),
+            (not m.get("step/changed"), "no critique led to a different caption"),
+            (m.get("pairs/unverified"), f"verification confirmed none of the {m.get('pairs/unverified')} refinements"),
+        ]
+        reason = next((why for applies, why in causes if applies), "no refinement made a pair")
         notes.append(f"round {k}: no preference pairs ({reason}), so the student did not change this round")
     return notes
 
@@ -171,10 +174,11 @@ def held_out_history(log: RunLog, image_id: str) -> Tree | None:
 
 def cmd_show(log: RunLog, image: str | None) -> None:
     cfg = log.config
-    captions = log.read_stage(0, "captions") if log.has_stage(0, "captions") else []
+    rounds = log.rounds_with("captions")
+    captions = log.read_stage(rounds[0], "captions") if rounds else []
     ids = [image] if image else [r["image_id"] for r in captions][:8]
-    trained = image is None or any(r["image_id"] == image for k in log.rounds_with("captions")
-                                   for r in log.read_stage(k, "captions"))
+    trained = image is None or any(r["image_id"] == image for r in captions) or any(  # round 0 read once
+        r["image_id"] == image for k in rounds[1:] for r in log.read_stage(k, "captions"))
     held_out = None if trained else held_out_history(log, image)
     if not trained and held_out is None:  # checked before anything is printed
         evaluated = next((log.read_stage(k, "eval") for k in log.rounds_with("eval")), [])
