@@ -51,9 +51,9 @@ from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, lo
 class RunStopped(Exception):
     """The run stopped before its end and can be resumed. ``code`` is the exit status for the shell."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, resume: str = ""):
         super().__init__(message)
-        self.code = code
+        self.code, self.resume = code, resume  # resume: the command the message gives to continue, if any
 
 
 @dataclass
@@ -192,14 +192,14 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
                       f"total: {escape(resume)} --max-critic-calls N", soft_wrap=True)
     except KeyboardInterrupt:
         log.event("interrupted", completed_rounds=log.completed_rounds(), critic_calls=parts.spend.settle_stop())
-        raise RunStopped(f"Interrupted. Finished work is recorded. Continue with: {resume}", 130) from None
+        raise RunStopped(f"Interrupted. Finished work is recorded. Continue with: {resume}", 130, resume) from None
     except TooManyFailures as stop:
         log.event("failure_stop", stage=stop.stage, failures=stop.failures, total=stop.total,
                   first_error=stop.first_error, critic_calls=parts.spend.settle_stop())
         raise RunStopped(f"Stopped: {stop}. More than loop.max_failure_share={config.loop.max_failure_share} "
                          "of the round failed; finished answers are cached. Fix the cause, then continue with: "
                          f"{resume} (settings such as --critic.base_url=URL or --critic.timeout=S may change on "
-                         "resume)", 1) from None
+                         "resume)", 1, resume) from None
     except Exception as e:  # anything else mid-run: not an input error; keep what finished, say where to look
         trace = log.root / "crash.log"
         if log.writer:
@@ -207,7 +207,7 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
         log.event("crashed", completed_rounds=log.completed_rounds(), error=f"{type(e).__name__}: {e}",
                   critic_calls=parts.spend.settle_stop())
         raise RunStopped(f"Stopped by an error: {type(e).__name__}: {e}. Finished stages are kept; the traceback "
-                         f"is in {trace}. Fix the cause, then continue with: {resume}", 1) from e
+                         f"is in {trace}. Fix the cause, then continue with: {resume}", 1, resume) from e
 
 
 def absolute_paths(config: Config) -> None:

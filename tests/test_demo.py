@@ -196,3 +196,44 @@ def test_the_control_process_waits_for_the_toy_student_then_runs_the_loop(tmp_pa
     trainer.join()
     assert seen == [[]] and codes == [2]  # it waited, then refine.loop ran (no arguments: "--images is required")
     assert control_when_ready(os.getppid() + 1_000_000, str(tmp_path / "never"), []) == 1  # the demo is gone
+
+
+def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs(biased_student, tmp_path):
+    """SIGTERM (``docker stop``; Ctrl-C alike) mid-run: exit 130 with one line giving the demo's own command,
+    which resumes the run and its control to the end. It printed a traceback ending in the loop's
+    ``--resume``, which does not print the demo's table, and left the control running."""
+    import os
+    import shlex
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from refine.demo.toy_student import ToyRecipe, toy_student_dir
+    from refine.infra.runlog import RunLog
+
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    shutil.copytree(biased_student, toy_student_dir(ToyRecipe(seed=11), cache))  # stands in for the demo's student
+    env = {**os.environ, "REFINE_CACHE_DIR": str(cache), "COLUMNS": "300"}  # no line breaks to search across
+    argv = ["--seed", "11", "--rounds", "3", "--train", "8", "--heldout", "8", "--control", "--runs-dir", str(runs)]
+    command = [sys.executable, "-m", "refine.demo", *argv]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not all((runs / run / "rounds" / "000" / "captions.jsonl").exists()
+                  for run in ("demo-shapes-seed11", "demo-shapes-seed11-swapped")):
+        assert proc.poll() is None and time.time() < deadline, "the demo ended or stalled before both runs captioned"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    assert f"Continue with: python -m refine.demo {shlex.join(argv)}" in out, out
+    assert RunLog(runs / "demo-shapes-seed11", writer=False).completed_rounds() < 3
+    control = RunLog(runs / "demo-shapes-seed11-swapped", writer=False)
+    assert control.events()[-1]["event"] == "interrupted", control.events()  # stopped with the run, not orphaned
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Headline: CHAIR_s" in done.stdout and "resuming" in done.stderr
+    for run in ("demo-shapes-seed11", "demo-shapes-seed11-swapped"):
+        assert RunLog(runs / run, writer=False).status() == "done", run

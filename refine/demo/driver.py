@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -244,6 +245,42 @@ def control_when_ready(demo_pid: int, student_dir: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The demo; on Ctrl-C or SIGTERM it stops both runs with what finished recorded (exit 130) and gives
+    the command that continues them: itself, run again."""
+    from refine.infra.interrupts import second_interrupt_exits
+
+    with second_interrupt_exits() as over:
+        try:
+            code = _demo(argv)
+        except BaseException as e:
+            over(130)  # from here on a Ctrl-C has nothing left to stop
+            return _stopped(e, sys.argv[1:] if argv is None else argv)
+        over(code)
+    return code
+
+
+def _stopped(e: BaseException, argv: list[str]) -> int:
+    """How the demo ends on ``e``: a run that stopped (Ctrl-C, SIGTERM, failures) says so in one line with
+    the demo's own command to continue (the loop's ``--resume`` would not print the demo's table);
+    anything else is raised."""
+    from refine.infra.interrupts import exit_now
+    from refine.loop import RunStopped
+
+    again = " ".join(["python -m refine.demo", *map(shlex.quote, argv)])
+    if isinstance(e, RunStopped):
+        message = str(e).replace(e.resume, again) if e.resume else str(e)
+        console.print(("[red]" if e.code != 130 else "[yellow]") + escape(message) + "[/]", soft_wrap=True)
+        if e.code == 130:
+            exit_now(130)  # without joining the threads of abandoned requests
+        return e.code
+    if isinstance(e, KeyboardInterrupt):  # outside the rounds: pretraining the toy student, or awaiting the control
+        console.print(f"[yellow]Interrupted. Finished work is recorded (nothing half-made is kept). Continue "
+                      f"with: {escape(again)}[/]", soft_wrap=True)
+        exit_now(130)
+    raise e
+
+
+def _demo(argv: list[str] | None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -301,22 +338,22 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"swapped-pair control: running beside this one, log in {escape(str(control_log))}")
             torch.set_num_threads(1)
         logs = {"refine": loop.run(run_args)}
+        if control is not None:
+            console.print("waiting for the swapped-pair control …")
+            if control.wait() == 0:
+                logs["swapped control"] = RunLog(Path(args.runs_dir) / f"{run_id}-swapped")
+            else:
+                failed = True
     except BaseException:
         if control is not None:
             if control.poll() is None:
-                control.terminate()  # the real run failed: do not leave the control writing on its own
+                control.terminate()  # the real run failed or was stopped: do not leave the control writing on its own
                 control.wait()
             if new_log and not (Path(args.runs_dir) / f"{run_id}-swapped").exists():
                 control_log.unlink(missing_ok=True)  # it never started: leave nothing behind
                 if made_runs_dir and not any(Path(args.runs_dir).iterdir()):
                     Path(args.runs_dir).rmdir()
         raise
-    if control is not None:
-        console.print("waiting for the swapped-pair control …")
-        if control.wait() == 0:
-            logs["swapped control"] = RunLog(Path(args.runs_dir) / f"{run_id}-swapped")
-        else:
-            failed = True
     start = eval_rows(logs["refine"]).get(0)  # the control's opening evaluation (see loop_args)
     results = {name: summary(log, start) for name, log in logs.items()}
     render(results, "validation scenes" if args.eval_set == "val" else "held-out scenes")
