@@ -132,8 +132,11 @@ def image_history(log: RunLog, image_id: str) -> Tree:
         if caption is None:
             continue
         node = tree.add(f"round {k}: [cyan]{escape(caption['caption'])}[/]")
-        critiques = {r["caption"]: r["critique"] for r in log.read_stage(k, "critiques") if r["image_id"] == image_id} \
-            if log.has_stage(k, "critiques") else {}
+        if not log.has_stage(k, "critiques"):
+            node.add("[dim]not critiqued: the run stopped before this round's critiques were done "
+                     "(--resume finishes them)[/]")
+            continue
+        critiques = {r["caption"]: r["critique"] for r in log.read_stage(k, "critiques") if r["image_id"] == image_id}
         c = critiques.get(caption["caption"])
         if c:
             node.add(_critique_line(c))

@@ -87,6 +87,11 @@ def test_runs_and_report_on_runs_that_are_not_there_or_are_damaged(tmp_path, tin
     assert runs.main(["show", "a", "--image", "nope", "--runs-dir", str(runs_dir)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "neither trained on nor held out" in err
+    # a run stopped before its round's critiques were done says so under the caption (it printed nothing)
+    for stage in ("critiques", "refined", "pairs", "update"):
+        (runs_dir / "b" / "rounds" / "000" / f"{stage}.jsonl").unlink()
+    assert runs.main(["show", "b", "--image", "a", "--runs-dir", str(runs_dir)]) == 0
+    assert "not critiqued: the run stopped before this round's critiques were done" in capsys.readouterr().out
     # a damaged config.json: one line naming the file, from every command
     (runs_dir / "b" / "config.json").write_text('{"loop": ')
     assert runs.main(["show", "b", "--runs-dir", str(runs_dir)]) == 2
