@@ -308,8 +308,7 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
              sweep.Cell(2, control=True)]
     monkeypatch.setattr(sweep, "_cells", lambda name: cells)
     ran = []
-    monkeypatch.setattr(sweep, "run_cell", lambda cell, runs_dir, log_dir: ran.append(cell.name) or 1)
-    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: None)  # the toy students exist
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, runs_dir, log_dir, children: ran.append(cell.name) or 1)
     for cell in cells[:2]:
         (tmp_path / cell.name).mkdir()
         (tmp_path / cell.name / "demo.json").write_text(json.dumps({"refine": {"after": {"chair_s": 0.1},
@@ -319,7 +318,7 @@ def test_the_sweep_reads_finished_cells_back_and_runs_only_the_rest(tmp_path, mo
     # seed 0's toy student records where it was trained; seed 1's predates that record
     monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
     machine = {"cpu": "a CPU (family 6, model 1)", "cpu_capability": "AVX2", "torch": "2.0"}
-    for seed, log in ((0, {"machine": machine}), (1, {})):
+    for seed, log in ((0, {"machine": machine}), (1, {}), (2, {})):  # all exist: nothing to pretrain
         student = toy.toy_student_dir(toy.ToyRecipe(seed))
         student.mkdir(parents=True)
         (student / "train_log.json").write_text(json.dumps(log))
@@ -376,3 +375,52 @@ def test_the_loop_verifies_refinements_by_the_configured_rule(tiny_student_dir, 
     assert (metrics["pairs/unverified"], metrics["pairs/repaired"]) == (counts["unverified"], counts["repaired"])
     assert counts["unverified"] and kept  # noise at 25% leaves some of each
     assert bool(counts["repaired"]) == (rule == "repair")
+
+
+def test_a_stopped_sweep_stops_its_runs_starts_no_more_and_says_how_to_continue(tmp_path):
+    """Ctrl-C (a terminal sends it to the sweep; its runs have sessions of their own) or SIGTERM: each run
+    gets one SIGTERM, as a demo stops on (it records what finished), no queued cell starts, and the
+    sweep exits 130 naming its own command. It printed a traceback, and SIGTERM left its runs going."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from refine.demo import toy_student as toy
+
+    for seed in range(4):  # the toy students exist: nothing to pretrain
+        student = toy.toy_student_dir(toy.ToyRecipe(seed), tmp_path / "cache")
+        student.mkdir(parents=True)
+        (student / "train_log.json").write_text("{}")
+    run = textwrap.dedent(f"""
+        import pathlib, signal, sys, time
+        marks = pathlib.Path({str(tmp_path)!r})
+        def stop(*_):
+            (marks / ("stopped-" + sys.argv[1])).touch()
+            sys.exit(130)
+        signal.signal(signal.SIGTERM, stop)
+        (marks / ("started-" + sys.argv[1])).touch()
+        time.sleep(120)
+        """)
+    sweep = textwrap.dedent(f"""
+        import sys
+        from refine.demo import sweep
+        sweep._cells = lambda name: [sweep.Cell(s, eval_set="val") for s in range(4)]
+        sweep.run_cell = lambda cell, runs_dir, log_dir, children: children.run([sys.executable, "-c", {run!r}, str(cell.seed)])
+        sys.exit(sweep.main(sys.argv[1:]))
+        """)
+    argv = ["--plan", "x", "--runs-dir", str(tmp_path / "runs"), "--jobs", "2"]
+    env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", sweep, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not all((tmp_path / f"started-{s}").exists() for s in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "stalled"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    assert "Continue with: python -m refine.demo.sweep --plan x --runs-dir" in out, out
+    assert sorted(p.name for p in tmp_path.glob("st*-*")) == ["started-0", "started-1", "stopped-0", "stopped-1"]

@@ -198,10 +198,12 @@ def test_the_control_process_waits_for_the_toy_student_then_runs_the_loop(tmp_pa
     assert control_when_ready(os.getppid() + 1_000_000, str(tmp_path / "never"), []) == 1  # the demo is gone
 
 
-def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs(biased_student, tmp_path):
-    """SIGTERM (``docker stop``; Ctrl-C alike) mid-run: exit 130 with one line giving the demo's own command,
-    which resumes the run and its control to the end. It printed a traceback ending in the loop's
-    ``--resume``, which does not print the demo's table, and left the control running."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs(biased_student, tmp_path, how):
+    """SIGTERM (``docker stop``: to the demo only) or Ctrl-C (a terminal's SIGINT to its whole process group)
+    mid-run: both runs stop recorded, exit 130 with one line giving the demo's own command, which resumes
+    them to the end. It printed a traceback ending in the loop's ``--resume``, which does not print the
+    demo's table, and SIGTERM left the control running."""
     import os
     import shlex
     import shutil
@@ -218,19 +220,25 @@ def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs
     env = {**os.environ, "REFINE_CACHE_DIR": str(cache), "COLUMNS": "300"}  # no line breaks to search across
     argv = ["--seed", "11", "--rounds", "3", "--train", "8", "--heldout", "8", "--control", "--runs-dir", str(runs)]
     command = [sys.executable, "-m", "refine.demo", *argv]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a process group of its own, as a shell gives a command
     deadline = time.time() + 120
     while not all((runs / run / "rounds" / "000" / "captions.jsonl").exists()
                   for run in ("demo-shapes-seed11", "demo-shapes-seed11-swapped")):
         assert proc.poll() is None and time.time() < deadline, "the demo ended or stalled before both runs captioned"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out, out
     assert f"Continue with: python -m refine.demo {shlex.join(argv)}" in out, out
     assert RunLog(runs / "demo-shapes-seed11", writer=False).completed_rounds() < 3
     control = RunLog(runs / "demo-shapes-seed11-swapped", writer=False)
     assert control.events()[-1]["event"] == "interrupted", control.events()  # stopped with the run, not orphaned
+    if how == "ctrl-c":
+        return  # the resume is the same
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

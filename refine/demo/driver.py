@@ -329,8 +329,10 @@ def _demo(argv: list[str] | None) -> int:
         new_log = not control_log.exists()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(control_log, "a") as out:
+            # In a session of its own: a Ctrl-C reaches this process only, which stops the control with one
+            # SIGTERM (a terminal's SIGINT followed by ours would be a second Ctrl-C: an exit at once).
             control = subprocess.Popen([sys.executable, "-c", _CONTROL, str(os.getpid()), str(student_dir), *control_args],
-                                       stdout=out, stderr=subprocess.STDOUT, env=env)
+                                       stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     failed = False
     try:
         ensure_toy_student(recipe)

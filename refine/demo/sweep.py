@@ -2,8 +2,8 @@
 
 Each cell is one ``python -m refine.demo`` run (a seed, a critic noise, a set of defences, a scene set),
 with the swapped-pair control beside it when the plan asks for one. A cell whose run finished is read
-back, not run again, so the command can be stopped and started again at any time; an unfinished run is
-resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
+back, not run again, so the command can be stopped (Ctrl-C, SIGTERM: each run records what finished) and
+started again at any time; an unfinished run is resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
 after metrics and is rewritten after each cell. ``--rounds N`` runs every cell for N rounds instead of the
 demo's 5 and writes ``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last
 round (the run names leave rounds out), and the real run's curve (``demo.json``, ``per_round``) keeps every
@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -118,15 +120,66 @@ def result_of(cell: Cell, runs_dir: Path) -> dict[str, Any] | None:
     return cut
 
 
-def run_cell(cell: Cell, runs_dir: Path, log_dir: Path) -> int:
-    """One demo run in a process of its own (one torch thread; the demo's control takes another)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+class Children:
+    """The sweep's processes (pretraining, demo runs), each with one torch thread. ``stop`` ends them as
+    Ctrl-C ends a demo (SIGTERM: each records what finished) and starts no more."""
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+        self.lock = threading.Lock()
+
+    def run(self, command: list[str], out=subprocess.DEVNULL) -> int | None:
+        """``command``'s exit status; None if the sweep is stopping (then it is not started)."""
+        with self.lock:
+            if self.stopping:
+                return None
+            # a session of its own: a terminal's Ctrl-C reaches the sweep only, and ``stop`` sends one SIGTERM
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                    start_new_session=True)
+            self.running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            procs = list(self.running)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def run_cell(cell: Cell, runs_dir: Path, log_dir: Path, children: Children) -> int | None:
+    """One demo run in a process of its own (the demo's control takes another)."""
     with open(log_dir / f"{cell.name}.log", "a") as out:
-        return subprocess.run([sys.executable, "-m", "refine.demo", *cell.args(), "--runs-dir", str(runs_dir)],
-                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        return children.run([sys.executable, "-m", "refine.demo", *cell.args(), "--runs-dir", str(runs_dir)], out)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; Ctrl-C or SIGTERM stops its runs (each records what finished) and exits 130 with the
+    command that continues it: itself, run again."""
+    from refine.infra.interrupts import exit_now, second_interrupt_exits
+
+    children = Children()
+    with second_interrupt_exits() as over:
+        try:
+            code = _sweep(argv, children)
+        except KeyboardInterrupt:
+            over(130)
+            children.stop()
+            again = " ".join(["python -m refine.demo.sweep", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+            print(f"Interrupted. Finished cells and rounds are recorded. Continue with: {again}", flush=True)
+            exit_now(130)
+        over(code)
+    return code
+
+
+def _sweep(argv: list[str] | None, children: Children) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.demo.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", required=True, help="tune | readme | noise")
     parser.add_argument("--runs-dir", default="runs", help="where the runs and the table go (default: runs)")
@@ -153,21 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     jobs = max(1, args.jobs // 2) if all(c.control for c in todo) else args.jobs
     start = time.time()
     # Pretrain the toy students first, one process per seed: cells of one seed would otherwise train it twice.
-    seeds = sorted({c.seed for c in todo})
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda s: subprocess.run(
-            [sys.executable, "-c", f"from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
-                                   f"ensure_toy_student(ToyRecipe(seed={s}))"],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True), seeds))
-    print(f"toy students ready for seeds {seeds} ({time.time() - start:.0f} s)", flush=True)
+    from refine.demo.toy_student import ToyRecipe, toy_student_dir
+
+    seeds = sorted({c.seed for c in todo if not (toy_student_dir(ToyRecipe(seed=c.seed)) / "train_log.json").is_file()})
+    def pretrain(seed: int) -> None:
+        code = children.run([sys.executable, "-c", "from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
+                                                    f"ensure_toy_student(ToyRecipe(seed={seed}))"])
+        if code:
+            raise RuntimeError(f"pretraining the toy student of seed {seed} failed (exit {code})")
 
     def one(cell: Cell) -> None:
-        code = run_cell(cell, runs_dir, log_dir)
-        print(f"{cell.name}: exit {code} ({time.time() - start:.0f} s)", flush=True)
-        write_table()
+        code = run_cell(cell, runs_dir, log_dir, children)
+        if code is not None:
+            print(f"{cell.name}: exit {code} ({time.time() - start:.0f} s)", flush=True)
+            write_table()
 
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, todo))
+    for work, items, n in ((pretrain, seeds, args.jobs), (one, todo, jobs)):
+        pool = ThreadPoolExecutor(n)
+        try:
+            list(pool.map(work, items))
+        except BaseException:
+            children.stop()  # before waiting for the threads: they wait for the children
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)
+        if work is pretrain:
+            print(f"toy students ready for seeds {seeds} ({time.time() - start:.0f} s)", flush=True)
     write_table()
     print(f"table: {table_path}")
     return 0 if all(result_of(c, runs_dir) for c in cells) else 1
