@@ -418,8 +418,8 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     columns = Columns(loop.image_column, loop.caption_column, loop.objects_column)
     images = load_images(loop.images, loop.coco_root or None, columns=columns)
     eval_images = load_images(loop.eval_images, flag="--loop.eval_images", columns=columns) if loop.eval_images else None
-    if eval_images is not None and loop.eval_images == loop.images:
-        images.notes.append(f"--loop.eval_images is the training set ({loop.images}): its metrics are not held-out ones")
+    if eval_images is not None and (note := images.held_out_note(eval_images)):
+        images.notes.append(note)
     # the images the run has used: round 0's, and those of the round in progress when it takes a slice
     used = [(0, "captions"), (log.completed_rounds(), "images")] if log is not None else []
     for k, name in used:

@@ -51,6 +51,14 @@ def test_an_evaluation_interval_is_refused_on_a_resume_of_a_run_with_no_held_out
                       "--loop.run_id=same", "--loop.use_regions=false", "--rounds=0",
                       f"--loop.eval_images={tmp_path / 'm.jsonl'}"]) == 0
     assert "note: --loop.eval_images is the training set" in capsys.readouterr().err
+    # a held-out set that shares images with the training set (the same bytes under another name) says so
+    (tmp_path / "a copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    photos["zidane"].resize((64, 48)).save(tmp_path / "b.png")
+    (tmp_path / "held.jsonl").write_text('{"path": "a copy.png"}\n{"path": "b.png"}\n')
+    assert loop.main(["--images", str(tmp_path / "m.jsonl"), f"--student.model={tiny_student_dir}", *common,
+                      "--loop.run_id=overlap", "--loop.use_regions=false", "--rounds=0",
+                      f"--loop.eval_images={tmp_path / 'held.jsonl'}"]) == 0
+    assert "note: --loop.eval_images: 1 of its 2 images are training images too" in capsys.readouterr().err
     assert loop.main(["--resume", "r", *common, "--rounds=1", "--loop.eval_every", "2"]) == 2
     err = capsys.readouterr().err
     assert "loop.eval_every=2: there is nothing to evaluate; run r has no held-out images" in err, err

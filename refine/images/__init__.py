@@ -44,6 +44,18 @@ class ImageSet:
     def vocabulary(self):
         return object_vocabulary(self.world, self.labels())
 
+    def held_out_note(self, held_out: ImageSet) -> str | None:
+        """What to say when ``held_out`` (``--loop.eval_images``) shares images with this training set: the
+        same bytes, under any name or path. None when it shares none."""
+        trained = {r.sha256 for r in self.records}
+        shared = sum(r.sha256 in trained for r in held_out.records)
+        if shared == len(held_out.records):
+            return f"--loop.eval_images is the training set ({self.spec}): its metrics are not held-out ones"
+        if shared:
+            return (f"--loop.eval_images: {shared} of its {len(held_out.records)} images are training images too (the "
+                    "same bytes), and its metrics count them; leave them out of it")
+        return None
+
 
 class PixelMap(Mapping):
     """A read-only ``{image id: PIL image}`` whose values are decoded when looked up."""
