@@ -198,12 +198,22 @@ def test_the_control_process_waits_for_the_toy_student_then_runs_the_loop(tmp_pa
     assert control_when_ready(os.getppid() + 1_000_000, str(tmp_path / "never"), []) == 1  # the demo is gone
 
 
-@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def _wait_until(condition, seconds, what):
+    import time
+
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, what()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c", "kill-9"])
 def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs(biased_student, tmp_path, how):
     """SIGTERM (``docker stop``: to the demo only) or Ctrl-C (a terminal's SIGINT to its whole process group)
     mid-run: both runs stop recorded, exit 130 with one line giving the demo's own command, which resumes
     them to the end. It printed a traceback ending in the loop's ``--resume``, which does not print the
-    demo's table, and SIGTERM left the control running."""
+    demo's table, and SIGTERM left the control running. A demo that dies (kill -9, its terminal closed)
+    takes its control with it, stopped as by Ctrl-C: it ran on alone."""
     import os
     import shlex
     import shutil
@@ -227,6 +237,13 @@ def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs
                   for run in ("demo-shapes-seed11", "demo-shapes-seed11-swapped")):
         assert proc.poll() is None and time.time() < deadline, "the demo ended or stalled before both runs captioned"
         time.sleep(0.05)
+    if how == "kill-9":
+        proc.kill()
+        proc.communicate(timeout=60)
+        control = RunLog(runs / "demo-shapes-seed11-swapped", writer=False)
+        _wait_until(lambda: control.events()[-1]["event"] == "interrupted", 60, control.events)
+        assert control.completed_rounds() < 3
+        return
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
     else:

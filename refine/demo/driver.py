@@ -222,10 +222,23 @@ _CONTROL = ("import sys; from refine.demo.driver import control_when_ready; "
             "sys.exit(control_when_ready(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))")
 
 
+def _stop_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM when the demo dies (kill -9, its terminal closed):
+    the control then stops as on Ctrl-C, recorded, instead of running on alone. Elsewhere nothing."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
 def control_when_ready(demo_pid: int, student_dir: str, argv: list[str]) -> int:
     """Run ``refine.loop`` with ``argv`` once the toy student in ``student_dir`` is complete, having loaded
     the loop's modules meanwhile (seconds of the demo's wall time). Gives up (exit 1) if the demo
     (``demo_pid``, its parent) is gone, and quietly (130) on Ctrl-C, which the demo handles."""
+    _stop_with_parent()
     try:
         import transformers.image_processing_utils  # noqa: F401
 
