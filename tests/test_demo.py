@@ -228,7 +228,7 @@ def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     shutil.copytree(biased_student, toy_student_dir(ToyRecipe(seed=11), cache))  # stands in for the demo's student
     env = {**os.environ, "REFINE_CACHE_DIR": str(cache), "COLUMNS": "300"}  # no line breaks to search across
-    argv = ["--seed", "11", "--rounds", "3", "--train", "8", "--heldout", "8", "--control", "--runs-dir", str(runs)]
+    argv = ["--seed", "11", "--rounds", "2", "--train", "8", "--heldout", "8", "--control", "--runs-dir", str(runs)]
     command = [sys.executable, "-m", "refine.demo", *argv]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # a process group of its own, as a shell gives a command
@@ -242,7 +242,7 @@ def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs
         proc.communicate(timeout=60)
         control = RunLog(runs / "demo-shapes-seed11-swapped", writer=False)
         _wait_until(lambda: control.events()[-1]["event"] == "interrupted", 60, control.events)
-        assert control.completed_rounds() < 3
+        assert control.completed_rounds() < 2
         return
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
@@ -251,7 +251,7 @@ def test_a_stopped_demo_says_how_to_continue_and_that_command_finishes_both_runs
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out, out
     assert f"Continue with: python -m refine.demo {shlex.join(argv)}" in out, out
-    assert RunLog(runs / "demo-shapes-seed11", writer=False).completed_rounds() < 3
+    assert RunLog(runs / "demo-shapes-seed11", writer=False).completed_rounds() < 2
     control = RunLog(runs / "demo-shapes-seed11-swapped", writer=False)
     assert control.events()[-1]["event"] == "interrupted", control.events()  # stopped with the run, not orphaned
     if how == "ctrl-c":
