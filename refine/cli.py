@@ -19,7 +19,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from refine.config import RESUMABLE_KEYS, Config, ConfigError, file_overrides, read_config_file, set_value
+from refine.config import (
+    RESUMABLE_KEYS,
+    Config,
+    ConfigError,
+    canonical_key,
+    file_overrides,
+    read_config_file,
+    set_value,
+)
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
 
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
     """``--section.key=value`` and ``--section.key value`` items as ``{"section.key": value}``."""
     overrides: dict[str, str] = {}
+    spelled: dict[str, str] = {}  # canonical key -> how the command line spelled it
     items = iter(rest)
     for item in items:
         if not item.startswith("--"):
@@ -122,9 +131,11 @@ def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[s
                 parser.error(f"unrecognized argument {item!r}; overrides look like --section.key=value")
             if value is None or value.startswith("--"):
                 parser.error(f"{item} needs a value: {item}=VALUE")
-        if key.startswith("update.lora."):  # --update.lora.r=16 is --update.lora_r=16
-            key = "update.lora_" + key.removeprefix("update.lora.")
-        overrides[key] = value
+        canonical = canonical_key(key)  # --update.lora.r=16 is --update.lora_r=16
+        if spelled.get(canonical, key) != key and overrides[canonical] != value:
+            parser.error(f"--{spelled[canonical]}={overrides[canonical]} and --{key}={value} set the same setting; "
+                         "give it once")
+        spelled[canonical], overrides[canonical] = key, value
     return overrides
 
 

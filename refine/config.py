@@ -182,7 +182,8 @@ class UpdateConfig:
     # the chosen captions, `epochs` of it), or sft+dpo (`sft_epochs` of SFT, then DPO against the result).
     mode: UpdateMode = "dpo"
     sft_epochs: int = 1  # in sft+dpo: passes of SFT before the DPO epochs
-    # LoRA (peft): r > 0 trains adapters only (--update.lora.r=16 works too); targets default per architecture.
+    # LoRA (peft): r > 0 trains adapters only (--update.lora.r=16, or [update.lora] r = 16 in a TOML file, works
+    # too); targets default per architecture.
     lora_r: int = 0
     lora_alpha: int = 32  # LoRA's scale: an adapter adds alpha / r x its output (no dropout in updates, as in TRL)
     lora_targets: str = ""  # comma-separated module names to adapt; empty = the architecture's default
@@ -383,15 +384,33 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# Settings that may be spelled as a sub-table: --update.lora.r=16, or r = 16 under [update.lora] in a
+# TOML file, is update.lora_r.
+SUBTABLES = ("update.lora",)
+
+
+def canonical_key(dotted: str) -> str:
+    """``"update.lora.r"`` -> ``"update.lora_r"``; any other key as it is."""
+    for table in SUBTABLES:
+        if dotted.startswith(table + "."):
+            return table + "_" + dotted.removeprefix(table + ".")
+    return dotted
+
+
 def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """``{section: {key: value}}`` as ``{"section.key": value}``; ``source`` names the file in errors."""
+    """``{section: {key: value}}`` as ``{"section.key": value}`` (a sub-table's keys through
+    :func:`canonical_key`); ``source`` names the file in errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a table of sections, not a {type(data).__name__}")
     out: dict[str, Any] = {}
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a table of keys, got {values!r}")
-        out.update({f"{section}.{key}": value for key, value in values.items()})
+        for key, value in values.items():
+            if isinstance(value, dict):  # [update.lora] r = 16
+                out.update({canonical_key(f"{section}.{key}.{k}"): v for k, v in value.items()})
+            else:
+                out[f"{section}.{key}"] = value
     return out
 
 

@@ -24,6 +24,22 @@ def test_a_setting_and_its_value_may_be_two_words():
     assert a.to_json() != Config().to_json()
 
 
+def test_the_lora_sub_table_is_one_setting_on_the_command_line_and_in_a_file(tmp_path):
+    """``[update.lora] r = 4`` in a TOML file is update.lora_r, as --update.lora.r=4 is (the file refused it);
+    the two spellings with different values are refused (the last won silently)."""
+    import pytest
+
+    from refine.cli import UsageError
+
+    (tmp_path / "c.toml").write_text('[update]\nbeta = 0.3\n[update.lora]\nr = 4\nalpha = 8\n')
+    config, _ = load_config(["--images", "shapes", "--config", str(tmp_path / "c.toml")])
+    assert (config.update.beta, config.update.lora_r, config.update.lora_alpha) == (0.3, 4, 8)
+    with pytest.raises(UsageError, match="--update.lora.r=4 and --update.lora_r=8 set the same setting"):
+        load_config(["--images", "shapes", "--update.lora.r", "4", "--update.lora_r", "8"])
+    assert load_config(["--images", "shapes", "--update.lora.r", "4", "--update.lora_r=4"])[0].update.lora_r == 4
+    assert load_config(["--images", "shapes", "--update.beta=0.3", "--update.beta=0.4"])[0].update.beta == 0.4
+
+
 def test_help_gives_every_setting_its_default_and_meaning():
     config = Config()
     undocumented = [f"{section.name}.{f.name}" for section in dataclasses.fields(config)
