@@ -24,6 +24,7 @@ from test_loop import manifest  # noqa: F401  (fixture)
 
 from refine import loop, runs
 from refine.images import load_images
+from refine.infra.interrupts import IN_FLIGHT_GRACE_S
 from refine.infra.runlog import RunLog, read_jsonl
 from refine.offline.devserver import FakeOpenAIServer, Fault, request_images, request_text
 
@@ -254,8 +255,9 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifes
         _, err = proc.communicate(timeout=30)
         stopped_in = time.perf_counter() - sent
         assert proc.returncode == 130, err
-        assert stopped_in < 5, f"Ctrl-C took {stopped_in:.1f} s"
-        assert "Traceback" not in err and "--resume" in err, err
+        # the requests in flight get IN_FLIGHT_GRACE_S to answer; these hang past it
+        assert stopped_in < IN_FLIGHT_GRACE_S + 5, f"Ctrl-C took {stopped_in:.1f} s"
+        assert "Traceback" not in err and "--resume" in err and "abandoned (a resume asks them again)" in err, err
         log = RunLog(runs_dir / "t")
         assert not log.has_stage(0, "critiques") and log.events()[-1]["event"] == "interrupted"
         assert log.status() == "interrupted (resumable)"
@@ -270,6 +272,33 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifes
     assert answered_before == 0  # everything in flight hung: nothing had been answered
     assert not [b for b, n in Counter(asked_after).items() if n > 1], "a request was sent twice after the resume"
     assert log.status() == "done"
+
+
+def test_a_request_in_flight_at_ctrl_c_that_answers_within_the_grace_is_cached_and_not_paid_again(
+        manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
+    """The requests in flight when the run is stopped get a few seconds to answer; an answer that arrives is
+    cached, so the resume does not send that request again. It was abandoned, and asked (paid) twice."""
+    def reply(body):
+        if request_images(body):
+            return Fault.hang(1.5)  # every critique answers 1.5 s after it is asked (then the default critique)
+        return critique_reply()(body)
+
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=reply) as server:
+        args = _argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--critic.timeout=60",
+                     "--critic.max_concurrency=2")
+        proc = _start(args, env)
+        _wait_for(lambda: server.request_count >= 2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "2 of 2 finished." in err, err
+        asked_before = {json.dumps(b, sort_keys=True) for b in server.requests}
+        resumed = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "t", f"--loop.runs_dir={runs_dir}"],
+                                 env=env, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        asked_after = {json.dumps(b, sort_keys=True) for b in server.requests[len(asked_before):]}
+    assert len(asked_before) == 2 and not asked_before & asked_after, "a request in flight at the stop was sent again"
+    assert RunLog(runs_dir / "t").status() == "done"
 
 
 def test_a_second_ctrl_c_exits_at_once(manifest, tiny_student_dir, tmp_path, env):  # noqa: F811

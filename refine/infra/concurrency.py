@@ -3,19 +3,42 @@
 ``concurrent.futures``' own ``with ThreadPoolExecutor() as pool`` waits, on any exception, for every
 submitted task, queued ones included. With a hanging API that is minutes after a Ctrl-C (each queued
 request still runs its timeouts and retries). :func:`map_concurrently` instead cancels what has not
-started and returns at once; requests already in flight finish (or not) in their threads, and the
-command line then exits without waiting for them (see ``refine.loop.main``).
+started and returns at once; requests already in flight finish (or not) in their threads. Before it
+exits, the command line gives them a few seconds (:func:`finish_in_flight`): a critic's answer that
+arrives then is in the disk cache, and a resume does not pay for it again (see ``refine.loop.main``).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_in_flight: set[Future] = set()  # work an interrupted pool left running
+
+
+def _abandon(futures: Iterable[Future]) -> None:
+    _in_flight.update(f for f in futures if not f.done())
+
+
+def in_flight() -> int:
+    """How many tasks an interrupted pool left running."""
+    return sum(not f.done() for f in _in_flight)
+
+
+def finish_in_flight(seconds: float) -> tuple[int, int]:
+    """Wait up to ``seconds`` for the tasks interrupted pools left running; ``(finished, still running)``.
+    A critique that finishes is cached by its own thread, so a resume gets it free."""
+    pending = [f for f in _in_flight if not f.done()]
+    _in_flight.clear()
+    if not pending:
+        return 0, 0
+    done, not_done = wait(pending, timeout=seconds)
+    return len(done), len(not_done)
 
 
 def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int) -> list[R]:
@@ -28,11 +51,13 @@ def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int)
     if not items:
         return []
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
+    futures: list[Future] = []
     try:
-        futures = [pool.submit(fn, item) for item in items]
+        futures.extend(pool.submit(fn, item) for item in items)
         results = [f.result() for f in futures]
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
+        _abandon(futures)
         raise
     pool.shutdown(wait=True)
     return results
@@ -65,3 +90,4 @@ def stream_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: i
         finished = True
     finally:
         pool.shutdown(wait=finished, cancel_futures=True)
+        _abandon(running)

@@ -1,7 +1,8 @@
 """How a refine command ends on Ctrl-C: the first press stops the work within seconds (the caller
 records what finished), a second exits at once, and once the work is over a press exits quietly.
 SIGTERM (``docker stop``, a scheduler's preemption, ``kill``) is a first Ctrl-C: the run stops the
-same way, recorded and resumable, and exits with 130 too."""
+same way, recorded and resumable, and exits with 130 too. Requests left in flight get a few seconds to
+answer first (:func:`let_in_flight_finish`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,25 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
     finally:
         for sig, before in previous.items():
             signal.signal(sig, before)
+
+
+IN_FLIGHT_GRACE_S = 5.0  # under docker stop's 10 s before SIGKILL
+
+
+def let_in_flight_finish(seconds: float = IN_FLIGHT_GRACE_S) -> None:
+    """Before a stopped command exits: the requests an interrupted stage left in flight get ``seconds`` to
+    answer. An answer that arrives is cached by its thread, so a resume does not pay for it again; a
+    Ctrl-C meanwhile exits at once (the caller has said the work is over)."""
+    from refine.infra.concurrency import finish_in_flight, in_flight
+
+    n = in_flight()
+    if not n:
+        return
+    console.print(f"[yellow]Waiting up to {seconds:g} s for {n} request(s) in flight: an answer that arrives is "
+                  "cached, and a resume does not pay for it again (Ctrl-C to quit now) …[/]")
+    done, left = finish_in_flight(seconds)
+    console.print(f"[yellow]{done} of {n} finished" + (f"; {left} abandoned (a resume asks them again)" if left else "")
+                  + ".[/]")
 
 
 def exit_now(code: int) -> None:
