@@ -3,8 +3,9 @@
 Each cell is one ``python -m refine.demo`` run (a seed, a critic noise, a set of defences, a scene set),
 with the swapped-pair control beside it when the plan asks for one. A cell whose run finished is read
 back, not run again, so the command can be stopped (Ctrl-C, SIGTERM: each run records what finished) and
-started again at any time; an unfinished run is resumed by the demo itself. The table, ``runs/sweep-NAME.json``, holds every finished cell's before and
-after metrics and is rewritten after each cell. ``--rounds N`` runs every cell for N rounds instead of the
+started again at any time; an unfinished run is resumed by the demo itself. The table,
+``runs/sweep-NAME.json``, holds every finished cell's before and after metrics and is rewritten after
+each cell. ``--rounds N`` runs every cell for N rounds instead of the
 demo's 5 and writes ``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last
 round (the run names leave rounds out), and the real run's curve (``demo.json``, ``per_round``) keeps every
 round's metrics, so the table of fewer rounds is still read from the same runs.
@@ -209,6 +210,7 @@ def _sweep(argv: list[str] | None, children: Children) -> int:
     from refine.demo.toy_student import ToyRecipe, toy_student_dir
 
     seeds = sorted({c.seed for c in todo if not (toy_student_dir(ToyRecipe(seed=c.seed)) / "train_log.json").is_file()})
+
     def pretrain(seed: int) -> None:
         code = children.run([sys.executable, "-c", "from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
                                                     f"ensure_toy_student(ToyRecipe(seed={seed}))"])
