@@ -51,18 +51,23 @@ def text_scores(captions: Sequence[str], records: Sequence, metrics: Sequence[st
 def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed: int = 0) -> dict[str, float]:
     """Fraction of images where the critic prefers the last round's caption to round 0's.
 
-    A critic with a pairwise judge (``judge_pair``) is asked which caption is better, in a random order
-    per image; its ties are left out, and a judgement that fails (call or parse) is counted in
-    ``winrate/failed`` instead of ending the scoring. The grounded critic has no judge; it compares the
-    two captions' critique scores (ties count half).
+    An image whose caption did not change is not judged (no request: the answer could only be the judge's
+    position bias) and is counted in ``winrate/unchanged``. A critic with a pairwise judge
+    (``judge_pair``) is asked which caption is better, in a random order per image; its ties are left
+    out, and a judgement that fails (call or parse) is counted in ``winrate/failed`` instead of ending
+    the scoring. The grounded critic has no judge; it compares the two captions' critique scores (ties
+    count half).
     """
     from critics.base import CritiqueRequest
 
     rng = random.Random(seed)
-    wins, n, failed = 0.0, 0, 0
+    wins, n, failed, unchanged = 0.0, 0, 0, 0
     for r in records:
         a, b = first.get(r.id), last.get(r.id)
         if a is None or b is None:
+            continue
+        if a.strip() == b.strip():
+            unchanged += 1
             continue
         if hasattr(critic, "judge_pair"):
             from critics.openai_vlm import JudgeError
@@ -83,26 +88,46 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
                 continue
             wins += 1.0 if cb.score > ca.score else 0.5 if cb.score == ca.score else 0.0
         n += 1
-    return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n, "winrate/failed": failed}
+    return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n, "winrate/failed": failed,
+            "winrate/unchanged": unchanged}
+
+
+IMAGELESS = {"diversity"}  # metrics that read the captions alone
 
 
 def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: str, pick_processor: str,
-              device: str | None = None) -> dict[str, Any]:
-    from refine.images import load_images
+              device: str | None = None, chosen: bool = True) -> dict[str, Any]:
+    """The run's scores. ``chosen``: the metrics were asked for by name; otherwise (the default set) a model
+    metric whose model cannot be loaded is skipped with a note instead of stopping the scoring."""
+    from refine.images import ImageSet, load_images
+    from refine.metrics.clip import load_clip_scorer, load_pick_scorer
 
     cfg = log.config
-    images = load_images(cfg["loop"]["images"], cfg["loop"].get("coco_root") or None)
+    notes: list[str] = []
+    try:
+        images = load_images(cfg["loop"]["images"], cfg["loop"].get("coco_root") or None)
+    except (OSError, ValueError) as e:
+        if not set(metrics) <= IMAGELESS:
+            raise ValueError(f"{e} (the run's images are needed for {', '.join(sorted(set(metrics) - IMAGELESS))}; "
+                             f"--metrics {','.join(sorted(IMAGELESS))} scores without them)") from None
+        images = ImageSet(cfg["loop"]["images"], [])
+    notes.extend(images.notes)
     records, vocab = images.records, images.vocabulary()
     by_id = {r.id: r for r in records}
-    clip = pick = None
-    if "clipscore" in metrics:
-        from refine.metrics.clip import load_clip_scorer
-
-        clip = load_clip_scorer(clip_model, device=device)
-    if "pickscore" in metrics:
-        from refine.metrics.clip import load_pick_scorer
-
-        pick = load_pick_scorer(pick_model, pick_processor, device=device)
+    metrics = list(metrics)
+    models = {"clipscore": lambda: load_clip_scorer(clip_model, device=device),
+              "pickscore": lambda: load_pick_scorer(pick_model, pick_processor, device=device)}
+    loaded = {}
+    for name, load in models.items():
+        if name in metrics:
+            try:
+                loaded[name] = load()
+            except OSError as e:
+                if chosen:
+                    raise
+                metrics.remove(name)
+                notes.append(f"{name}: skipped ({e})")
+    clip, pick = loaded.get("clipscore"), loaded.get("pickscore")
 
     rounds: list[dict[str, Any]] = []
     main_by_round: list[dict[str, str]] = []
@@ -112,10 +137,17 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
                    if r["original"] == main.get(r["image_id"])} if log.has_stage(k, "refined") else {}
         main_by_round.append(main)
         row: dict[str, Any] = {"round": k}
+        gone = sum(i not in by_id for i in main)
+        if gone and records:
+            notes.append(f"round {k}: {gone} of its {len(main)} images are no longer in {images.spec}: only "
+                         "diversity counts their captions")
+        if not log.has_stage(k, "refined"):
+            notes.append(f"round {k}: no refined captions (the run stopped before its step): after = before")
         for side, captions in (("before", main), ("after", {**main, **refined})):
             recs = [by_id[i] for i in captions if i in by_id]
             texts = [captions[r.id] for r in recs]
-            scores = text_scores(texts, recs, metrics, vocab)
+            scores = text_scores(texts, recs, [m for m in metrics if m not in IMAGELESS], vocab)
+            scores.update(text_scores(list(captions.values()), [], [m for m in metrics if m in IMAGELESS], vocab))
             if clip is not None:
                 scores["clipscore"] = mean(clip.score([r.image for r in recs], texts).tolist(), skip_nan=True)
             if pick is not None:
@@ -123,7 +155,7 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
             row[side] = scores
         rounds.append(row)
     result: dict[str, Any] = {"run": log.root.name, "metrics": list(metrics), "rounds": rounds}
-    result["notes"] = [note for note, applies in (
+    result["notes"] = notes + [note for note, applies in (
         ("the run has no captioned round yet: nothing to score", not rounds),
         ("chair: no image of the run has annotated objects", "chair" in metrics and all(r.objects is None for r in records)),
         ("cider, bleu: no image of the run has reference captions",
@@ -163,7 +195,8 @@ def render(result: dict[str, Any]) -> None:
         console.print(f"[yellow]{result['winrate/note']}[/]")
     if "winrate/last_vs_first" in result:
         console.print(f"critic win rate, last round vs round 0: {fmt(result['winrate/last_vs_first'])} "
-                      f"over {result['winrate/judged']} images"
+                      f"over {result['winrate/judged']} images whose caption changed"
+                      + (f"; {result['winrate/unchanged']} unchanged, not judged" if result.get("winrate/unchanged") else "")
                       + (f" ({result['winrate/failed']} judgements failed)" if result.get("winrate/failed") else ""))
 
 
@@ -174,19 +207,23 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Writes runs/<id>/scores.json.")
     parser.add_argument("run", help="run id (a folder of runs/) or a path")
     parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
-    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    parser.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (default: all that apply; "
+                                          "a CLIP model that cannot be loaded is then skipped with a note)")
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIPScore model (hub id or dir)")
     parser.add_argument("--pick-model", default=DEFAULT_PICKSCORE_MODEL, help="PickScore model (hub id or dir)")
     parser.add_argument("--pick-processor", default=DEFAULT_PICKSCORE_PROCESSOR, help="PickScore processor")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     args = parser.parse_args(argv)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = [m.strip() for m in (args.metrics if args.metrics is not None else ",".join(METRICS)).split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    if not metrics:
+        parser.error(f"--metrics names no metric; choose from {', '.join(METRICS)}")
     try:
         log = RunLog.open(args.run, args.runs_dir)
-        result = score_run(log, metrics, args.clip_model, args.pick_model, args.pick_processor, args.device)
+        result = score_run(log, metrics, args.clip_model, args.pick_model, args.pick_processor, args.device,
+                           chosen=args.metrics is not None)
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -320,3 +320,18 @@ def test_judge_pair_sends_both_captions_and_caches(make_critic, photos):
         assert info.value.raw == "I prefer the second one."
         server.reply = lambda body: '{"winner": "tie", "reason": "same"}'
         assert critic.judge_pair(image, "a", "b")[0] is None  # the failure was not cached
+
+
+def test_the_win_rate_judges_only_captions_that_changed(make_critic, photos):
+    """An image whose caption did not change is counted as unchanged and costs no request (the judge was
+    paid to compare a caption with itself, and its position bias reported as a win rate)."""
+    from refine.score import win_rate
+
+    records = [record_from_image(name, photos[name]) for name in ("bus", "zidane")]
+    first = {"bus": "a bus", "zidane": "two men"}
+    last = {"bus": "a bus ", "zidane": "two men in ties"}  # the bus caption is the same but for a space
+    with FakeOpenAIServer(reply=lambda body: json.dumps({"winner": "B" if "in ties" in request_text(body).split(
+            "Caption B:")[1] else "A", "reason": "names the ties"})) as server:
+        result = win_rate(make_critic(server), records, first, last)
+        assert server.request_count == 1
+    assert result == {"winrate/last_vs_first": 1.0, "winrate/judged": 1, "winrate/failed": 0, "winrate/unchanged": 1}

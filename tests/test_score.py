@@ -40,7 +40,10 @@ def test_score_writes_per_round_before_and_after(scored_run, capsys):
     assert result["rounds"][0]["before"]["chair/recall"] == pytest.approx(by_hand["recall"])
     # The grounded critic's revisions add every missing object, so "after" recalls everything.
     assert result["rounds"][0]["after"]["chair/recall"] == pytest.approx(1.0)
-    assert 0.0 <= result["winrate/last_vs_first"] <= 1.0 and result["winrate/judged"] == 4
+    # the win rate judges only the images whose caption changed between round 0 and the last round
+    last = {c["image_id"]: c["caption"] for c in map(json.loads, (root / "rounds" / "001" / "captions.jsonl").open())}
+    same = sum(c["caption"].strip() == last[c["image_id"]].strip() for c in captions)
+    assert (result["winrate/unchanged"], result["winrate/judged"]) == (same, 4 - same)
     assert "clipscore" in capsys.readouterr().out
 
 
@@ -65,3 +68,34 @@ def test_score_says_what_it_could_not_score(manifest, tiny_student_dir, tmp_path
     assert "diversity/distinct_1" in json.loads((runs_dir / "e2e" / "scores.json").read_text())["rounds"][0]["before"]
     assert score.main(["none", "--runs-dir", str(runs_dir), "--metrics", "chair"]) == 0
     assert "the run has no captioned round yet" in capsys.readouterr().out
+
+
+def test_score_by_default_skips_a_model_it_cannot_load_and_scores_what_is_left(scored_run, tmp_path, capsys,
+                                                                             tiny_student_dir):
+    """Offline, the default CLIP models cannot load: the default set scored nothing (exit 2, one line);
+    it now skips them with a note. Asked for by name, a model that cannot load is still an error. An
+    image gone from the set is said, not silently dropped; with the whole set gone, diversity (text
+    only) still scores; --metrics naming nothing is refused."""
+
+    root, argv = scored_run
+    assert score.main(["e2e", "--runs-dir", str(root.parent)]) == 0  # the default metrics, the default models
+    result, out = json.loads((root / "scores.json").read_text()), capsys.readouterr().out
+    assert "clipscore: skipped (could not load the CLIP-style model" in out and "clipscore" not in result["metrics"]
+    assert "chair/chair_s" in result["rounds"][0]["before"]
+    assert score.main(["e2e", "--runs-dir", str(root.parent), "--metrics", "clipscore,chair"]) == 2
+    assert "could not load the CLIP-style model" in capsys.readouterr().err
+    # a checkpoint that is not a CLIP model: one line too (it was a traceback)
+    assert score.main(["e2e", "--runs-dir", str(root.parent), "--metrics", "clipscore", "--clip-model",
+                       str(tiny_student_dir)]) == 2
+    assert "could not load the CLIP-style model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        score.main([*argv, "--metrics", ","])
+    (tmp_path / "drawn.png").unlink()  # an image of the run's manifest is gone
+    assert score.main([*argv, "--metrics", "chair,diversity"]) == 0
+    result, out = json.loads((root / "scores.json").read_text()), capsys.readouterr().out
+    assert "round 0: 1 of its 4 images are no longer in" in out and "skipped" in out  # the loader's own note too
+    assert result["rounds"][0]["before"]["chair/captions"] == 3 and "diversity/distinct_1" in result["rounds"][0]["before"]
+    (tmp_path / "images.jsonl").unlink()  # the whole set is gone
+    assert score.main([*argv, "--metrics", "chair"]) == 2
+    assert "--metrics diversity scores without them" in capsys.readouterr().err
+    assert score.main([*argv, "--metrics", "diversity"]) == 0

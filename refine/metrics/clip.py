@@ -251,7 +251,7 @@ def load_clip_embedder(
     try:
         processor = AutoProcessor.from_pretrained(processor_id)
         model = CLIPModel.from_pretrained(model_id, dtype=dtype)
-    except OSError as e:
+    except Exception as e:  # missing (OSError), or not a CLIP checkpoint (a ValueError, a config validation error)
         raise load_failure("CLIP-style model", model_id if processor_id == model_id else f"{model_id}, {processor_id}",
                            e, "--clip-model / --pick-model / --pick-processor") from e
     return ClipEmbedder(model.to(device).eval(), processor, device, batch_size)
