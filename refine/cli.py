@@ -139,6 +139,19 @@ def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[s
     return overrides
 
 
+_NO_LORA = "there are no LoRA adapters (update.lora_r is 0); give --update.lora_r=N too, or leave it out"
+_NO_DPO = "update.mode=sft trains no DPO; use --update.mode=dpo or sft+dpo, or leave it out"
+# Settings that do nothing unless the rest of the config uses them: (key, whether it is used, why not).
+_NO_OPS = [
+    ("update.lora_alpha", lambda c: c.update.lora_r > 0, _NO_LORA),
+    ("update.lora_targets", lambda c: c.update.lora_r > 0, _NO_LORA),
+    ("update.sft_epochs", lambda c: c.update.mode == "sft+dpo", "it counts the SFT epochs of update.mode=sft+dpo; "
+                                                                 "in another mode update.epochs counts them"),
+    *[(key, lambda c: c.update.mode != "sft", _NO_DPO)
+      for key in ("update.beta", "update.loss", "update.label_smoothing", "update.image_negatives")],
+]
+
+
 def check_effect(config: Config, overrides: dict[str, Any], resume: str | None = None) -> None:
     """Refuse a setting given a value other than its default that the rest of the config makes a no-op
     (a saved config.json, which holds every default, passes)."""
@@ -147,6 +160,12 @@ def check_effect(config: Config, overrides: dict[str, Any], resume: str | None =
         raise ConfigError(f"loop.eval_every={config.loop.eval_every}: there is nothing to evaluate; " + (
             f"run {resume} has no held-out images (loop.eval_images), and a resume cannot add them" if resume
             else "give the held-out images as --loop.eval_images=SET too"))
+    defaults = Config()
+    for key, used, why in _NO_OPS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if key in overrides and value != getattr(getattr(defaults, section), name) and not used(config):
+            raise ConfigError(f"{key}={value}: it does nothing here: {why}")
 
 
 def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:

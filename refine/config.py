@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -189,14 +190,16 @@ class UpdateConfig:
     lora_targets: str = ""  # comma-separated module names to adapt; empty = the architecture's default
 
     def validate(self) -> None:
-        _require(self.beta > 0, "update.beta", self.beta, "must be > 0, e.g. 0.1")
-        _require(self.nll_weight >= 0, "update.nll_weight", self.nll_weight, "must be >= 0")
-        _require(self.lr > 0, "update.lr", self.lr, "must be > 0, e.g. 1e-5")
+        _require(0 < self.beta < math.inf, "update.beta", self.beta, "must be > 0 and finite, e.g. 0.1")
+        _require(0 <= self.nll_weight < math.inf, "update.nll_weight", self.nll_weight, "must be >= 0 and finite")
+        _require(0 < self.lr < math.inf, "update.lr", self.lr, "must be > 0 and finite, e.g. 1e-5")
+        _require(self.lora_alpha > 0, "update.lora_alpha", self.lora_alpha, "must be > 0 (an adapter adds alpha / r x "
+                 "its output: 0 trains nothing)")
         _require(self.epochs >= 0, "update.epochs", self.epochs, "must be >= 0")
         _require(self.sft_epochs >= 0, "update.sft_epochs", self.sft_epochs, "must be >= 0")
         _require(self.lora_r >= 0, "update.lora_r", self.lora_r, "must be >= 0 (0 = train the whole model)")
         _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
-        _require(self.max_grad_norm > 0, "update.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _require(0 < self.max_grad_norm < math.inf, "update.max_grad_norm", self.max_grad_norm, "must be > 0 and finite")
         _require(0 <= self.label_smoothing < 0.5, "update.label_smoothing", self.label_smoothing,
                  "must be in [0, 0.5): the assumed share of flipped preferences")
 
@@ -407,10 +410,12 @@ def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a table of keys, got {values!r}")
         for key, value in values.items():
-            if isinstance(value, dict):  # [update.lora] r = 16
-                out.update({canonical_key(f"{section}.{key}.{k}"): v for k, v in value.items()})
-            else:
-                out[f"{section}.{key}"] = value
+            items = value.items() if isinstance(value, dict) else [(None, value)]  # [update.lora] r = 16
+            for sub, v in items:
+                dotted = canonical_key(f"{section}.{key}" + (f".{sub}" if sub is not None else ""))
+                if dotted in out and out[dotted] != v:
+                    raise ConfigError(f"{source}: {dotted} is given twice ({out[dotted]!r} and {v!r}); give it once")
+                out[dotted] = v
     return out
 
 

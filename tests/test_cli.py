@@ -140,3 +140,32 @@ def test_a_runs_own_config_file_starts_a_new_run_with_the_same_settings(tmp_path
     # the command line wins over the file, a shorthand as well as a setting
     over, _ = load_config(["--config", str(tmp_path / "config.json"), "--rounds", "5", "--update.beta=0.2"])
     assert (over.loop.rounds, over.update.beta, over.loop.images) == (5, 0.2, "shapes:4")
+
+
+def test_a_setting_the_rest_of_the_config_makes_a_no_op_is_refused(tmp_path):
+    """LoRA's scale or targets without adapters, the SFT epochs of another mode, DPO's settings in SFT mode:
+    each ran a whole (paid) run that ignored it. A config file that gives one setting twice is refused."""
+    import pytest
+
+    from refine.cli import load_config
+    from refine.config import ConfigError
+
+    base = ["--images", "shapes"]
+    for flags, message in [
+        (["--update.lora_alpha=8"], "update.lora_alpha=8: it does nothing here: there are no LoRA adapters"),
+        (["--update.lora_targets=q_proj"], "update.lora_targets=q_proj: it does nothing here"),
+        (["--update.sft_epochs=5"], "update.sft_epochs=5: it does nothing here: it counts the SFT epochs"),
+        (["--update.mode=sft", "--update.image_negatives=true"], "update.image_negatives=True: it does nothing here: "
+                                                                 "update.mode=sft trains no DPO"),
+        (["--update.mode=sft", "--update.beta=0.5"], "update.beta=0.5: it does nothing here"),
+        (["--update.lora_alpha=0", "--update.lora_r=4"], "update.lora_alpha=0: must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("=", "=")):
+            load_config([*base, *flags])
+    # used, they pass; at their defaults, or given by a saved config.json, they pass
+    assert load_config([*base, "--update.lora_r=4", "--update.lora_alpha=8"])[0].update.lora_alpha == 8
+    assert load_config([*base, "--update.mode=sft+dpo", "--update.sft_epochs=2"])[0].update.sft_epochs == 2
+    assert load_config([*base, "--update.mode=sft", "--update.beta=0.1"])[0].update.mode == "sft"
+    (tmp_path / "c.toml").write_text("[update]\nlora_r = 4\n[update.lora]\nr = 8\n")
+    with pytest.raises(ConfigError, match=r"update\.lora_r is given twice \(4 and 8\)"):
+        load_config([*base, "--config", str(tmp_path / "c.toml")])

@@ -184,3 +184,23 @@ def test_the_training_precision_is_the_same_in_every_round(monkeypatch):
     assert training_precision("auto", torch.device("cpu")) == "bf16"
     Accelerator(device_placement=False, mixed_precision="no")  # what update() makes
     assert training_precision("auto", torch.device("cpu")) == "bf16"
+
+
+def test_an_update_that_diverges_stops_the_run_and_saves_nothing(tiny_student_dir, tmp_path, capsys):
+    """A loss that is not finite stops the run (exit 1, one line saying to lower update.lr in a new run)
+    with the round's student unsaved. It was saved with NaN weights, and the run went on paying for
+    critiques of its garbage captions. An infinite learning rate is refused before the run exists."""
+    from refine import loop
+    from refine.infra.runlog import RunLog
+
+    args = ["--images", "shapes:4", f"--student.model={tiny_student_dir}", "--rounds=2", "--loop.use_regions=false",
+            "--critic.backend=grounded", "--student.n_samples=1", "--student.max_new_tokens=8",
+            f"--loop.runs_dir={tmp_path}", "--update.batch_size=1", "--update.epochs=3"]
+    assert loop.main([*args, "--loop.run_id=inf", "--update.lr=inf"]) == 2
+    assert "update.lr=inf: must be > 0 and finite" in capsys.readouterr().err and not (tmp_path / "inf").exists()
+    assert loop.main([*args, "--loop.run_id=big", "--update.lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "the update diverged: DPO loss nan" in err and "start a new run with a lower --update.lr" in err, err
+    log = RunLog(tmp_path / "big", writer=False)
+    assert log.completed_rounds() == 0 and not (log.root / "student" / "last").exists()
+    assert log.events()[-1]["event"] == "crashed"

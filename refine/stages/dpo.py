@@ -9,6 +9,7 @@ memory instead of two; the loop does this, since the round's starting student is
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 
@@ -325,6 +326,18 @@ def update(
     return policy, history
 
 
+class UpdateDiverged(ValueError):
+    """A training step's loss is not finite: the weights are lost, and nothing of the round is saved."""
+
+    hint = "a resume would repeat it; start a new run with a lower --update.lr"
+
+
+def _check_finite(loss: float, phase: str, step: int, config: UpdateConfig) -> None:
+    if not math.isfinite(loss):
+        raise UpdateDiverged(f"the update diverged: {phase} loss {loss} at step {step + 1} (update.lr={config.lr}); "
+                             "the student entering the round is kept, nothing of the round's update is saved")
+
+
 class _Training:
     """The optimizer steps of one update, shared by its phases: every process draws the same batches and
     takes every ``world``-th item of each. A process's loss is its items' share of the batch's sum over
@@ -387,6 +400,7 @@ class _Training:
             per_item = batch.weights * nll
             grad_norm = self._backward(per_item.sum() * share)
             loss, mean_nll = self._reduce([per_item.detach(), nll.detach()], share, size)
+            _check_finite(loss, "SFT", len(history), self.config)
             history.append({"phase": "sft", "loss": loss, "nll": mean_nll, "grad_norm": grad_norm})
         return history
 
@@ -428,6 +442,7 @@ class _Training:
                                   anchor.detach()], share, size)
             step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                              "rewards/margins", "logps/chosen", "logps/rejected"), means))
+            _check_finite(step["loss"], "DPO", len(history), self.config)  # the same on every process: reduced
             step["grad_norm"] = grad_norm
             if policy_corrupted is not None:
                 step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
