@@ -268,3 +268,11 @@ def test_the_loop_runs_with_every_architecture(student_dirs, arch, extra, tmp_pa
         assert json.loads(adapter.read_text())["base_model_name_or_path"] is None
     update_rows = log.read_stage(0, "update")
     assert update_rows and (update_rows[0].get("phase") == "sft") == ("sft+dpo" in " ".join(extra))
+    # the round table (the loop's and refine.runs show's) shows the SFT phase's loss (it showed none)
+    from rich.console import Console
+
+    from refine.runs import metrics_table
+
+    out = Console(width=200, record=True)
+    out.print(metrics_table(log.metrics()))
+    assert ("SFT loss" in out.export_text()) == ("sft+dpo" in " ".join(extra))
