@@ -22,9 +22,11 @@ import asyncio
 import base64
 import binascii
 import io
+import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -149,6 +151,8 @@ def _integer(value: Any) -> int | None:
         return None
 
 
+OPTIONS = {"beams", "max_tokens"}  # what a request may set, in its query, form fields or JSON body
+
 # How load_student's errors name this command's arguments.
 FLAGS = {"model": "STUDENT", "device": "--device", "quantize": "--quantize"}
 
@@ -209,6 +213,9 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
             options.update({k: v for k, v in body.items() if k != "image"})
         else:
             return error(415, "send the image as multipart/form-data (field 'file') or JSON {\"image\": \"<base64>\"}")
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:  # a misspelt option would be ignored silently
+            return error(422, f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(OPTIONS))}")
         beams, max_tokens = _integer(options.get("beams", 1)), _integer(options.get("max_tokens", default_max_tokens))
         if beams is None or not 1 <= beams <= MAX_BEAMS:
             return error(422, f"beams must be an integer from 1 to {MAX_BEAMS}")
@@ -247,16 +254,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="none", choices=("none", "8bit", "4bit"),
                         help="8- or 4-bit weights (bitsandbytes, CUDA only)")
     args = parser.parse_args(argv)
-    if args.max_batch < 1:
-        parser.error("--max-batch must be at least 1")
+    for ok, rule in ((args.max_batch >= 1, "--max-batch must be at least 1"),
+                     (0 <= args.port <= 65535, f"--port {args.port}: a port is 0 to 65535"),
+                     (0 <= args.max_wait_ms < math.inf, f"--max-wait-ms {args.max_wait_ms}: must be >= 0 and finite"),
+                     (args.max_bytes > 0, f"--max-bytes {args.max_bytes}: must be > 0"),
+                     (args.max_pixels > 0, f"--max-pixels {args.max_pixels}: must be > 0")):
+        if not ok:
+            parser.error(rule)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        print(f"error: serving needs {e.name}: pip install 'refine[serve]'", file=sys.stderr)
+        return 2
+    if (Path(args.student) / "config.json").is_file() and (Path(args.student) / "student").is_dir():
+        parser.error(f"{args.student} is a run; serve one of its students: {Path(args.student) / 'student' / 'last'}")
     try:
         app = create_app(args.student, args.device, args.max_batch, args.max_wait_ms, args.max_bytes, args.max_pixels,
                          quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import uvicorn
-
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

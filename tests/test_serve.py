@@ -63,6 +63,8 @@ def test_health_and_a_caption_as_a_file_or_as_base64(app, tiny_student, drawn_im
     (dict(content=b'{"image": "", "max_tokens": 1e999}', headers={"content-type": "application/json"}), 422,
      "max_tokens must be an integer"),  # JSON's 1e999 is inf
     (dict(files={"file": ("a.png", b"x", "image/png")}, data={"beams": "1e999"}), 422, "beams must be an integer"),
+    (dict(json={"image": "", "beam": 3, "maxtokens": 2}), 422, "unknown option(s) beam, maxtokens; the options are "
+                                                                "beams, max_tokens"),  # were ignored silently
 ])
 def test_bad_input_gets_a_4xx_that_names_the_problem(app, request_kwargs, status, words):
     response = run(post(app, **request_kwargs))
@@ -109,3 +111,34 @@ def test_requests_that_arrive_together_are_batched_and_captioned_as_alone(app, t
     total = next(s.value for s in batches if s.name.endswith("_sum"))
     assert total >= 16 and count < total  # fewer batches than images: some held several
     assert 'refine_caption_requests_total{status="200"}' in metrics and "refine_caption_latency_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "99999"], "--port 99999: a port is 0 to 65535"),  # a traceback after loading the model
+    (["--max-bytes", "0"], "--max-bytes 0: must be > 0"),  # every request got 413
+    (["--max-pixels", "-5"], "--max-pixels -5: must be > 0"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms nan: must be >= 0 and finite"),
+])
+def test_the_server_refuses_flags_it_cannot_serve_with_before_loading(tiny_student_dir, flags, words, capsys,
+                                                                      monkeypatch):
+    import uvicorn
+
+    from refine.serve import main
+
+    def serve(*args, **kwargs):  # the network edge: a check that let these through would serve forever here
+        raise AssertionError(f"served with {flags}")
+
+    monkeypatch.setattr(uvicorn, "run", serve)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny_student_dir), *flags])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_serving_a_run_directory_names_its_student(tmp_path, capsys):
+    from refine.serve import main
+
+    (tmp_path / "run" / "student" / "last").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run")])
+    assert f"is a run; serve one of its students: {tmp_path / 'run' / 'student' / 'last'}" in capsys.readouterr().err
