@@ -367,7 +367,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: cannot be read ({e})") from None
-    if path.suffix == ".toml":
+    if path.suffix.lower() == ".toml":
         if sys.version_info < (3, 11):
             raise ConfigError(f"--config {path}: TOML needs Python 3.11+; use JSON")
         import tomllib

@@ -4,7 +4,7 @@ The page holds everything (images as data URIs, plots as SVG, a few lines of Jav
 fetched): the run's config; a plot per round metric (critic score, CHAIR, recall, losses, reward
 margin, time per stage); and a card per image with its thumbnail and the regions stage's boxes, its
 caption in every round, the critique of that caption, the refinement it led to, and the pairs it made.
-Filters show only the images whose caption changed, whose critique failed, or whose hallucinations
+Filters show only the images whose student caption changed between rounds, whose critique failed, or whose hallucinations
 rose (the critic's count of named-but-absent objects, first round against last). Cards are drawn a
 page at a time from data embedded in the file, so a run over thousands of images stays usable.
 """
@@ -145,8 +145,7 @@ def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
         first, last = card["rounds"][0], card["rounds"][-1]
         card.update(id=image_id, thumb=_safe_thumbnail(images, image_id, detections.get(image_id, [])),
                     detections=[f"{d['label']} {d['score']:.2f}" for d in detections.get(image_id, [])],
-                    changed=len({r["caption"] for r in card["rounds"]}) > 1
-                    or any(r["refined"] not in (None, r["caption"]) for r in card["rounds"]),
+                    changed=len({r["caption"].strip() for r in card["rounds"]}) > 1,  # the student's, not the step's
                     failed=any(r["error"] for r in card["rounds"]),
                     rose=len(last["hallucinated"]) > len(first["hallucinated"]))
         out.append(card)
@@ -172,7 +171,8 @@ def render(log: RunLog, images: dict[str, Any] | None = None) -> str:
     blob = json.dumps(strict_json(data), ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     title = f"refine run {log.root.name}"
     summary = (f"{len(data)} images, {len(metrics)} round(s), status: {log.status()}; "
-               f"{sum(c['changed'] for c in data)} changed, {sum(c['failed'] for c in data)} with a failed critique, "
+               f"{sum(c['changed'] for c in data)} whose student caption changed, {sum(c['failed'] for c in data)} "
+               "with a failed critique, "
                f"{sum(c['rose'] for c in data)} whose hallucinations rose")
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__SUMMARY__", html.escape(summary)) \
         .replace("__PLOTS__", "".join(plots(log.metrics(final=True))) or "<p>No completed round yet.</p>") \
@@ -209,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or log.root / "report.html"
+    folder = Path(out).parent
+    if not folder.is_dir():  # atomic_write_text would make it: a mistyped path would go unnoticed
+        print(f"error: cannot write the report to {out}: {folder} {'is a file' if folder.exists() else 'does not exist'}"
+              "; pass --out PATH in an existing folder", file=sys.stderr)
+        return 2
     try:
         atomic_write_text(out, page)
-    except OSError as e:  # --out in a folder that does not exist or is not writable, a full disk
+    except OSError as e:  # --out in a folder that is not writable, a full disk
         print(f"error: cannot write the report to {out}: {e.strerror or e}; pass --out PATH in a writable folder",
               file=sys.stderr)
         return 2
@@ -243,7 +248,7 @@ button{padding:2px 10px}
 <h2>Rounds</h2><div class="plots">__PLOTS__</div>
 <h2>Images</h2>
 <div class="controls">
- <label><input type="checkbox" id="f-changed"> caption changed</label>
+ <label><input type="checkbox" id="f-changed"> student caption changed</label>
  <label><input type="checkbox" id="f-failed"> critique failed</label>
  <label><input type="checkbox" id="f-rose"> hallucinations rose</label>
  <input type="search" id="f-text" placeholder="image id or caption text">

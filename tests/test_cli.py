@@ -34,6 +34,8 @@ def test_the_lora_sub_table_is_one_setting_on_the_command_line_and_in_a_file(tmp
     (tmp_path / "c.toml").write_text('[update]\nbeta = 0.3\n[update.lora]\nr = 4\nalpha = 8\n')
     config, _ = load_config(["--images", "shapes", "--config", str(tmp_path / "c.toml")])
     assert (config.update.beta, config.update.lora_r, config.update.lora_alpha) == (0.3, 4, 8)
+    (tmp_path / "C.TOML").write_text((tmp_path / "c.toml").read_text())  # read as JSON, it failed
+    assert load_config(["--images", "shapes", "--config", str(tmp_path / "C.TOML")])[0].to_json() == config.to_json()
     with pytest.raises(UsageError, match="--update.lora.r=4 and --update.lora_r=8 set the same setting"):
         load_config(["--images", "shapes", "--update.lora.r", "4", "--update.lora_r", "8"])
     assert load_config(["--images", "shapes", "--update.lora.r", "4", "--update.lora_r=4"])[0].update.lora_r == 4

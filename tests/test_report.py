@@ -97,6 +97,12 @@ def test_an_image_that_no_longer_decodes_loses_only_its_thumbnail(finished_run, 
                         "--out", str(out / "page.html")]) == 2  # out is a file, not a folder
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write the report to") and err.count("\n") == 1
+    missing = tmp_path / "no such folder" / "page.html"  # it was made, and the report written there
+    assert report.main(["--runs-dir", str(finished_run.root.parent), finished_run.root.name, "--out", str(missing)]) == 2
+    assert "no such folder does not exist" in capsys.readouterr().err and not missing.parent.exists()
+    # "student caption changed" is the student's caption across rounds, not the step's refinement
+    for card in data:
+        assert card["changed"] == (len({r["caption"].strip() for r in card["rounds"]}) > 1)
 
 
 def test_the_report_shows_detections_from_the_recorded_regions_stage(finished_run):
