@@ -204,3 +204,4 @@ def test_an_update_that_diverges_stops_the_run_and_saves_nothing(tiny_student_di
     log = RunLog(tmp_path / "big", writer=False)
     assert log.completed_rounds() == 0 and not (log.root / "student" / "last").exists()
     assert log.events()[-1]["event"] == "crashed"
+

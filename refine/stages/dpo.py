@@ -322,6 +322,7 @@ def update(
         history += run.sft(config.epochs if config.mode == "sft" else config.sft_epochs)
     if config.mode in ("dpo", "sft+dpo"):
         history += run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
+    _check_weights(run.params, config)
     policy.model = merge_lora(policy, model) if config.lora_r > 0 else model.eval()
     return policy, history
 
@@ -332,9 +333,20 @@ class UpdateDiverged(ValueError):
     hint = "a resume would repeat it; start a new run with a lower --update.lr"
 
 
-def _check_finite(loss: float, phase: str, step: int, config: UpdateConfig) -> None:
-    if not math.isfinite(loss):
+def _check_finite(loss: float, phase: str, step: int, config: UpdateConfig, precision: str) -> None:
+    """A step whose loss is not finite has lost the weights: stop. Under fp16 the GradScaler skips a step
+    that overflowed and lowers its scale, so there it is not a divergence (the weights are checked at the
+    end of the update)."""
+    if not math.isfinite(loss) and precision != "fp16":
         raise UpdateDiverged(f"the update diverged: {phase} loss {loss} at step {step + 1} (update.lr={config.lr}); "
+                             "the student entering the round is kept, nothing of the round's update is saved")
+
+
+def _check_weights(params: list[torch.nn.Parameter], config: UpdateConfig) -> None:
+    """The trained weights are finite (the last step's loss is never computed; DDP keeps them equal on
+    every process, so every process decides alike)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise UpdateDiverged(f"the update diverged: the trained weights are not finite (update.lr={config.lr}); "
                              "the student entering the round is kept, nothing of the round's update is saved")
 
 
@@ -400,7 +412,7 @@ class _Training:
             per_item = batch.weights * nll
             grad_norm = self._backward(per_item.sum() * share)
             loss, mean_nll = self._reduce([per_item.detach(), nll.detach()], share, size)
-            _check_finite(loss, "SFT", len(history), self.config)
+            _check_finite(loss, "SFT", len(history), self.config, self.policy.precision)
             history.append({"phase": "sft", "loss": loss, "nll": mean_nll, "grad_norm": grad_norm})
         return history
 
@@ -442,7 +454,7 @@ class _Training:
                                   anchor.detach()], share, size)
             step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                              "rewards/margins", "logps/chosen", "logps/rejected"), means))
-            _check_finite(step["loss"], "DPO", len(history), self.config)  # the same on every process: reduced
+            _check_finite(step["loss"], "DPO", len(history), self.config, self.policy.precision)  # reduced: alike everywhere
             step["grad_norm"] = grad_norm
             if policy_corrupted is not None:
                 step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
