@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
     """``--section.key=value`` and ``--section.key value`` items as ``{"section.key": value}``."""
     overrides: dict[str, str] = {}
-    spelled: dict[str, str] = {}  # canonical key -> how the command line spelled it
+    spelled: dict[str, dict[str, str]] = {}  # canonical key -> {spelling: its last value}
     items = iter(rest)
     for item in items:
         if not item.startswith("--"):
@@ -132,10 +132,11 @@ def dotted_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[s
             if value is None or value.startswith("--"):
                 parser.error(f"{item} needs a value: {item}=VALUE")
         canonical = canonical_key(key)  # --update.lora.r=16 is --update.lora_r=16
-        if spelled.get(canonical, key) != key and overrides[canonical] != value:
-            parser.error(f"--{spelled[canonical]}={overrides[canonical]} and --{key}={value} set the same setting; "
-                         "give it once")
-        spelled[canonical], overrides[canonical] = key, value
+        spellings = spelled.setdefault(canonical, {})
+        other = next(((k, v) for k, v in spellings.items() if k != key and v != value), None)
+        if other is not None:  # one spelling given twice takes the last, as argparse does; two may not disagree
+            parser.error(f"--{other[0]}={other[1]} and --{key}={value} set the same setting; give it once")
+        spellings[key] = overrides[canonical] = value
     return overrides
 
 
@@ -148,7 +149,8 @@ _NO_OPS = [
     ("update.sft_epochs", lambda c: c.update.mode == "sft+dpo", "it counts the SFT epochs of update.mode=sft+dpo; "
                                                                  "in another mode update.epochs counts them"),
     *[(key, lambda c: c.update.mode != "sft", _NO_DPO)
-      for key in ("update.beta", "update.loss", "update.label_smoothing", "update.image_negatives")],
+      for key in ("update.beta", "update.nll_weight", "update.loss", "update.label_smoothing",
+                  "update.image_negatives")],
 ]
 
 
