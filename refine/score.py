@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from refine.infra.runlog import RunLog, write_json
@@ -96,9 +96,9 @@ IMAGELESS = {"diversity"}  # metrics that read the captions alone
 
 
 def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: str, pick_processor: str,
-              device: str | None = None, chosen: bool = True) -> dict[str, Any]:
-    """The run's scores. ``chosen``: the metrics were asked for by name; otherwise (the default set) a model
-    metric whose model cannot be loaded is skipped with a note instead of stopping the scoring."""
+              device: str | None = None, chosen: Collection[str] = METRICS) -> dict[str, Any]:
+    """The run's scores. A model metric not in ``chosen`` (asked for by name, or its model named) whose model
+    cannot be loaded is skipped with a note instead of stopping the scoring."""
     from refine.images import ImageSet, load_images
     from refine.metrics.clip import load_clip_scorer, load_pick_scorer
 
@@ -123,7 +123,7 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
             try:
                 loaded[name] = load()
             except OSError as e:
-                if chosen:
+                if name in chosen:
                     raise
                 metrics.remove(name)
                 notes.append(f"{name}: skipped ({e})")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="run id (a folder of runs/) or a path")
     parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
     parser.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (default: all that apply; "
-                                          "a CLIP model that cannot be loaded is then skipped with a note)")
+                                          "a default CLIP model that cannot be loaded is then skipped with a note)")
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIPScore model (hub id or dir)")
     parser.add_argument("--pick-model", default=DEFAULT_PICKSCORE_MODEL, help="PickScore model (hub id or dir)")
     parser.add_argument("--pick-processor", default=DEFAULT_PICKSCORE_PROCESSOR, help="PickScore processor")
@@ -222,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--metrics names no metric; choose from {', '.join(METRICS)}")
     try:
         log = RunLog.open(args.run, args.runs_dir)
-        result = score_run(log, metrics, args.clip_model, args.pick_model, args.pick_processor, args.device,
-                           chosen=args.metrics is not None)
+        named = {"clipscore": args.clip_model != DEFAULT_CLIP_MODEL,
+                 "pickscore": (args.pick_model, args.pick_processor) != (DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR)}
+        chosen = metrics if args.metrics is not None else [m for m, given in named.items() if given]
+        result = score_run(log, metrics, args.clip_model, args.pick_model, args.pick_processor, args.device, chosen)
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,6 +84,9 @@ def test_score_by_default_skips_a_model_it_cannot_load_and_scores_what_is_left(s
     assert "chair/chair_s" in result["rounds"][0]["before"]
     assert score.main(["e2e", "--runs-dir", str(root.parent), "--metrics", "clipscore,chair"]) == 2
     assert "could not load the CLIP-style model" in capsys.readouterr().err
+    # a model named on the command line is chosen too: a mistyped one is an error, not a note
+    assert score.main(["e2e", "--runs-dir", str(root.parent), "--clip-model", str(tmp_path / "typo")]) == 2
+    assert "could not load the CLIP-style model" in capsys.readouterr().err
     # a checkpoint that is not a CLIP model: one line too (it was a traceback)
     assert score.main(["e2e", "--runs-dir", str(root.parent), "--metrics", "clipscore", "--clip-model",
                        str(tiny_student_dir)]) == 2

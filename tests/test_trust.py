@@ -280,7 +280,7 @@ def test_a_request_in_flight_at_ctrl_c_that_answers_within_the_grace_is_cached_a
     cached, so the resume does not send that request again. It was abandoned, and asked (paid) twice."""
     def reply(body):
         if request_images(body):
-            return Fault.hang(1.5)  # every critique answers 1.5 s after it is asked (then the default critique)
+            return Fault.hang(3)  # every critique answers 3 s after it is asked (within the grace), the default critique
         return critique_reply()(body)
 
     runs_dir = tmp_path / "runs"
@@ -405,6 +405,11 @@ def test_score_judges_an_openai_run_and_survives_a_failed_judgement(manifest, ti
     with FakeOpenAIServer(reply=reply) as server:
         assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--rounds=2")) == 0
         judged_before = sum("Caption A:" in request_text(b) for b in server.requests)
+        # the tiny student says the same in both rounds, and an unchanged caption is not judged: give the last
+        # round captions of its own
+        last = tmp_path / "runs" / "t" / "rounds" / "001" / "captions.jsonl"
+        last.write_text("".join(json.dumps({**row, "caption": row["caption"] + " on a street"}) + "\n"
+                                for row in read_jsonl(last)))
         assert score.main(["t", "--runs-dir", str(tmp_path / "runs"), "--metrics", "winrate,chair"]) == 0
         judge_requests = [b for b in server.requests if "Caption A:" in request_text(b)]
     result = json.loads((tmp_path / "runs" / "t" / "scores.json").read_text())
