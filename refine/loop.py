@@ -473,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
             let_in_flight_finish()
             return _exit_code(e)
         over(0)  # the run is done: a Ctrl-C now ends the process as it was about to end
-        let_in_flight_finish()  # a budget stop leaves requests in flight too
     return 0
 
 

@@ -131,6 +131,19 @@ def test_the_demo_resumes_a_run_made_before_a_setting_existed_or_with_fewer_roun
         loop_args(args, tmp_path / "student", "run", swap=False)
 
 
+def test_the_demo_in_sft_mode_leaves_out_dpo_settings(tmp_path):
+    """``--set update.mode=sft`` was refused over the demo's own --update.beta (a no-op in SFT mode)."""
+    import argparse
+
+    from refine.cli import load_config
+    from refine.demo.driver import loop_args
+
+    args = argparse.Namespace(runs_dir=str(tmp_path), train=300, rounds=5, eval_set="val", heldout=480, seed=0,
+                              noise=0.0, defences=[], set=["update.mode=sft"])
+    config = load_config(loop_args(args, tmp_path / "student", "run", swap=False))[0]
+    assert config.update.mode == "sft" and config.update.lr == 1e-4  # the demo's other settings stay
+
+
 def test_a_demo_refused_for_other_settings_leaves_nothing_behind(tmp_path):
     """``python -m refine.demo --control`` over a run made with other settings is refused before the toy
     student is trained or the control is started: no control run, no log, no student."""

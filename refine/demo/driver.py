@@ -46,6 +46,15 @@ DEMO_OVERRIDES = [
     "--student.batch_size=64", "--loop.pair_sources=refined", "--loop.refine_samples=true",
     "--update.beta=0.2", "--update.nll_weight=0.5", "--update.lr=1e-4", "--update.epochs=3", "--update.batch_size=32",
 ]
+DPO_ONLY = ("--update.beta=", "--update.nll_weight=")  # refused with update.mode=sft, which trains no DPO
+
+
+def demo_overrides(sets: list[str]) -> list[str]:
+    """DEMO_OVERRIDES, less DPO's settings when ``--set update.mode=sft`` makes the round pure SFT."""
+    sft = "update.mode=sft" in sets
+    return [o for o in DEMO_OVERRIDES if not (sft and o.startswith(DPO_ONLY))]
+
+
 METRICS = [("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"), ("exact", "exact"),
            ("mean_len", "mean length"), ("additions", "additions"), ("substitutions", "substitutions"),
            ("omissions", "omissions")]
@@ -189,7 +198,7 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
         "--images", f"shapes:{args.train}", f"--student.model={student_dir}", f"--rounds={args.rounds}",
         f"--loop.eval_images={EVAL_SETS[args.eval_set]}:{args.heldout}", f"--loop.seed={args.seed}",
         f"--update.seed={args.seed}", f"--loop.swap_pairs={swap}", f"--critic.noise={args.noise}",
-        f"--critic.seed={args.seed}", f"--loop.eval_every={0 if swap else 1}", *common, *DEMO_OVERRIDES,
+        f"--critic.seed={args.seed}", f"--loop.eval_every={0 if swap else 1}", *common, *demo_overrides(args.set),
         *(flag for name in args.defences for flag in DEFENCES[name]),
         *(f"--{item}" for item in args.set),
     ]
@@ -218,13 +227,15 @@ def loop_args(args: argparse.Namespace, student_dir: Path, run_id: str, swap: bo
 
 
 # The control's process: ``python -c _CONTROL DEMO_PID STUDENT_DIR LOOP_ARGS...``.
-_CONTROL = ("import sys; from refine.demo.driver import control_when_ready; "
+_CONTROL = ("import sys; from refine.demo.driver import control_when_ready, stop_with_parent; "
+            "stop_with_parent(int(sys.argv[1])); "
             "sys.exit(control_when_ready(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))")
 
 
-def _stop_with_parent() -> None:
-    """On Linux, have the kernel send this process SIGTERM when the demo dies (kill -9, its terminal closed):
-    the control then stops as on Ctrl-C, recorded, instead of running on alone. Elsewhere nothing."""
+def stop_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel send this process SIGTERM when its parent dies (kill -9, a closed terminal):
+    a refine run in it then stops as on Ctrl-C, recorded, instead of running on alone (elsewhere only the
+    check below). A parent already gone by now: SIGTERM at once."""
     import ctypes
     import signal
 
@@ -232,13 +243,14 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def control_when_ready(demo_pid: int, student_dir: str, argv: list[str]) -> int:
     """Run ``refine.loop`` with ``argv`` once the toy student in ``student_dir`` is complete, having loaded
     the loop's modules meanwhile (seconds of the demo's wall time). Gives up (exit 1) if the demo
-    (``demo_pid``, its parent) is gone, and quietly (130) on Ctrl-C, which the demo handles."""
-    _stop_with_parent()
+    (``demo_pid``, its parent) is gone, and quietly (130) on Ctrl-C."""
     try:
         import transformers.image_processing_utils  # noqa: F401
 
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     from refine.infra.interrupts import second_interrupt_exits
 
     with second_interrupt_exits() as over:
+        if parent := os.environ.pop("REFINE_STOP_WITH_PARENT", None):  # a sweep's cell (its control: _CONTROL)
+            stop_with_parent(int(parent))
         try:
             code = _demo(argv)
         except BaseException as e:

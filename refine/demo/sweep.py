@@ -136,8 +136,9 @@ class Children:
             if self.stopping:
                 return None
             # a session of its own: a terminal's Ctrl-C reaches the sweep only, and ``stop`` sends one SIGTERM
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                    start_new_session=True)
+            # and it stops, recorded, if the sweep dies (kill -9, a closed terminal): see driver.stop_with_parent
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "REFINE_STOP_WITH_PARENT": str(os.getpid())}
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.running.add(proc)
         try:
             return proc.wait()
@@ -212,7 +213,11 @@ def _sweep(argv: list[str] | None, children: Children) -> int:
     seeds = sorted({c.seed for c in todo if not (toy_student_dir(ToyRecipe(seed=c.seed)) / "train_log.json").is_file()})
 
     def pretrain(seed: int) -> None:
-        code = children.run([sys.executable, "-c", "from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
+        # SIGTERM as Ctrl-C: the interrupted training removes its temp dir (the default SIGTERM left it behind)
+        code = children.run([sys.executable, "-c", "import signal; signal.signal(signal.SIGTERM, signal.default_int_handler); "
+                                                    "from refine.demo.driver import stop_with_parent, os; "
+                                                    "stop_with_parent(int(os.environ.pop('REFINE_STOP_WITH_PARENT'))); "
+                                                    "from refine.demo.toy_student import ToyRecipe, ensure_toy_student; "
                                                     f"ensure_toy_student(ToyRecipe(seed={seed}))"])
         if code:
             raise RuntimeError(f"pretraining the toy student of seed {seed} failed (exit {code})")

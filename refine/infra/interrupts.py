@@ -58,8 +58,8 @@ def let_in_flight_finish(seconds: float = IN_FLIGHT_GRACE_S) -> None:
     n = in_flight()
     if not n:
         return
-    console.print(f"[yellow]Waiting up to {seconds:g} s for {n} request(s) in flight: an answer that arrives is "
-                  "cached, and a resume does not pay for it again (Ctrl-C to quit now) …[/]")
+    console.print(f"[yellow]Waiting up to {seconds:g} s for {n} critic call(s) in flight: an answer that arrives "
+                  "is cached, and a resume does not pay for it again (Ctrl-C to quit now) …[/]")
     done, left = finish_in_flight(seconds)
     console.print(f"[yellow]{done} of {n} finished" + (f"; {left} abandoned (a resume asks them again)" if left else "")
                   + ".[/]")
