@@ -32,7 +32,7 @@ from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
 from refine.images import ImageSet, load_images, round_images, world_of
 from refine.infra.cache import DiskCache
 from refine.infra.distributed import Ranks
-from refine.infra.interrupts import exit_now, let_in_flight_finish, second_interrupt_exits
+from refine.infra.interrupts import exit_now, run_stoppable
 from refine.infra.progress import RoundProgress, console
 from refine.infra.runlog import RunLog, to_row
 from refine.infra.trackers import Trackers
@@ -465,15 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" / "Writing model shards" bars: noise here
-    with second_interrupt_exits() as over:
-        try:
-            run(argv)
-        except BaseException as e:
-            over(130)  # from here on a Ctrl-C has nothing left to stop
-            let_in_flight_finish()
-            return _exit_code(e)
-        over(0)  # the run is done: a Ctrl-C now ends the process as it was about to end
-    return 0
+    def done() -> int:
+        run(argv)
+        return 0
+
+    return run_stoppable(done, _exit_code)
 
 
 def _exit_code(e: BaseException) -> int:

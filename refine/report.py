@@ -4,8 +4,8 @@ The page holds everything (images as data URIs, plots as SVG, a few lines of Jav
 fetched): the run's config; a plot per round metric (critic score, CHAIR, recall, losses, reward
 margin, time per stage); and a card per image with its thumbnail and the regions stage's boxes, its
 caption in every round, the critique of that caption, the refinement it led to, and the pairs it made.
-Filters show only the images whose student caption changed between rounds, whose critique failed, or whose hallucinations
-rose (the critic's count of named-but-absent objects, first round against last). Cards are drawn a
+Filters show only the images whose student caption changed between rounds, whose critique failed, or
+whose hallucinations rose (the critic's count of named-but-absent objects, first round against last). Cards are drawn a
 page at a time from data embedded in the file, so a run over thousands of images stays usable.
 """
 

@@ -272,18 +272,11 @@ def control_when_ready(demo_pid: int, student_dir: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The demo; on Ctrl-C or SIGTERM it stops both runs with what finished recorded (exit 130) and gives
     the command that continues them: itself, run again."""
-    from refine.infra.interrupts import second_interrupt_exits
+    from refine.infra.interrupts import run_stoppable
 
-    with second_interrupt_exits() as over:
-        if parent := os.environ.pop("REFINE_STOP_WITH_PARENT", None):  # a sweep's cell (its control: _CONTROL)
-            stop_with_parent(int(parent))
-        try:
-            code = _demo(argv)
-        except BaseException as e:
-            over(130)  # from here on a Ctrl-C has nothing left to stop
-            return _stopped(e, sys.argv[1:] if argv is None else argv)
-        over(code)
-    return code
+    if parent := os.environ.pop("REFINE_STOP_WITH_PARENT", None):  # a sweep's cell (its control: _CONTROL)
+        stop_with_parent(int(parent))
+    return run_stoppable(lambda: _demo(argv), lambda e: _stopped(e, sys.argv[1:] if argv is None else argv))
 
 
 def _stopped(e: BaseException, argv: list[str]) -> int:
@@ -293,7 +286,7 @@ def _stopped(e: BaseException, argv: list[str]) -> int:
     from refine.infra.interrupts import exit_now
     from refine.loop import RunStopped
 
-    again = " ".join(["python -m refine.demo", *map(shlex.quote, argv)])
+    again = f"python -m refine.demo {shlex.join(argv)}".rstrip()
     if isinstance(e, RunStopped):
         message = str(e).replace(e.resume, again) if e.resume else str(e)
         console.print(("[red]" if e.code != 130 else "[yellow]") + escape(message) + "[/]", soft_wrap=True)

@@ -5,10 +5,10 @@ with the swapped-pair control beside it when the plan asks for one. A cell whose
 back, not run again, so the command can be stopped (Ctrl-C, SIGTERM: each run records what finished) and
 started again at any time; an unfinished run is resumed by the demo itself. The table,
 ``runs/sweep-NAME.json``, holds every finished cell's before and after metrics and is rewritten after
-each cell. ``--rounds N`` runs every cell for N rounds instead of the
-demo's 5 and writes ``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last
-round (the run names leave rounds out), and the real run's curve (``demo.json``, ``per_round``) keeps every
-round's metrics, so the table of fewer rounds is still read from the same runs.
+each cell. ``--rounds N`` runs every cell for N rounds instead of the demo's 5 and writes
+``runs/sweep-NAME-roundsN.json``; a finished sweep's runs are taken on from their last round (the run
+names leave rounds out), and the real run's curve (``demo.json``, ``per_round``) keeps every round's
+metrics, so the table of fewer rounds is still read from the same runs.
 
 Plans:
 
@@ -165,20 +165,19 @@ def run_cell(cell: Cell, runs_dir: Path, log_dir: Path, children: Children) -> i
 def main(argv: list[str] | None = None) -> int:
     """The sweep; Ctrl-C or SIGTERM stops its runs (each records what finished) and exits 130 with the
     command that continues it: itself, run again."""
-    from refine.infra.interrupts import exit_now, second_interrupt_exits
+    from refine.infra.interrupts import exit_now, run_stoppable
 
     children = Children()
-    with second_interrupt_exits() as over:
-        try:
-            code = _sweep(argv, children)
-        except KeyboardInterrupt:
-            over(130)
-            children.stop()
-            again = " ".join(["python -m refine.demo.sweep", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-            print(f"Interrupted. Finished cells and rounds are recorded. Continue with: {again}", flush=True)
-            exit_now(130)
-        over(code)
-    return code
+
+    def stopped(e: BaseException) -> int:
+        if not isinstance(e, KeyboardInterrupt):
+            raise e
+        children.stop()
+        again = f"python -m refine.demo.sweep {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        print(f"Interrupted. Finished cells and rounds are recorded. Continue with: {again}", flush=True)
+        exit_now(130)
+
+    return run_stoppable(lambda: _sweep(argv, children), stopped)
 
 
 def _sweep(argv: list[str] | None, children: Children) -> int:

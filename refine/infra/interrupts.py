@@ -46,6 +46,21 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
             signal.signal(sig, before)
 
 
+def run_stoppable(work: Callable[[], int], stopped: Callable[[BaseException], int]) -> int:
+    """A command's body: ``work()``'s exit code, under :func:`second_interrupt_exits`. When it raises (Ctrl-C,
+    SIGTERM, an error), the requests it left in flight get their grace (:func:`let_in_flight_finish`) and
+    ``stopped(e)`` says how it ends; once either is under way, a Ctrl-C exits at once."""
+    with second_interrupt_exits() as over:
+        try:
+            code = work()
+        except BaseException as e:
+            over(130)  # from here on a Ctrl-C has nothing left to stop
+            let_in_flight_finish()
+            return stopped(e)
+        over(code)  # the work is done: a Ctrl-C now ends the process as it was about to end
+    return code
+
+
 IN_FLIGHT_GRACE_S = 5.0  # under docker stop's 10 s before SIGKILL
 
 
