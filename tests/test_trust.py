@@ -274,6 +274,82 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_without_repeats(manifes
     assert log.status() == "done"
 
 
+def _show(fd, until: threading.Event):
+    """A terminal: reads what the program writes until ``until`` is set."""
+    import select
+
+    while not until.is_set():
+        if select.select([fd], [], [], 0.05)[0]:
+            os.read(fd, 65536)
+
+
+@pytest.mark.parametrize("hangup", [True, False], ids=["sighup", "disowned"])
+def test_a_closed_terminal_stops_the_run_recorded(manifest, tiny_student_dir, tmp_path, env, hangup):  # noqa: F811
+    """Closing the terminal makes every write to it fail (EIO), then the shell sends SIGHUP. The run
+    stops as on Ctrl-C, recorded and resumable; a run the shell was told to leave alone (``disown``: no
+    SIGHUP) finishes. The first failed write crashed the run (its stop message raised again and it
+    waited for its hanging requests), and SIGHUP killed it with no event."""
+    import pty
+
+    def reply(body):
+        if request_images(body):
+            return Fault.hang(120 if hangup else 2)
+        return critique_reply()(body)
+
+    runs_dir = tmp_path / "runs"
+    master, terminal = pty.openpty()
+    with FakeOpenAIServer(reply=reply) as server:
+        args = _argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--critic.timeout=60",
+                     "--critic.max_concurrency=2")
+        proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env, stdin=terminal,
+                                stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        closed = threading.Event()
+        shown = threading.Thread(target=_show, args=(master, closed))
+        shown.start()
+        _wait_for(lambda: server.request_count >= 2)
+        closed.set()
+        shown.join()
+        os.close(master)  # the terminal is gone: writes to it fail with EIO from now on
+        time.sleep(1)  # the shell's SIGHUP comes after the writes began to fail
+        if hangup:
+            proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=60)
+    log = RunLog(runs_dir / "t")
+    if hangup:
+        assert proc.returncode == 130
+        assert log.events()[-1]["event"] == "interrupted" and log.status() == "interrupted (resumable)"
+    else:
+        assert proc.returncode == 0 and log.status() == "done", log.events()[-1]
+
+
+def test_a_stop_for_failures_does_not_wait_out_the_requests_left_hanging(manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
+    """Too many failed critiques stop the run while others are still in flight. After the grace the process
+    exits; it waited at exit for each abandoned request's thread, up to the critic's whole timeout."""
+    asked = Counter()
+    lock = threading.Lock()
+
+    def reply(body):
+        if not request_images(body):
+            return critique_reply()(body)
+        with lock:
+            asked["n"] += 1
+            n = asked["n"]
+        return Fault.server_error() if n <= 2 else Fault.hang(120)
+
+    runs_dir = tmp_path / "runs"
+    with FakeOpenAIServer(reply=reply) as server:
+        args = _argv(manifest, tiny_student_dir, runs_dir, server.base_url, "--critic.timeout=90",
+                     "--critic.max_concurrency=3", "--loop.max_failure_share=0.1")
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "refine.loop", *args], env=env, capture_output=True, text=True,
+                              timeout=180)
+        took = time.perf_counter() - started
+    assert done.returncode == 1 and "abandoned (a resume asks them again)" in done.stderr, done.stderr[-2000:]
+    assert took < 60, f"the stop took {took:.0f} s: it waited for the hanging requests"
+    assert RunLog(runs_dir / "t").status() == "stopped: too many failed requests (resumable)"
+
+
 def test_a_request_in_flight_at_ctrl_c_that_answers_within_the_grace_is_cached_and_not_paid_again(
         manifest, tiny_student_dir, tmp_path, env):  # noqa: F811
     """The requests in flight when the run is stopped get a few seconds to answer; an answer that arrives is
