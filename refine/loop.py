@@ -443,9 +443,13 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
         if loop.use_regions and not images.detectable:
             console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
         detector = load_detector(config.regions.model) if detects else None
-    source = log.student_dir("last") if log is not None and log.student_state("last") else config.student.model
-    cfg = config.student
-    student = load_student(source, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)
+    resumed, cfg = log.resume_student() if log is not None else None, config.student
+    try:
+        student = load_student(resumed or cfg.model, _device(cfg.device, ranks), cfg.precision, cfg.static_cache)
+    except OSError as e:  # a checkpoint cut short, say; the message names student.model
+        raise e if resumed is None else OSError(f"--resume {log.root}: its student {resumed} cannot be loaded "
+                                                f"({e.__cause__ or e}); put it back from a copy of the run, or "
+                                                "start a new run") from None
     if student.positions and cfg.max_new_tokens >= student.positions:
         raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds "
                           f"{student.positions} tokens, the start token included; use at most {student.positions - 1}")

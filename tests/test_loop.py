@@ -177,8 +177,8 @@ def test_a_local_critic_spends_no_budget(manifest, tiny_student_dir, tmp_path):
 def test_a_run_written_before_the_package_layout_resumes(tmp_path, tiny_student_dir, bus_path, zidane_path):
     """tests/data/run_before_packages: a run by the code before refine/ was split into packages (and
     before the refinement records had source/rejected/error), SIGKILLed in round 1 after its pairs.
-    The student checkpoints are left out of the fixture (no weights in git): the resume trains round 1
-    from the configured model. Everything recorded loads; only round 1's update runs."""
+    The student checkpoints are left out of the fixture (no weights in git): the tiny student stands in
+    for round 0's. Everything recorded loads; only round 1's update runs."""
     import shutil
 
     from PIL import Image
@@ -191,6 +191,8 @@ def test_a_run_written_before_the_package_layout_resumes(tmp_path, tiny_student_
         '{"path": "zidane.png", "objects": {"person": 2, "tie": 1}, "references": ["a photo of zidane"]}\n')
     root = tmp_path / "runs" / "old"
     shutil.copytree(fixture, root)
+    shutil.copytree(tiny_student_dir, root / "student" / "last")
+    (root / "student" / "last" / "refine_state.json").write_text('{"round": 0}')
     config = json.loads((root / "config.json").read_text())
     config["loop"].update(images=str(tmp_path / "images.jsonl"), runs_dir=str(tmp_path / "runs"))
     config["student"]["model"] = str(tiny_student_dir)

@@ -445,6 +445,19 @@ class RunLog:
             path = self.root / "student" / f".{tag}.old" / STATE_FILE
         return json.loads(path.read_text()) if path.exists() else None
 
+    def resume_student(self) -> Path | None:
+        """Where a resume's student comes from: ``student/last``, or None before any update finished (the
+        run starts from ``student.model``). An update that finished must have left its student: one
+        deleted, or an older copy put back, is refused, or the resume would train on from the wrong one."""
+        trained = self.rounds_with("update")
+        saved = (self.student_state("last") or {}).get("round")
+        if trained and (saved is None or saved < trained[-1]):
+            found = "is missing" if saved is None else f"is round {saved}'s"
+            raise ValueError(f"--resume {self.root}: round {trained[-1]}'s update finished, but its student "
+                             f"(student/last) {found}; put {self.root / 'student' / 'last'} back from a copy of the "
+                             "run, or start a new run")
+        return None if saved is None else self.student_dir("last")
+
     def student_dir(self, tag: str) -> Path:
         final = self.root / "student" / tag
         return final if final.exists() else self.root / "student" / f".{tag}.old"

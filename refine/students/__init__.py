@@ -65,9 +65,11 @@ def load_student(
     name = str(name_or_dir)
     model_kwargs = _quantization(quantize, dev, flags["quantize"])
     module = importlib.import_module(ARCHITECTURES[architecture(name, flags["model"])])
+    from safetensors import SafetensorError
+
     try:
         student = module.load(name, model_kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # SafetensorError: a weights file cut short
         raise load_failure("student", name, e, flags["model"]) from e
     if not model_kwargs:
         student.model.to(dev)

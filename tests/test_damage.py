@@ -1,0 +1,53 @@
+"""A run, its cache and its inputs damaged or changed between two sessions (a deleted folder, a cut
+file, a corrupt cache, an image rewritten): the resume refuses in one line naming what to restore, or
+goes on and says what it did; it never quietly trains on from the wrong state. From a new user's review."""
+
+import shutil
+
+import pytest
+from test_loop import manifest  # noqa: F401  (fixture)
+
+from refine import loop
+from refine.infra.runlog import RunLog
+
+
+def _args(manifest, student_dir, runs_dir, *extra):  # noqa: F811
+    return ["--images", str(manifest), "--rounds", "1", f"--student.model={student_dir}",
+            f"--loop.runs_dir={runs_dir}", "--loop.run_id=d", "--student.n_samples=1", "--student.max_new_tokens=6",
+            "--update.epochs=1", "--loop.use_regions=false", *extra]
+
+
+@pytest.fixture
+def trained_run(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    """A finished one-round run of the grounded critic: round 0's update saved ``student/last``."""
+    assert loop.main(_args(manifest, tiny_student_dir, tmp_path / "runs")) == 0
+    log = RunLog(tmp_path / "runs" / "d")
+    assert log.student_state("last") == {"round": 0}
+    return log
+
+
+def _resume(log, capsys, *extra):
+    before = (log.root / "events.jsonl").read_bytes()
+    capsys.readouterr()
+    code = loop.main(["--resume", str(log.root), "--rounds", "2", *extra])
+    err = capsys.readouterr().err
+    return code, err, (log.root / "events.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("gone", ["student", "student/last"])
+def test_a_resume_whose_trained_student_is_gone_is_refused(trained_run, capsys, gone):
+    """It trained on from the base model (student.model) without a word: round 0's training was lost and
+    the next student was saved as the run's latest."""
+    shutil.rmtree(trained_run.root / gone)
+    code, err, untouched = _resume(trained_run, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "student/last" in err and "round 0" in err and untouched, err
+
+
+def test_a_resume_whose_trained_student_is_cut_short_is_one_line(trained_run, capsys):
+    """A truncated checkpoint (a full disk, a copy interrupted): a traceback from safetensors."""
+    weights = trained_run.student_dir("last") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err, untouched = _resume(trained_run, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "student/last" in err and "cannot be loaded" in err and untouched, err
