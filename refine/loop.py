@@ -30,7 +30,7 @@ from rich.markup import escape
 from refine.cli import check_effect, load_config
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
 from refine.images import ImageSet, load_images, round_images, world_of
-from refine.infra.cache import DiskCache
+from refine.infra.cache import DiskCache, check_caches
 from refine.infra.distributed import Ranks
 from refine.infra.interrupts import exit_now, run_stoppable
 from refine.infra.progress import RoundProgress, console
@@ -410,6 +410,7 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
                               "plain data parallelism (DDP) only; launch with --multi_gpu and without "
                               f"--use_{name.lower()} (or a config file without it)")
     trackers = parse_trackers(config.loop.log_with)  # a tracker that is not installed fails here
+    check_caches()  # a damaged store is refused here, not met by each request of a paid stage
     from critics import make_critic
     from refine.stages.regions import load_detector
 

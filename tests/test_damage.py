@@ -8,6 +8,7 @@ import pytest
 from test_loop import manifest  # noqa: F401  (fixture)
 
 from refine import loop
+from refine.infra.cache import NAMESPACES
 from refine.infra.runlog import RunLog
 
 
@@ -51,3 +52,32 @@ def test_a_resume_whose_trained_student_is_cut_short_is_one_line(trained_run, ca
     code, err, untouched = _resume(trained_run, capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "student/last" in err and "cannot be loaded" in err and untouched, err
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_a_damaged_cache_store_is_refused_before_the_run_in_one_line(manifest, tiny_student_dir, tmp_path, capsys,  # noqa: F811
+                                                                    monkeypatch, namespace):
+    """A store that is not a database: the image index's was a traceback, the critiques' and the LLM's a
+    traceback per request (328 lines) after the run had begun."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(cache))
+    (cache / namespace).mkdir(parents=True)
+    (cache / namespace / "cache.db").write_bytes(bytes(range(256)) * 12)
+    capsys.readouterr()
+    assert loop.main(_args(manifest, tiny_student_dir, tmp_path / "runs")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"the cache {cache / namespace} cannot be used" in err and "REFINE_CACHE_DIR" in err, err
+    assert not (tmp_path / "runs" / "d").exists()
+
+
+def test_a_cache_folder_that_is_a_file_is_named_not_blamed_on_the_images(manifest, tiny_student_dir, tmp_path,  # noqa: F811
+                                                                         capsys, monkeypatch):
+    """It said "no readable images (4 skipped)", each skip naming the cache."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("REFINE_CACHE_DIR", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert loop.main(_args(manifest, tiny_student_dir, tmp_path / "runs")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the cache {tmp_path / 'cache' / 'image-index'} cannot be used"), err
+    assert "images" not in err.split("cannot be used")[0] and not (tmp_path / "runs" / "d").exists()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refine.images.records import IMAGE_SUFFIXES, ImageRecord, printable, record_from_path
+from refine.images.records import IMAGE_SUFFIXES, ImageRecord, image_index, printable, record_from_path
 
 
 def file_ids(paths: Sequence[Path]) -> list[str]:
@@ -54,6 +54,7 @@ def _records_from_paths(paths: list[Path], source: str, flag: str = "--images") 
     """Decode each path; a bad file is skipped with a note, never fatal for the set."""
     paths = sorted(paths)
     records, notes = [], []
+    image_index()  # a cache that cannot be opened is said once, not blamed on each image
     for path, id_ in zip(paths, file_ids(paths)):
         try:
             records.append(record_from_path(path, id=id_))
@@ -128,6 +129,7 @@ def load_manifest(path: Path, flag: str = "--images") -> tuple[list[ImageRecord]
             raise ValueError(f"{where}: the id {id_!r} taken from the file name is already given at {given[id_]}; "
                              "add an explicit unique 'id' to this line")
     records, notes = [], []
+    image_index()  # a cache that cannot be opened is said once, not blamed on each image
     for where, row in rows:
         try:
             records.append(record_from_path((path.parent / row["path"]).resolve(), id=row.get("id") or derived[where],

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -70,6 +71,26 @@ def cache_key(*parts: Any) -> str:
     return h.hexdigest()
 
 
+NAMESPACES = ("image-index", "regions", "critiques", "llm")  # the stores a run uses
+
+
+class CacheUnusable(OSError):
+    """A store that cannot be opened: not a database (damaged, or another file put there), or a folder
+    that cannot be made. One line naming it and the two ways out."""
+
+    def __init__(self, path: Path, error: Exception):
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        super().__init__(f"the cache {path} cannot be used ({type(error).__name__}: {why}); delete that folder "
+                         "(what it held is computed or asked again) or set REFINE_CACHE_DIR to another folder")
+
+
+def check_caches(directory: str | os.PathLike | None = None) -> None:
+    """Open each store a run uses, so that a damaged one is refused before the run starts, not met by
+    every request of its first paid stage."""
+    for namespace in NAMESPACES:
+        DiskCache(directory, namespace).close(opened=True)
+
+
 class DiskCache:
     """``get_or_compute`` over a diskcache store, counting hits and misses. Thread- and process-safe.
 
@@ -91,7 +112,11 @@ class DiskCache:
 
             with self._lock:
                 if self._store is None:
-                    self._store = diskcache.Cache(str(self.directory / self.namespace))
+                    path = self.directory / self.namespace
+                    try:
+                        self._store = diskcache.Cache(str(path))
+                    except (sqlite3.DatabaseError, OSError) as e:
+                        raise CacheUnusable(path, e) from None
         return self._store
 
     def get_or_compute(self, key: str, compute: Callable[[], T], cacheable: Callable[[T], bool] = lambda _: True) -> tuple[T, bool]:
@@ -140,7 +165,10 @@ class DiskCache:
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses}
 
-    def close(self) -> None:
+    def close(self, opened: bool = False) -> None:
+        """Close the store; with ``opened``, open it first (to check that it can be)."""
+        if opened:
+            self.store  # noqa: B018
         if self._store is not None:
             self._store.close()
             self._store = None
