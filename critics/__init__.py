@@ -26,10 +26,10 @@ def make_critic(cfg, vocabulary=None, max_words: int = 20, cache=None) -> Critic
 
         return GroundedCritic(vocabulary=vocabulary, noise=cfg.noise, seed=cfg.seed)
     if cfg.backend == "openai":
-        from critics.openai_vlm import OpenAIVLMCritic
+        from critics.openai_vlm import CRITIQUE_VARIABLES, OpenAIVLMCritic
         from refine.infra.prompts import load_template
 
-        load_template(cfg.template)  # a missing or broken template fails here, before any request
+        load_template(cfg.template, CRITIQUE_VARIABLES)  # a missing or broken template fails here, before any request
         return OpenAIVLMCritic(
             model=cfg.model or DEFAULT_MODELS["openai"], base_url=cfg.base_url, api_key_env=cfg.api_key_env,
             max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries, timeout=cfg.timeout,

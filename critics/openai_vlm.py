@@ -200,6 +200,8 @@ def parse_judgement(raw: str) -> int | None:
 # --- images as data URLs ---------------------------------------------------------------------------
 
 JPEG_QUALITY = 90
+CRITIQUE_VARIABLES = ("caption", "views", "objects", "annotations", "max_words")  # what a critique template gets
+JUDGE_VARIABLES = ("caption_a", "caption_b")
 
 
 def image_data_url(image: Image.Image, max_side: int | None = None) -> str:
@@ -300,7 +302,7 @@ class OpenAIVLMCritic:
 
         A template that cannot be loaded is a setup error for the whole batch and does raise.
         """
-        template = load_template(self.template)
+        template = load_template(self.template, CRITIQUE_VARIABLES)
         if len(requests) <= 1:  # the critique stage's case: it keeps the requests in flight itself
             return [self._critique_safely(r, template) for r in requests]
         return map_concurrently(lambda r: self._critique_safely(r, template), requests, self.max_concurrency)
@@ -388,7 +390,7 @@ class OpenAIVLMCritic:
         Cached like critiques. Randomising which caption is A is the caller's job. Raises ``JudgeError``
         when the call or the parse fails (never cached), so a tie is never confused with a failure.
         """
-        template = load_template(self.judge_template)
+        template = load_template(self.judge_template, JUDGE_VARIABLES)
         prompt = template.render(caption_a=caption_a, caption_b=caption_b)
         digest = image_sha256 or pil_sha256(image)
         key = cache_key(

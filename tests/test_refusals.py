@@ -15,6 +15,13 @@ from refine import loop
 from refine.offline.devserver import FakeOpenAIServer
 
 
+def _template(tmp_path: Path, edit) -> str:
+    """The repository's critique template, edited by ``edit(text) -> bytes``, as a --critic.template path."""
+    path = tmp_path / "edited-critique.txt"
+    path.write_bytes(edit((Path(__file__).parents[1] / "prompts" / "critique.txt").read_text()))
+    return str(path)
+
+
 def _manifest(tmp_path: Path, lines: list[str]) -> Path:
     from PIL import Image
 
@@ -101,6 +108,14 @@ CASES = [
      "$REFINE_TEST_NO_SUCH_KEY is not set"),
     ("critique template missing", lambda t, u: ["--critic.backend=openai", f"--critic.base_url={u}",
                                                 "--critic.template=nope"], "no template 'nope.txt'"),
+    ("critique template with an unknown placeholder",
+     lambda t, u: ["--critic.backend=openai", f"--critic.base_url={u}",
+                   f"--critic.template={_template(t, lambda s: s.replace('Caption under review:', 'Caption under review ($lang):', 1).encode())}"],
+     "edited-critique.txt:"),
+    ("critique template not UTF-8",
+     lambda t, u: ["--critic.backend=openai", f"--critic.base_url={u}",
+                   f"--critic.template={_template(t, lambda s: s.encode('utf-16'))}"],
+     "edited-critique.txt: not UTF-8 text"),
     ("resume a run that does not exist", lambda t, u: ["--resume", "no-such-run"], "no run 'no-such-run'"),
     ("more tokens than the decoder holds", lambda t, u: ["--student.max_new_tokens=5000"],
      "student.max_new_tokens=5000: the student's decoder holds 64 tokens"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -93,16 +94,25 @@ def prompts_dir() -> Path | resources.abc.Traversable:
         ) from e
 
 
-def load_template(name: str) -> Template:
-    """Read ``<prompts dir>/<name>.txt`` (``name`` may include the ``.txt``). Read on every call, so edits show."""
+def load_template(name: str, given: Iterable[str] | None = None) -> Template:
+    """Read ``<prompts dir>/<name>.txt`` (``name`` may include the ``.txt``). Read on every call, so edits show.
+    ``given``: the variables its caller renders it with; a placeholder outside them fails here, at load."""
     filename = name if name.endswith(".txt") else f"{name}.txt"
     directory = prompts_dir()
     path = directory / filename
     if not path.is_file():
         available = sorted(p.name for p in directory.iterdir() if p.name.endswith(".txt"))
         raise TemplateError(f"no template {filename!r} in {directory}; available: {', '.join(available) or 'none'}")
-    template = Template(name=filename.removesuffix(".txt"), text=path.read_text(encoding="utf-8"), source=str(path))
-    template.variables  # noqa: B018 (parse now, so a bad '$' fails at load with the file named)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    template = Template(name=filename.removesuffix(".txt"), text=text, source=str(path))
+    variables = template.variables  # parse now, so a bad '$' fails at load with the file named
+    unknown = sorted(variables - set(given)) if given is not None else []
+    if unknown:
+        raise TemplateError(f"{path}: unknown placeholder(s) {', '.join('$' + v for v in unknown)}; this template is "
+                            f"rendered with {', '.join('$' + v for v in sorted(given))} (write $$ for a dollar sign)")
     return template
 
 
