@@ -79,10 +79,11 @@ def test_step_replies_that_are_not_captions_become_no_pairs_and_are_counted(mani
         caption = request_text(body).split("<VARIABLE> ", 1)[1].split(" </VARIABLE>", 1)[0]
         return STEP_REPLIES[sum(map(ord, caption)) % len(STEP_REPLIES)]  # no tags: the old code "recovered" these
 
+    allowed = "--loop.max_failure_share=1"  # every reply is rejected; by default that stops the run (below)
     with FakeOpenAIServer(reply=reply) as server:
-        log = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url))
+        log = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, allowed))
         steps_asked = sum(1 for b in server.requests if not request_images(b))
-        log2 = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--loop.run_id=t2"))
+        log2 = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, allowed, "--loop.run_id=t2"))
         steps_asked_again = sum(1 for b in server.requests if not request_images(b)) - steps_asked
     refined = log.read_stage(0, "refined")
     assert refined and all(r["refined"] == r["original"] and r["rejected"] in ("refusal", "meta", "too_long")
@@ -93,6 +94,37 @@ def test_step_replies_that_are_not_captions_become_no_pairs_and_are_counted(mani
     assert sum(v for k, v in metrics.items() if k.startswith("step/rejected/")) == len(refined)
     assert steps_asked_again == steps_asked, "rejected replies must not be served from the cache to the next run"
     assert log2.read_stage(0, "refined") == refined
+
+
+def _refusing_step(body):
+    return critique_reply()(body) if request_images(body) else "I'm sorry, but I can't help with that."
+
+
+def test_a_rejected_step_reply_is_asked_once_per_session_not_once_per_caption(manifest, tiny_student_dir, tmp_path):  # noqa: F811
+    """Captions that share a step prompt (the same caption and feedback) share its reply, a rejected one
+    too: a rejected reply is not cached, so each caption waiting on the first asked again (18 paid
+    requests for one prompt in 3 rounds). A new session still asks again."""
+    args = ["--student.n_samples=0", "--rounds=2", "--loop.max_failure_share=1", "--update.epochs=1"]
+    with FakeOpenAIServer(reply=_refusing_step) as server:
+        log = loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, *args))
+        steps = Counter(json.dumps(b, sort_keys=True) for b in server.requests if not request_images(b))
+        loop.run(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, *args, "--loop.run_id=t2"))
+        again = Counter(json.dumps(b, sort_keys=True) for b in server.requests if not request_images(b)) - steps
+    refined = [r for k in range(2) for r in log.read_stage(k, "refined")]
+    assert len(refined) == 8 and all(r["rejected"] == "refusal" for r in refined)
+    assert len(steps) < len(refined) and set(steps.values()) == {1}, "a step prompt was paid for twice"
+    assert again == steps, "a rejected reply must not be served from the cache to the next session"
+
+
+def test_a_step_model_that_never_answers_with_a_caption_stops_the_run(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    """Rejected step replies are paid for like failed ones and count toward loop.max_failure_share: a step
+    model that refuses every time (or answers in prose) stops the run. It paid for every round and
+    ended "done, no pairs", exit 0."""
+    with FakeOpenAIServer(reply=_refusing_step) as server:
+        code = loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--rounds=2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "textual steps" in err and "refusal" in err, err
+    assert RunLog(tmp_path / "runs" / "t").status() == "stopped: too many failed requests (resumable)"
 
 
 # --- 2. failed critiques stop the run, stay retryable, and a round that learned nothing says so --
@@ -149,8 +181,9 @@ def test_a_round_says_when_the_step_replies_were_rejected_or_every_critique_fail
                                "--loop.max_failure_share=1")) == 0
     err = capsys.readouterr().err
     assert "round 0: no preference pairs (all 8 critiques failed)" in err, err
-    with FakeOpenAIServer(reply=chatty) as server:
-        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url)) == 0
+    with FakeOpenAIServer(reply=chatty) as server:  # allowed to fail: by default the run stops (test below)
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url,
+                               "--loop.max_failure_share=1")) == 0
     err = capsys.readouterr().err
     rejected = RunLog(tmp_path / "runs" / "t").metrics()[0]["step/rejected"]
     assert rejected > 0 and "step replies rejected" in err

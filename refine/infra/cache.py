@@ -104,6 +104,7 @@ class DiskCache:
         self.misses = 0
         self._store = None
         self._lock = threading.Lock()
+        self._uncached: dict[str, Any] = {}  # refused values kept for this process (``share_refused``)
 
     @property
     def store(self):
@@ -119,14 +120,20 @@ class DiskCache:
                         raise CacheUnusable(path, e) from None
         return self._store
 
-    def get_or_compute(self, key: str, compute: Callable[[], T], cacheable: Callable[[T], bool] = lambda _: True) -> tuple[T, bool]:
+    def get_or_compute(self, key: str, compute: Callable[[], T], cacheable: Callable[[T], bool] = lambda _: True,
+                       share_refused: bool = False) -> tuple[T, bool]:
         """Return ``(value, hit)``. ``compute`` runs on a miss; its value is stored only if ``cacheable``.
 
         While ``compute`` runs, the key is locked across processes: another caller of the same key
-        waits, then takes the stored value (a hit), or computes itself if nothing was stored.
+        waits, then takes the stored value (a hit), or computes itself if nothing was stored. A value
+        ``cacheable`` refuses is not stored, so a later call computes it again; with ``share_refused`` (a
+        reply that is no caption, not a transient failure) this process keeps it, and its later callers
+        of the key take it (a hit) instead of paying again; a later process asks again.
         """
         sentinel = object()
-        value = self.store.get(key, sentinel)
+        value = self._uncached.get(key, sentinel)
+        if value is sentinel:
+            value = self.store.get(key, sentinel)
         if value is sentinel:
             with self._key_lock(key, sentinel) as value:
                 if value is sentinel:
@@ -135,6 +142,8 @@ class DiskCache:
                     value = compute()
                     if cacheable(value):
                         self.store.set(key, value)
+                    elif share_refused:
+                        self._uncached[key] = value
                     return value, False
         with self._lock:
             self.hits += 1
@@ -147,7 +156,9 @@ class DiskCache:
         lock_key = f"lock:{key}"
         owner = [socket.gethostname(), os.getpid(), uuid.uuid4().hex]
         while not self.store.add(lock_key, owner, expire=LOCK_EXPIRE):
-            value = self.store.get(key, sentinel)
+            value = self._uncached.get(key, sentinel)
+            if value is sentinel:
+                value = self.store.get(key, sentinel)
             if value is not sentinel:
                 yield value
                 return
@@ -156,8 +167,8 @@ class DiskCache:
                 self.store.delete(lock_key)  # its owner was killed: take over at once
                 continue
             time.sleep(_POLL)
-        try:
-            yield self.store.get(key, sentinel)  # stored between our first look and the lock
+        try:  # stored (or kept) between our first look and the lock
+            yield self._uncached.get(key, self.store.get(key, sentinel))
         finally:
             if self.store.get(lock_key) == owner:
                 self.store.delete(lock_key)

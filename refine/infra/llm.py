@@ -199,7 +199,8 @@ class ChatEngine:
     def complete(self, prompt: str, system_prompt: str | None = None,
                  cacheable: Callable[[str], bool] | None = None) -> ChatResult:
         """One completion, from the cache when the same request was answered before. A reply for which
-        ``cacheable(content)`` is false is returned but not stored (a later run asks again)."""
+        ``cacheable(content)`` is false is returned but not stored (a later run asks again); this process
+        gives it to its later callers of the same request, who would pay for the same reply again."""
         if not isinstance(prompt, str):
             raise TypeError(f"ChatEngine takes text prompts only, got {type(prompt).__name__}")
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
@@ -211,8 +212,9 @@ class ChatEngine:
             result = self.chat.create(messages, **self.sampling)
             return {"content": result.content, "usage": result.usage}
 
-        stored, hit = self.cache.get_or_compute(
-            key, compute, cacheable=(lambda d: cacheable(d["content"])) if cacheable else (lambda _: True))
+        stored, hit = self.cache.get_or_compute(  # a reply that is no caption: one per prompt and process
+            key, compute, cacheable=(lambda d: cacheable(d["content"])) if cacheable else (lambda _: True),
+            share_refused=True)
         if hit:
             return ChatResult(stored["content"], usage(), cache_hit=True)
         return ChatResult(stored["content"], dict(stored["usage"]))

@@ -165,6 +165,18 @@ class Refinement:
     usage: dict[str, int] = field(default_factory=dict)  # the step's requests and tokens (textgrad), summed
 
 
+REPLY_REJECTIONS = ("empty", "refusal", "meta", "sentences", "too_long")  # replies.rejection's reasons
+
+
+def _failed(r: Refinement) -> str | None:
+    """Why a step counts as failed toward ``loop.max_failure_share``: its call failed, or its paid reply
+    was no caption (a refusal, prose). A model that never answers with a caption stops the run instead
+    of paying for every round of no pairs. A rejected reply's row is still recorded (not asked again)."""
+    if r.error or r.source != "textgrad" or r.rejected not in REPLY_REJECTIONS:
+        return r.error
+    return f"the reply is no caption ({r.rejected}): {r.reason}"
+
+
 @dataclass
 class TextualStep:
     """The textual step: a caption and its critique in, a refined caption (with its record) out.
@@ -314,7 +326,7 @@ class TextualStep:
             return [self._consensus(image_id, text, [self._apply_safely(text, c) for c in table[(image_id, text)] if c.ok])
                     for image_id, text in batch]
 
-        new = run_requests("textual steps", todo, ask, lambda r: r.usage.get("requests", 0), lambda r: r.error,
+        new = run_requests("textual steps", todo, ask, lambda r: r.usage.get("requests", 0), _failed,
                            len(todo), spend if self.engine is not None else None, max_failure_share, 1,
                            self.max_concurrency,
                            lambda rows: sink([r for r in rows if not r.error]), progress,
