@@ -377,6 +377,7 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     """
     log = RunLog.open(args.resume, cli.loop.runs_dir)
     config = apply_dict(Config(), log.config, source=f"{log.root}/config.json")
+    absolute_paths(cli)  # the run's own command again, relative paths and all, changes nothing
     changes: dict[str, list] = {}
     for key in args.overrides:
         if key == "loop.runs_dir":  # where to find the run, not a setting of it

@@ -81,3 +81,31 @@ def test_a_cache_folder_that_is_a_file_is_named_not_blamed_on_the_images(manifes
     err = capsys.readouterr().err
     assert err.startswith(f"error: the cache {tmp_path / 'cache' / 'image-index'} cannot be used"), err
     assert "images" not in err.split("cannot be used")[0] and not (tmp_path / "runs" / "d").exists()
+
+
+@pytest.mark.parametrize("cut", ["mid-line", "whole lines"])
+def test_a_finished_stage_file_cut_short_is_refused_not_read_as_fewer_rows(trained_run, capsys, cut):
+    """A finished stage's file is written whole, so a line that is not a row, or fewer rows than its
+    stage_done event counted, is damage. It was read as a smaller round (3 of 6 images), silently."""
+    path = trained_run.stage_path(0, "captions")
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    path.write_bytes(data[: len(data) // 2] if cut == "mid-line" else b"".join(lines[:-1]))
+    code, err, untouched = _resume(trained_run, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{path}: damaged" in err and "delete it" in err and untouched, err
+
+
+def test_a_resume_given_the_same_relative_paths_as_the_run_is_no_change(manifest, tiny_student_dir, tmp_path,  # noqa: F811
+                                                                        capsys, monkeypatch):
+    """The run's command again with --resume added: the run stores its paths absolute, and the relative
+    --images was refused as a change of loop.images."""
+    monkeypatch.chdir(manifest.parent)
+    relative = ["--images", manifest.name, "--rounds", "1", f"--student.model={tiny_student_dir}", "--loop.runs_dir=runs",
+                "--loop.run_id=d", "--student.n_samples=0", "--student.max_new_tokens=4", "--update.epochs=1",
+                "--loop.use_regions=false"]
+    assert loop.main(relative) == 0
+    capsys.readouterr()
+    assert loop.main([*relative, "--resume", "d"]) == 0, capsys.readouterr().err
+    assert loop.main([*relative[2:], "--images", "elsewhere.jsonl", "--resume", "d"]) == 2
+    assert "loop.images cannot change" in capsys.readouterr().err

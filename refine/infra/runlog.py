@@ -99,6 +99,15 @@ def read_jsonl(path: Path, torn: list[int] | None = None) -> list[dict[str, Any]
     return rows
 
 
+class StageDamaged(ValueError):
+    """A finished stage's file that is not what was written (cut short, edited)."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(f"{path}: damaged ({detail}); a finished stage's file is written whole. Put it back from "
+                         "a copy of the run, or delete it (a round not yet finished computes it again; answers "
+                         "already paid for come from the cache)")
+
+
 class RunInUse(OSError):
     """Another process holds the run (``RunLog.lock``)."""
 
@@ -285,8 +294,16 @@ class RunLog:
         return sorted(k for k in found if (rounds is None or k < rounds + final) and has(k))
 
     def read_stage(self, k: int, name: str, record: type | None = None) -> list[Any]:
-        """A recorded stage's rows, as ``record`` instances when a record type is given."""
-        return [from_row(record, row) for row in read_jsonl(self.stage_path(k, name))]
+        """A recorded stage's rows, as ``record`` instances when a record type is given. The file is
+        written whole, so a line that is not a row, or fewer rows than its ``stage_done`` event counted,
+        is damage (``StageDamaged``), not a smaller stage."""
+        path, torn = self.stage_path(k, name), []
+        rows = read_jsonl(path, torn)
+        counted = next((e.get("rows") for e in reversed(self.events()) if e["event"] == "stage_done"
+                        and e.get("round") == k and e.get("stage") == name), None)
+        if torn or (counted is not None and counted != len(rows)):
+            raise StageDamaged(path, f"line {torn[0]} is not a row" if torn else f"{len(rows)} rows of {counted}")
+        return [from_row(record, row) for row in rows]
 
     def stage(self, k: int, name: str, compute: Callable[[], Sequence[Any]], record: type | None = None,
               event: Callable[[Sequence[Any]], dict[str, Any]] | None = None) -> list[Any]:
