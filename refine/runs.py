@@ -29,6 +29,7 @@ ROUND_COLUMNS = [
     ("critic/mean_score", "critic mean score"), ("critic/failures", "critic failures"),
     ("critic/requests", "critic requests"), ("critic/cache_hits", "cache hits"), ("critic/tokens", "tokens"),
     ("step/changed", "captions changed by step"), ("step/rejected", "step replies rejected"),
+    ("step/errors", "step failures"),
     ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
     ("pairs/ranked", "pairs best≻worst"), ("update/sft/loss", "SFT loss"), ("update/loss", "loss"),
     ("update/dpo_loss", "DPO loss"),
@@ -77,6 +78,9 @@ def round_notes(m: dict[str, Any]) -> list[str]:
                         if key.startswith("step/rejected/"))
         notes.append(f"round {k}: the textual step's reply was rejected for {m['step/rejected']} caption(s) ({why}); "
                      "those made no refined pair (python -m refine.runs show RUN --image ID says why)")
+    if m.get("step/errors"):
+        notes.append(f"round {k}: {m['step/errors']} textual step(s) failed (a call error, recorded with its "
+                     "caption); those made no refined pair (python -m refine.runs show RUN --image ID says why)")
     if not m.get("pairs/total"):
         critiques, failed = m.get("critic/critiques", 0), m.get("critic/failures", 0)
         causes = [  # the first that applies

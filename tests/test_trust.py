@@ -190,6 +190,25 @@ def test_a_round_says_when_the_step_replies_were_rejected_or_every_critique_fail
     assert f"the textual step's reply was rejected for {rejected} caption(s) (" in err
 
 
+def test_a_round_with_failed_steps_says_so_in_its_table_and_notes(manifest, tiny_student_dir, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
+    """Failed step calls were counted (step/errors) but shown nowhere: the table said "critic failures 0"."""
+    monkeypatch.setattr(runs.console, "width", 250)
+
+    def reply(body):
+        return critique_reply()(body) if request_images(body) else Fault.server_error()
+
+    with FakeOpenAIServer(reply=reply) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url,
+                               "--loop.max_failure_share=1")) == 0
+    err = capsys.readouterr().err
+    failed = RunLog(tmp_path / "runs" / "t").metrics()[0]["step/errors"]
+    assert failed > 0 and f"step failures {failed}" in " ".join(err.replace("│", " ").split()), err
+    assert f"round 0: {failed} textual step(s) failed" in err
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "show", "t"]) == 0
+    assert "step failures" in capsys.readouterr().out
+
+
 def test_a_run_without_pairs_says_so(manifest, tiny_student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setattr(runs.console, "width", 250)
     with FakeOpenAIServer(reply=critique_reply(feedback="", score=0.5, missing=())) as server:
