@@ -361,6 +361,8 @@ def set_value(config: Config, dotted: str, value: Any) -> None:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A JSON or TOML file of ``{section: {key: value}}``; every error names the file."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: a folder; give the JSON or TOML file in it")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:

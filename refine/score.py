@@ -61,7 +61,7 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
     from critics.base import CritiqueRequest
 
     rng = random.Random(seed)
-    wins, n, failed, unchanged = 0.0, 0, 0, 0
+    wins, n, failed, unchanged, first_error = 0.0, 0, 0, 0, None
     for r in records:
         a, b = first.get(r.id), last.get(r.id)
         if a is None or b is None:
@@ -75,8 +75,8 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
             flip = rng.random() < 0.5
             try:
                 winner, _ = critic.judge_pair(r.image, *((b, a) if flip else (a, b)), image_sha256=r.sha256)
-            except JudgeError:
-                failed += 1
+            except JudgeError as e:
+                failed, first_error = failed + 1, first_error or str(e)
                 continue
             if winner is None:
                 continue
@@ -89,7 +89,7 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
             wins += 1.0 if cb.score > ca.score else 0.5 if cb.score == ca.score else 0.0
         n += 1
     return {"winrate/last_vs_first": wins / n if n else float("nan"), "winrate/judged": n, "winrate/failed": failed,
-            "winrate/unchanged": unchanged}
+            "winrate/unchanged": unchanged, **({"winrate/first_error": first_error} if first_error else {})}
 
 
 IMAGELESS = {"diversity"}  # metrics that read the captions alone
@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_json(log.root / "scores.json", result)
     render(result)
+    failed, judged = result.get("winrate/failed", 0), result.get("winrate/judged", 0)
+    if failed > judged:  # the win rate of the few that answered is no result
+        print(f"error: {failed} of {failed + judged} win-rate judgements failed (the first: "
+              f"{result['winrate/first_error']}); fix the judge and score again (the judgements that answered "
+              "are cached)", file=sys.stderr)
+        return 1
     return 0
 
 

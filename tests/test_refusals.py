@@ -116,6 +116,7 @@ CASES = [
      lambda t, u: ["--critic.backend=openai", f"--critic.base_url={u}",
                    f"--critic.template={_template(t, lambda s: s.encode('utf-16'))}"],
      "edited-critique.txt: not UTF-8 text"),
+    ("config file that is a folder", lambda t, u: ["--config", str(t / "empty")], "empty: a folder; give the JSON or TOML file"),
     ("resume a run that does not exist", lambda t, u: ["--resume", "no-such-run"], "no run 'no-such-run'"),
     ("more tokens than the decoder holds", lambda t, u: ["--student.max_new_tokens=5000"],
      "student.max_new_tokens=5000: the student's decoder holds 64 tokens"),

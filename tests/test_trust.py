@@ -246,6 +246,15 @@ def test_manifest_lines_without_ids_that_share_a_stem_get_two_ids(tmp_path):
     assert [r.id for r in records] == ["x/a.png", "y/a.png"]
 
 
+def test_a_broken_link_in_an_image_folder_is_skipped_with_a_note(tmp_path):
+    """It was left out without a word (an image the user meant to include)."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "moved-away.png")
+    images = load_images(str(tmp_path))
+    assert [r.id for r in images.records] == ["a"]
+    assert len(images.notes) == 1 and images.notes[0].startswith(f"skipped {tmp_path / 'b.png'}: "), images.notes
+
+
 def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path):
     levels = np.array([[60, 120, 200]], dtype=np.uint16) * 257
     Image.fromarray(levels).save(tmp_path / "grey16.png")
@@ -546,6 +555,24 @@ def test_score_judges_an_openai_run_and_survives_a_failed_judgement(manifest, ti
     assert 0.0 <= result["winrate/last_vs_first"] <= 1.0
     # The judge saw each image itself: the four requests carry the four pictures' pixels.
     assert sorted(_image_width(b) for b in judge_requests) == [96, 512, 810, 1280]
+
+
+def test_score_whose_judgements_mostly_fail_exits_nonzero(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    """Every judgement failing printed "nan over 0 images (4 judgements failed)" and exited 0."""
+    from refine import score
+
+    def reply(body):
+        return "no JSON here" if "Caption A:" in request_text(body) else critique_reply()(body)
+
+    with FakeOpenAIServer(reply=reply) as server:
+        assert loop.main(_argv(manifest, tiny_student_dir, tmp_path / "runs", server.base_url, "--rounds=2")) == 0
+        last = tmp_path / "runs" / "t" / "rounds" / "001" / "captions.jsonl"
+        last.write_text("".join(json.dumps({**row, "caption": row["caption"] + " on a street"}) + "\n"
+                                for row in read_jsonl(last)))
+        capsys.readouterr()
+        assert score.main(["t", "--runs-dir", str(tmp_path / "runs"), "--metrics", "winrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 of 4 win-rate judgements failed (the first: ") and len(err.splitlines()) == 1, err
 
 
 # --- errors mid-run, and runs used from elsewhere -------------------------------------------------

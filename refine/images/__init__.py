@@ -122,7 +122,8 @@ def _load(spec: str, coco_root: str | None, flag: str, columns) -> ImageSet:
     if path.suffix == ".jsonl" and path.is_file():
         return ImageSet(spec, *load_manifest(path, flag))
     if path.is_dir():  # with its subfolders
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        files = [p for p in path.rglob("*")  # a broken link is kept: it is skipped with a note, not unsaid
+                 if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink() and not p.exists())]
         return ImageSet(spec, *_records_from_paths(files, spec, flag))
     matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
     if matches:
