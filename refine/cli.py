@@ -205,3 +205,28 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespa
     if not args.resume:  # a resume checks the run's own config, once merged (loop._reopen)
         check_effect(config, overrides)
     return config, args
+
+
+def absolute_paths(config: Config) -> None:
+    """Store file paths absolute, so a resume or a score from another directory finds the same files."""
+    def absolute(value: str) -> str:
+        from refine.images import world_of
+
+        if not value or world_of(value) or value == "coco_val10":
+            return value
+        if value.startswith("hf:"):  # a saved dataset or imagefolder path; a hub name stays as it is
+            from refine.images.hf import parse
+
+            name, split = parse(value)
+            return "hf:" + absolute(name) + (f":{split}" if split else "")
+        if Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        if any(ch in value for ch in "*?[") and not Path(value).is_absolute():  # a glob
+            return str(Path.cwd() / value)
+        return value  # a hub id, or a name ultralytics resolves
+
+    loop = config.loop
+    loop.images, loop.eval_images = absolute(loop.images), absolute(loop.eval_images)
+    loop.coco_root = absolute(loop.coco_root)
+    config.student.model, config.regions.model = absolute(config.student.model), absolute(config.regions.model)
+    loop.runs_dir = str(Path(loop.runs_dir).expanduser().resolve())

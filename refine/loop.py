@@ -27,9 +27,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from refine.cli import check_effect, load_config
+from refine.cli import absolute_paths, check_effect, load_config
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
-from refine.images import ImageSet, load_images, round_images, world_of
+from refine.images import ImageSet, load_images, round_images
 from refine.infra.cache import DiskCache, check_caches
 from refine.infra.distributed import Ranks
 from refine.infra.interrupts import exit_now, run_stoppable
@@ -209,29 +209,6 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
         hint = getattr(e, "hint", None) or f"Fix the cause, then continue with: {resume}"  # UpdateDiverged has its own
         raise RunStopped(f"Stopped by an error: {type(e).__name__}: {e}. Finished stages are kept; the traceback "
                          f"is in {trace}. {hint}", 1, resume) from e
-
-
-def absolute_paths(config: Config) -> None:
-    """Store file paths absolute, so a resume or a score from another directory finds the same files."""
-    def absolute(value: str) -> str:
-        if not value or world_of(value) or value == "coco_val10":
-            return value
-        if value.startswith("hf:"):  # a saved dataset or imagefolder path; a hub name stays as it is
-            from refine.images.hf import parse
-
-            name, split = parse(value)
-            return "hf:" + absolute(name) + (f":{split}" if split else "")
-        if Path(value).expanduser().exists():
-            return str(Path(value).expanduser().resolve())
-        if any(ch in value for ch in "*?[") and not Path(value).is_absolute():  # a glob
-            return str(Path.cwd() / value)
-        return value  # a hub id, or a name ultralytics resolves
-
-    loop = config.loop
-    loop.images, loop.eval_images = absolute(loop.images), absolute(loop.eval_images)
-    loop.coco_root = absolute(loop.coco_root)
-    config.student.model, config.regions.model = absolute(config.student.model), absolute(config.regions.model)
-    loop.runs_dir = str(Path(loop.runs_dir).expanduser().resolve())
 
 
 def _rounds(log: RunLog, config: Config, parts: Parts) -> None:

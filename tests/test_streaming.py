@@ -346,6 +346,43 @@ def test_an_imagefolder_with_metadata_is_an_image_set(tmp_path):
     assert [r.image.tobytes() for r in images.records] == [_draw(i).tobytes() for i in range(3)]
 
 
+def test_an_imagefolder_of_images_alone_is_an_image_set(tmp_path):
+    """No metadata.jsonl (or a dataset of one image column): it loaded as an empty set."""
+    root = tmp_path / "folder"
+    root.mkdir()
+    for i in range(2):
+        _draw(i).save(root / f"img{i}.png")
+    images = load_images(f"hf:{root}")
+    assert [r.id for r in images.records] == ["train-000000", "train-000001"]
+    assert [r.image.tobytes() for r in images.records] == [_draw(i).tobytes() for i in range(2)]
+
+
+def test_a_dataset_row_without_an_image_or_with_its_file_gone_is_skipped_with_a_note(tmp_path):
+    """One bad row of a set is skipped, as a bad file of a folder is: a row with no image was a traceback,
+    and an imagefolder file named in metadata.jsonl but deleted refused the whole set."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [_draw(0), None, _draw(2)], "caption": ["a", "b", "c"]},
+                               features=features).save_to_disk(tmp_path / "saved")
+    images = load_images(f"hf:{tmp_path / 'saved'}")
+    assert [r.references for r in images.records] == [["a"], ["c"]]
+    assert images.notes == [f"skipped hf:{tmp_path / 'saved'} row 1: the row has no image"], images.notes
+
+    root = tmp_path / "folder"
+    root.mkdir()
+    for i in range(3):
+        _draw(i).save(root / f"img{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "caption": f"d{i}"}) + "\n"
+                                                 for i in range(3)))
+    (root / "img1.png").unlink()
+    images = load_images(f"hf:{root}")
+    assert [r.references for r in images.records] == [["d0"], ["d2"]]
+    assert len(images.notes) == 1 and images.notes[0].startswith(f"skipped hf:{root} row 1: "), images.notes
+    _draw(1).save(root / "img1.png")  # put back: read again, not remembered as bad
+    assert len(load_images(f"hf:{root}").records) == 3
+
+
 def test_a_loop_runs_on_a_dataset(tmp_path, tiny_student_dir):
     import datasets
 

@@ -112,15 +112,17 @@ def _objects(value: Any) -> dict[str, int] | None:
     raise ValueError(f"objects {value!r}: expected {{label: count}} or a list of labels")
 
 
-def _image_bytes(cell: Any) -> bytes:
-    """An undecoded ``Image`` cell: ``{"bytes": ..., "path": ...}``."""
+def _image_bytes(cell: Any, name: str) -> bytes:
+    """An undecoded ``Image`` cell: ``{"bytes": ..., "path": ...}``; ``ValueError`` for a row without one."""
+    if not cell or not (cell.get("bytes") or cell.get("path")):
+        raise ValueError(f"{name}: the row has no image")
     if cell.get("bytes"):
         return cell["bytes"]
     return Path(cell["path"]).read_bytes()
 
 
 def _load_row(dataset, column: str, row: int, name: str) -> Any:
-    return decode(_image_bytes(dataset[row][column]), name)
+    return decode(_image_bytes(dataset[row][column], name), name)
 
 
 def load_dataset_records(spec: str, columns: Columns = Columns(), flag: str = "--images") -> tuple[list[ImageRecord], list[str]]:
@@ -153,7 +155,8 @@ def load_dataset_records(spec: str, columns: Columns = Columns(), flag: str = "-
                      "(loop.objects_column names another)")
         objects_column = None
     id_column = next((c for c in ID_COLUMNS if c in names and len(set(meta[c])) == len(meta)), None)
-    ids = [str(i) for i in meta[id_column]] if id_column else [f"{split}-{i:06d}" for i in range(len(meta))]
+    # len(raw): a set of one image column has no metadata columns, and then len(meta) is 0
+    ids = [str(i) for i in meta[id_column]] if id_column else [f"{split}-{i:06d}" for i in range(len(raw))]
 
     index = image_index()
     fingerprint = getattr(dataset, "_fingerprint", None) or hashlib.sha256(str(dataset).encode()).hexdigest()
@@ -161,18 +164,22 @@ def load_dataset_records(spec: str, columns: Columns = Columns(), flag: str = "-
     for row, record_id in enumerate(ids):
         key = f"dataset/{INDEX_VERSION}/{fingerprint}/{image_column}/{row}"
         known = index.get(key)
+        where = f"{spec} row {row}"
         if known is None:
-            data = _image_bytes(raw[row][image_column])
             try:
-                decode(data, f"{spec} row {row}")
+                data = _image_bytes(raw[row][image_column], where)
+                decode(data, where)
                 known = {"sha256": sha256_bytes(data)}
             except ValueError as e:
                 known = {"error": str(e)}
+            except OSError as e:  # an imagefolder's file gone: not remembered, it may come back
+                notes.append(f"skipped {where}: {e}")
+                continue
             index.set(key, known)
         if "error" in known:
             notes.append(f"skipped {known['error']}")
             continue
-        values = meta[row]
+        values = meta[row] if meta.column_names else {}
         try:
             objects = _objects(values[objects_column]) if objects_column else None
         except ValueError as e:
