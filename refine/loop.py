@@ -153,9 +153,6 @@ def run(argv: list[str] | None = None) -> RunLog:
             RunLog.check_new(config.loop.runs_dir, config.loop.run_id)  # every process: a bad one fails everywhere
             log, changes = None, {}
         parts = _load_parts(config, log, ranks)
-        if ranks.main:
-            for note in parts.images.notes:
-                console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         if log is None:
             if ranks.main:
                 log = RunLog.create(config.loop.runs_dir, config.loop.run_id, config.to_json())
@@ -400,6 +397,9 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     eval_images = load_images(loop.eval_images, flag="--loop.eval_images", columns=columns) if loop.eval_images else None
     if eval_images is not None and (note := images.held_out_note(eval_images)):
         images.notes.append(note)
+    for note in [*images.notes, *(f"--loop.eval_images: {n}" for n in (eval_images.notes if eval_images else []))]:
+        if ranks.main:  # now: a refusal below may follow from what a note says
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     # the images the run has used: round 0's, and those of the round in progress when it takes a slice
     used = [(0, "captions"), (log.completed_rounds(), "images")] if log is not None else []
     for k, name in used:

@@ -255,6 +255,28 @@ def test_a_broken_link_in_an_image_folder_is_skipped_with_a_note(tmp_path):
     assert len(images.notes) == 1 and images.notes[0].startswith(f"skipped {tmp_path / 'b.png'}: "), images.notes
 
 
+def test_notes_on_the_held_out_set_and_before_a_refusal_are_printed(manifest, tiny_student_dir, tmp_path, capsys):  # noqa: F811
+    """A held-out image that cannot be read was dropped without a word (only --images' notes were
+    printed), and notes were printed after every check passed, so the one explaining a refusal was lost."""
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    Image.new("RGB", (8, 8), "red").save(held_out / "a.png")
+    (held_out / "b.png").write_text("not an image")
+    args = _argv(manifest, tiny_student_dir, tmp_path / "runs", "http://127.0.0.1:9/v1", "--rounds=0",
+                 f"--loop.eval_images={held_out}")
+    capsys.readouterr()
+    assert loop.main(args) == 0
+    assert f"note: --loop.eval_images: skipped {held_out / 'b.png'}: not a readable image" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Image.new("RGB", (8, 8), "red").save(bare / "a.png")
+    (bare / "b.png").write_text("not an image")
+    assert loop.main(["--images", str(bare), f"--student.model={tiny_student_dir}", "--loop.use_regions=false",
+                      f"--loop.runs_dir={tmp_path / 'runs'}", "--rounds=1"]) == 2  # the grounded critic, no annotations
+    err = capsys.readouterr().err
+    assert err.index(f"note: skipped {bare / 'b.png'}") < err.index("error: --images"), err
+
+
 def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path):
     levels = np.array([[60, 120, 200]], dtype=np.uint16) * 257
     Image.fromarray(levels).save(tmp_path / "grey16.png")
