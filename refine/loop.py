@@ -429,9 +429,10 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
         raise e if resumed is None else OSError(f"--resume {log.root}: its student {resumed} cannot be loaded "
                                                 f"({e.__cause__ or e}); put it back from a copy of the run, or "
                                                 "start a new run") from None
-    if student.positions and cfg.max_new_tokens >= student.positions:
-        raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds "
-                          f"{student.positions} tokens, the start token included; use at most {student.positions - 1}")
+    if (limit := student.caption_limit) is not None and cfg.max_new_tokens > limit:
+        raise ConfigError(f"student.max_new_tokens={cfg.max_new_tokens}: the student's decoder holds {student.positions} "
+                          f"tokens, the start token{f' and {student.text_prefix()} image tokens' * bool(student.text_prefix())} "
+                          f"included; use at most {limit}")
     if config.update.lora_r:  # a LoRA target that is not there fails now, not after a round of critic calls
         lora_targets(student, config.update)
     # A stop records only the calls that no partial row holds (see Spend), so count both.

@@ -153,6 +153,19 @@ def _integer(value: Any) -> int | None:
 
 OPTIONS = {"beams", "max_tokens"}  # what a request may set, in its query, form fields or JSON body
 
+async def _read_body(request, most: int) -> bool:
+    """Read the request body, up to ``most`` bytes; False, having read no more, when it is longer. The body
+    is kept where ``request.json()`` and ``request.form()`` read it (Starlette's ``_body``)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > most:
+            return False
+        chunks.append(chunk)
+    request._body = b"".join(chunks)
+    return True
+
+
 # How load_student's errors name this command's arguments.
 FLAGS = {"model": "STUDENT", "device": "--device", "quantize": "--quantize"}
 
@@ -170,6 +183,7 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
     student = load_student(student_dir, device=device, quantize=quantize, flags=FLAGS)
     metrics = Metrics()
     batcher = Batcher(student, max_batch, max_wait_ms / 1000, metrics)
+    most_tokens = min(MAX_TOKENS_LIMIT, student.caption_limit or MAX_TOKENS_LIMIT)  # what its text model holds
     app = FastAPI(title="refine captioner", description=f"captions images with the student in {student_dir}")
 
     def error(status: int, message: str) -> JSONResponse:
@@ -188,10 +202,12 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
     async def caption(request: Request):
         start = time.perf_counter()
         options: dict[str, Any] = dict(request.query_params)
-        kind = request.headers.get("content-type", "")
+        kind = request.headers.get("content-type", "").lower()  # a media type is case-insensitive
         declared = _integer(request.headers.get("content-length"))
         if declared is not None and declared > 2 * max_bytes:  # base64 and multipart add a third at most
             return error(413, f"the request is {declared} bytes; images may be {max_bytes} bytes at most")
+        if not await _read_body(request, 2 * max_bytes):  # chunked, or more than it declared: read no further
+            return error(413, f"the request is over {2 * max_bytes} bytes; images may be {max_bytes} bytes at most")
         if kind.startswith("multipart/form-data"):
             form = await request.form()
             upload = form.get("file")
@@ -219,8 +235,8 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
         beams, max_tokens = _integer(options.get("beams", 1)), _integer(options.get("max_tokens", default_max_tokens))
         if beams is None or not 1 <= beams <= MAX_BEAMS:
             return error(422, f"beams must be an integer from 1 to {MAX_BEAMS}")
-        if max_tokens is None or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            return error(422, f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}")
+        if max_tokens is None or not 1 <= max_tokens <= most_tokens:
+            return error(422, f"max_tokens must be an integer from 1 to {most_tokens}")
         try:
             image = read_image(data, max_bytes, max_pixels)
         except BadImage as e:

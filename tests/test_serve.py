@@ -51,6 +51,14 @@ def test_health_and_a_caption_as_a_file_or_as_base64(app, tiny_student, drawn_im
     assert by_json.json()["caption"] == tiny_student.caption([drawn_images["both"]], num_beams=2, max_new_tokens=5)[0][0]
 
 
+async def _chunked(size: int):
+    """A JSON body sent in chunks, with no Content-Length (Transfer-Encoding: chunked)."""
+    yield b'{"image": "'
+    for _ in range(size // 65536):
+        yield b"A" * 65536
+    yield b'"}'
+
+
 @pytest.mark.parametrize("request_kwargs, status, words", [
     (dict(files={"file": ("a.png", b"", "image/png")}), 400, "empty"),
     (dict(files={"file": ("a.txt", b"hello, not an image", "text/plain")}), 415, "not an image"),
@@ -65,6 +73,12 @@ def test_health_and_a_caption_as_a_file_or_as_base64(app, tiny_student, drawn_im
     (dict(files={"file": ("a.png", b"x", "image/png")}, data={"beams": "1e999"}), 422, "beams must be an integer"),
     (dict(json={"image": "", "beam": 3, "maxtokens": 2}), 422, "unknown option(s) beam, maxtokens; the options are "
                                                                 "beams, max_tokens"),  # were ignored silently
+    # read whole before the limit was checked (only a declared Content-Length was): 2.2 GB for 236 MB sent
+    (dict(content=_chunked(1_000_000), headers={"content-type": "application/json"}), 413,
+     "over 400000 bytes; images may be 200000 bytes at most"),
+    (dict(json={"image": "", "max_tokens": 100}), 422, "max_tokens must be an integer from 1 to 63"),  # was a 500
+    (dict(content=b'{"image": "", "beam": 3}', headers={"content-type": "Application/JSON"}), 422,
+     "unknown option(s) beam"),  # a media type is case-insensitive: this was a 415
 ])
 def test_bad_input_gets_a_4xx_that_names_the_problem(app, request_kwargs, status, words):
     response = run(post(app, **request_kwargs))

@@ -276,3 +276,22 @@ def test_the_loop_runs_with_every_architecture(student_dirs, arch, extra, tmp_pa
     out = Console(width=200, record=True)
     out.print(metrics_table(log.metrics()))
     assert ("SFT loss" in out.export_text()) == ("sft+dpo" in " ".join(extra))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_student_captions_at_its_longest_allowed_length(student_dirs, arch, tmp_path, capsys):
+    """The loop refuses a max_new_tokens past what the text model holds, and the most it allows works.
+    BLIP-2's query tokens sit in the same positions: the suggested limit crashed round 0 (an IndexError)."""
+    from refine import loop
+
+    student = load(student_dirs, arch)
+    limit = student.caption_limit
+    assert limit is not None and limit < 256
+    args = ["--images", "shapes:1", "--rounds", "0", f"--student.model={student_dirs[arch]}", "--student.device=cpu",
+            f"--loop.runs_dir={tmp_path}", "--student.n_samples=0"]
+    capsys.readouterr()
+    assert loop.main([*args, f"--student.max_new_tokens={limit + 1}"]) == 2
+    assert f"use at most {limit}" in capsys.readouterr().err
+    ids = student.model.generate(pixel_values=student.pixel_values(images()[:1]), max_new_tokens=limit, min_new_tokens=limit,
+                                 **({"do_sample": False} if arch != "blip-2" else {}))
+    assert ids.shape[-1] >= limit  # generated to the limit without indexing past the positions

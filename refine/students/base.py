@@ -198,6 +198,12 @@ class Student:
         """Positions the text model spends before the caption (image tokens of a decoder-only model)."""
         return 0
 
+    @property
+    def caption_limit(self) -> int | None:
+        """The most caption tokens the text model holds after its start token and image tokens (None: no
+        limit known): the largest ``max_new_tokens`` that cannot index past its position embeddings."""
+        return self.positions - 1 - self.text_prefix() if self.positions else None
+
     # -- inputs --------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
@@ -213,8 +219,8 @@ class Student:
         teach it to.
         """
         tokens = self.special_tokens()
-        if self.positions:
-            max_tokens = min(max_tokens, self.positions - 1 - self.text_prefix())
+        if self.caption_limit is not None:
+            max_tokens = min(max_tokens, self.caption_limit)
         full = [self.tokenizer(c.strip(), add_special_tokens=False).input_ids for c in captions]
         ids = [x[:max_tokens] for x in full]
         T = max(len(x) for x in ids) + 1
