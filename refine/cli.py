@@ -151,6 +151,13 @@ _NO_OPS = [
     *[(key, lambda c: c.update.mode != "sft", _NO_DPO)
       for key in ("update.beta", "update.nll_weight", "update.loss", "update.label_smoothing",
                   "update.image_negatives")],
+    ("loop.verify_by", lambda c: c.loop.verify_refinements, "it says how verification judges a refinement, and "
+                                                            "there is none: add --loop.verify_refinements=true"),
+    ("loop.min_agreement", lambda c: c.critic.samples > 1, "it is the share of critic.samples that must agree, and "
+                                                           "critic.samples=1 asks one critique"),
+    ("critic.temperature", lambda c: c.critic.backend == "openai", "only the openai critic samples"),
+    *[(key, lambda c: c.student.n_samples > 0, "it shapes the sampled captions, and student.n_samples=0 draws none")
+      for key in ("student.temperature", "student.top_p")],
 ]
 
 
