@@ -39,8 +39,10 @@ PLOTS = [  # (title, metric keys); a plot appears when any of its keys was recor
 COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563"]
 
 
-def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int = 360, height: int = 200) -> str:
-    """A line chart (rounds on x) as inline SVG, with a legend and the y range written out."""
+def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int = 360, height: int = 200,
+             final: int | None = None) -> str:
+    """A line chart (rounds on x) as inline SVG, with a legend and the y range written out. ``final``: the
+    round whose point is the final student's (after the last round's update), labelled so."""
     points = [v for values in series.values() for _, v in values]
     rounds = [k for values in series.values() for k, _ in values]
     lo, hi = min(points), max(points)
@@ -61,13 +63,15 @@ def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int 
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="frame"/>']
     for k in range(k0, k1 + 1):
         x, _ = xy(k, lo)
-        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 12}" class="axis" text-anchor="middle">{k}</text>')
+        label, anchor = (f"{k} (final)", "end" if k == k1 else "middle") if k == final else (str(k), "middle")
+        parts.append(f'<text x="{x + 4 * (anchor == "end"):.1f}" y="{height - bottom + 12}" class="axis" '
+                     f'text-anchor="{anchor}">{label}</text>')
     for i, (name, values) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(k, v) for k, v in values))
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"><title>{html.escape(name)} round {k}: '
-                  f'{v:.4g}</title></circle>' for k, v in values for x, y in [xy(k, v)]]
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"><title>{html.escape(name)} round {k}'
+                  f'{" (final)" if k == final else ""}: {v:.4g}</title></circle>' for k, v in values for x, y in [xy(k, v)]]
         y = height - bottom + 26 + 14 * i
         parts.append(f'<rect x="{left}" y="{y - 8}" width="10" height="3" fill="{colour}"/>'
                      f'<text x="{left + 14}" y="{y - 4}" class="axis">{html.escape(name)}</text>')
@@ -78,12 +82,13 @@ def svg_plot(title: str, series: dict[str, list[tuple[int, float]]], width: int 
 def plots(metrics: list[dict[str, Any]]) -> list[str]:
     out = []
     groups = list(PLOTS) + [("seconds per stage", sorted({k for m in metrics for k in m if k.startswith("time/")}))]
+    final = next((m["round"] for m in metrics if m.get("final")), None)  # as refine.runs show labels it
     for title, keys in groups:
         series = {key: [(m["round"], float(m[key])) for m in metrics if isinstance(m.get(key), int | float)]
                   for key in keys}
         series = {k: v for k, v in series.items() if v}
         if series:
-            out.append(svg_plot(title, series))
+            out.append(svg_plot(title, series, final=final))
     return out
 
 

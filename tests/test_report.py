@@ -144,3 +144,12 @@ def test_an_unknown_or_missing_tracker_is_refused_before_the_run(tmp_path, tiny_
                       "--loop.log_with=tensorboard,neptune"])
     assert code == 2 and "unknown tracker 'neptune'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_final_students_point_is_labelled_final_as_in_runs_show():
+    """The held-out row of the final student (after the last round's update) was plotted as one more round."""
+    metrics = [{"round": 0, "eval/chair_s": 0.10}, {"round": 2, "eval/chair_s": 0.06},
+               {"round": 3, "eval/chair_s": 0.04, "final": True}]
+    (chart,) = [svg for svg in report.plots(metrics) if "eval/chair_s" in svg]
+    assert "eval/chair_s round 3 (final): 0.04<" in chart and ">3 (final)</text>" in chart
+    assert "round 2 (final)" not in chart and "eval/chair_s round 2: 0.06<" in chart
