@@ -237,3 +237,12 @@ def absolute_paths(config: Config) -> None:
     loop.coco_root = absolute(loop.coco_root)
     config.student.model, config.regions.model = absolute(config.student.model), absolute(config.regions.model)
     loop.runs_dir = str(Path(loop.runs_dir).expanduser().resolve())
+
+
+def default_run_id(images: str) -> str:
+    """A new run's id when none is given: the time, then the image set's name made a plain folder name
+    (a glob's ``*.jpg`` or an ``hf:`` spec would make an awkward one)."""
+    from datetime import datetime
+
+    name = re.sub(r"[^\w.-]+", "-", Path(images).name).strip("-.") or "images"
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{name}"

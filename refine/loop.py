@@ -20,14 +20,13 @@ import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from rich.markup import escape
 
-from refine.cli import absolute_paths, check_effect, load_config
+from refine.cli import absolute_paths, check_effect, default_run_id, load_config
 from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
 from refine.images import ImageSet, load_images, round_images
 from refine.infra.cache import DiskCache, check_caches
@@ -147,8 +146,7 @@ def run(argv: list[str] | None = None) -> RunLog:
                     console.print(f"{escape(str(log.root))} is complete; nothing to resume (--rounds N takes it on for more rounds).")
                 return log
         else:
-            config.loop.run_id = ranks.broadcast(config.loop.run_id or (
-                f"{datetime.now():%Y%m%d-%H%M%S}-{Path(config.loop.images).name.replace(':', '-')}"))
+            config.loop.run_id = ranks.broadcast(config.loop.run_id or default_run_id(config.loop.images))
             absolute_paths(config)
             RunLog.check_new(config.loop.runs_dir, config.loop.run_id)  # every process: a bad one fails everywhere
             log, changes = None, {}

@@ -215,7 +215,8 @@ def cmd_diff(a: RunLog, b: RunLog) -> None:
             va, vb = ca.get(section, {}).get(key), cb.get(section, {}).get(key)
             if va != vb and key != "run_id":
                 table.add_row(escape(f"{section}.{key}"), escape(json.dumps(va)), escape(json.dumps(vb)))
-    console.print(table)
+    console.print(table if table.row_count else f"config: {escape(a.root.name)} and {escape(b.root.name)} have the "
+                  "same settings (run_id aside)")
     for log in (a, b):
         if rows := log.metrics(final=True):
             console.print(metrics_table(rows, title=escape(log.root.name)))

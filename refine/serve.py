@@ -209,7 +209,11 @@ def create_app(student_dir: str, device: str | None = None, max_batch: int = 16,
         if not await _read_body(request, 2 * max_bytes):  # chunked, or more than it declared: read no further
             return error(413, f"the request is over {2 * max_bytes} bytes; images may be {max_bytes} bytes at most")
         if kind.startswith("multipart/form-data"):
-            form = await request.form()
+            try:
+                form = await request.form()
+            except Exception as e:  # Starlette's MultiPartException and HTTPException: a body that is not multipart
+                return error(400, f"the multipart body cannot be read ({getattr(e, 'detail', None) or e}); send the "
+                                  "image as the field 'file'")
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 return error(400, "no image: send it as the multipart field 'file'")
@@ -260,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--max-batch", type=int, default=16, help="images per batch at most (1: no batching)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    parser.add_argument("--max-batch", type=int, default=16, help="images per batch at most (1: no batching; default: 16)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill, in ms (default: 5)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help=f"largest upload accepted, in bytes (default {DEFAULT_MAX_BYTES:,}); larger: 413")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -275,6 +276,18 @@ def test_notes_on_the_held_out_set_and_before_a_refusal_are_printed(manifest, ti
                       f"--loop.runs_dir={tmp_path / 'runs'}", "--rounds=1"]) == 2  # the grounded critic, no annotations
     err = capsys.readouterr().err
     assert err.index(f"note: skipped {bare / 'b.png'}") < err.index("error: --images"), err
+
+
+def test_a_run_of_a_glob_gets_a_plain_folder_name(tmp_path, tiny_student_dir):
+    """Its id was the time and the glob's last part: a run folder named '20261202-005545-*.png'."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "photos" / "a.png")
+    (tmp_path / "photos" / "m.jsonl").write_text('{"path": "a.png", "objects": {"dog": 1}}\n')
+    assert loop.main(["--images", str(tmp_path / "photos" / "*.png"), "--rounds=0", f"--student.model={tiny_student_dir}",
+                      f"--loop.runs_dir={tmp_path / 'runs'}", "--loop.use_regions=false", "--critic.backend=openai",
+                      "--critic.base_url=http://127.0.0.1:9/v1"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}-png", run.name), run.name
 
 
 def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path):

@@ -310,13 +310,13 @@ def _demo(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help=f"rounds of the loop (default {ROUNDS}); more than an existing run's take it on from its last round")
-    parser.add_argument("--train", type=int, default=300, help="training scenes per round")
-    parser.add_argument("--heldout", type=int, default=480, help="held-out scenes for evaluation")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the toy student's pretraining and the loop's sampling and shuffling")
+    parser.add_argument("--train", type=int, default=300, help="training scenes per round (default: 300)")
+    parser.add_argument("--heldout", type=int, default=480, help="held-out scenes for evaluation (default: 480)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the toy student's pretraining and the loop's sampling and shuffling (default: 0)")
     parser.add_argument("--control", action="store_true",
                         help="also run the swapped-pair control, in a second process beside the real run")
     parser.add_argument("--noise", type=float, default=0.0,
-                        help="the grounded critic's error rate per object and critique (0 = a perfect critic)")
+                        help="the grounded critic's error rate per object and critique (default: 0, a perfect critic)")
     parser.add_argument("--defences", default="", help=f"comma-separated defences: {', '.join(DEFENCES)}")
     parser.add_argument("--eval-set", choices=sorted(EVAL_SETS), default="heldout",
                         help="measure on the held-out scenes, or on validation scenes (for choosing settings)")

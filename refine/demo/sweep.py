@@ -184,7 +184,7 @@ def _sweep(argv: list[str] | None, children: Children) -> int:
     parser = argparse.ArgumentParser(prog="python -m refine.demo.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", required=True, help="tune | readme | noise")
     parser.add_argument("--runs-dir", default="runs", help="where the runs and the table go (default: runs)")
-    parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores)")
+    parser.add_argument("--jobs", type=int, default=2, help="cells at a time (a cell with a control takes two cores; default: 2)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="rounds per cell; more than a finished sweep's takes its runs on from their last round "
                              "(a sweep of fewer rounds reads its cells from their curves)")
