@@ -395,6 +395,9 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     eval_images = load_images(loop.eval_images, flag="--loop.eval_images", columns=columns) if loop.eval_images else None
     if eval_images is not None and (note := images.held_out_note(eval_images)):
         images.notes.append(note)
+    if loop.images_per_round >= len(images.records):  # round_images then takes the whole set every round
+        images.notes.append(f"loop.images_per_round={loop.images_per_round}: the set has {len(images.records)} "
+                            "image(s), so every round takes all of them")
     for note in [*images.notes, *(f"--loop.eval_images: {n}" for n in (eval_images.notes if eval_images else []))]:
         if ranks.main:  # now: a refusal below may follow from what a note says
             console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)

@@ -266,8 +266,10 @@ def test_notes_on_the_held_out_set_and_before_a_refusal_are_printed(manifest, ti
     args = _argv(manifest, tiny_student_dir, tmp_path / "runs", "http://127.0.0.1:9/v1", "--rounds=0",
                  f"--loop.eval_images={held_out}")
     capsys.readouterr()
-    assert loop.main(args) == 0
-    assert f"note: --loop.eval_images: skipped {held_out / 'b.png'}: not a readable image" in capsys.readouterr().err
+    assert loop.main([*args, "--loop.images_per_round=8", "--loop.run_id=n"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --loop.eval_images: skipped {held_out / 'b.png'}: not a readable image" in err
+    assert "note: loop.images_per_round=8: the set has 4 image(s), so every round takes all of them" in err
     bare = tmp_path / "bare"
     bare.mkdir()
     Image.new("RGB", (8, 8), "red").save(bare / "a.png")
