@@ -372,6 +372,9 @@ def _reopen(cli: Config, args) -> tuple[RunLog, Config, dict[str, list]]:
     return log, config, changes
 
 
+HOW_TO_ANNOTATE = ['a manifest\'s "objects"', "a column of {label: count} or labels, named by loop.objects_column"]
+
+
 def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) -> Parts:
     """Load and check every input of the run; raises (ValueError / OSError) before anything is written.
     The cheap checks come first, the student (the slowest load) last. In a data-parallel run only the
@@ -414,7 +417,7 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     if config.critic.backend == "grounded" and not detects and all(r.objects is None for r in images.records):
         raise ConfigError(f"--images {loop.images}: no image has annotations, and without them (or the regions "
                           "stage's detections: --loop.use_regions=true) the grounded critic cannot judge a caption; "
-                          'annotate them (a manifest\'s "objects") or use --critic.backend=openai'
+                          f"annotate them ({HOW_TO_ANNOTATE[loop.images.startswith('hf:')]}) or use --critic.backend=openai"
                           + (" in a new run (a resume cannot change the critic)" if log is not None else ""))
     critic = step = detector = None
     if ranks.main:

@@ -397,6 +397,20 @@ def test_a_loop_runs_on_a_dataset(tmp_path, tiny_student_dir):
     assert [r["image_id"] for r in log.read_stage(0, "captions")] == [f"train-{i:06d}" for i in range(4)]
 
 
+def test_a_dataset_without_annotations_is_told_how_a_dataset_gives_them(tmp_path, tiny_student_dir, capsys):
+    """The grounded critic's refusal said to annotate "a manifest's objects", which an hf: set has not."""
+    import datasets
+
+    from refine import loop
+
+    datasets.Dataset.from_dict({"image": [_draw(0)]}).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "ds")
+    capsys.readouterr()
+    assert loop.main(["--images", f"hf:{tmp_path / 'ds'}", f"--student.model={tiny_student_dir}",
+                      f"--loop.runs_dir={tmp_path / 'runs'}", "--loop.use_regions=false"]) == 2
+    err = capsys.readouterr().err
+    assert "annotate them (a column of {label: count} or labels, named by loop.objects_column)" in err, err
+
+
 def test_rounds_take_fresh_slices_of_a_large_set():
     from refine.images import round_images
 
