@@ -401,9 +401,9 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     if loop.images_per_round >= len(images.records):  # round_images then takes the whole set every round
         images.notes.append(f"loop.images_per_round={loop.images_per_round}: the set has {len(images.records)} "
                             "image(s), so every round takes all of them")
-    for note in [*images.notes, *(f"--loop.eval_images: {n}" for n in (eval_images.notes if eval_images else []))]:
-        if ranks.main:  # now: a refusal below may follow from what a note says
-            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    held_out_notes = [f"--loop.eval_images: {n}" for n in (eval_images.notes if eval_images else [])]
+    for note in [*images.notes, *held_out_notes] if ranks.main else []:  # now: a refusal below may follow from one
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     # the images the run has used: round 0's, and those of the round in progress when it takes a slice
     used = [(0, "captions"), (log.completed_rounds(), "images")] if log is not None else []
     for k, name in used:

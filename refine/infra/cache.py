@@ -88,7 +88,9 @@ def check_caches(directory: str | os.PathLike | None = None) -> None:
     """Open each store a run uses, so that a damaged one is refused before the run starts, not met by
     every request of its first paid stage."""
     for namespace in NAMESPACES:
-        DiskCache(directory, namespace).close(opened=True)
+        cache = DiskCache(directory, namespace)
+        cache.store  # noqa: B018 (opening it is the check)
+        cache.close()
 
 
 class DiskCache:
@@ -176,10 +178,7 @@ class DiskCache:
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses}
 
-    def close(self, opened: bool = False) -> None:
-        """Close the store; with ``opened``, open it first (to check that it can be)."""
-        if opened:
-            self.store  # noqa: B018
+    def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
