@@ -41,6 +41,7 @@ from refine.runs import render_round, round_notes
 from refine.stages.critique import BudgetExhausted, CritiqueRow, Spend, TooManyFailures, critique, row_calls
 from refine.stages.dpo import update
 from refine.stages.lora import targets as lora_targets
+from refine.stages.lost import gone_since, lost_metrics, readable_pairs, readable_rows
 from refine.stages.pairs import PreferencePair, build_pairs, to_verify, verdicts, verification_counts
 from refine.stages.regions import RegionRow, find, regions_stage
 from refine.stages.step import Refinement, TextualStep, make_step
@@ -107,6 +108,22 @@ class Parts:
             return compute(done, recorded)
 
         return log.stream(k, name, run, record, lambda rows: {"critic_calls": carried + self.spend.settle()})
+
+    def readable_stream(self, log: RunLog, k: int, name: str, compute, record: type, records: list,
+                        lost: dict[str, str]) -> list:
+        """A shared stage that gives no row to an image it cannot read (its reason goes into ``lost``):
+        too many without one stop the run before the stage is recorded as done, so a resume reads them
+        again (:func:`refine.stages.lost.readable_rows`)."""
+        share, stage = self.config.loop.max_failure_share, {"eval": "held-out captions"}.get(name, name)
+        rows = self.shared_stream(log, k, name, lambda done, sink: readable_rows(
+            compute(done, sink), records, lost, share, stage), record)
+        return readable_rows(rows, records, lost)  # a stage recorded before may name images gone since
+
+    def held_out(self, log: RunLog, k: int, student, lost: dict[str, str]) -> list[EvalCaption]:
+        """The eval stage of the student entering round ``k``."""
+        records, cfg = self.eval_images.records, self.config.student
+        return self.readable_stream(log, k, "eval", lambda done, sink: evaluate(
+            student, records, cfg, done, sink, self.ranks, lost), EvalCaption, records, lost)
 
     def regions_for(self, record):
         """The regions stage for one image (detections cached on disk), or None without a detector."""
@@ -212,15 +229,15 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
     In a data-parallel run every process captions its share and trains; the main process alone asks
     the critic (regions, critiques, steps, pairs) while the others wait for its pairs.
     """
-    loop, cfg, student, ranks = config.loop, config.student, parts.student, parts.ranks
+    loop, student, ranks = config.loop, parts.student, parts.ranks
     vocab, pixels = parts.images.vocabulary(), parts.images.pixels()
     trackers = Trackers(parts.trackers if ranks.main else [], log.root.name, log.root, config.to_json())
     try:
         student = _each_round(log, config, parts, student, vocab, pixels, trackers)
     finally:
         trackers.finish()
-    final = parts.shared_stream(log, loop.rounds, "eval", lambda done, sink: evaluate(
-        student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if parts.eval_images else []
+    lost: dict[str, str] = {}
+    final = parts.held_out(log, loop.rounds, student, lost) if parts.eval_images else []
     if not ranks.main:
         return
     pairs_made = sum(m.get("pairs/total", 0) for m in log.metrics())
@@ -232,6 +249,9 @@ def _rounds(log: RunLog, config: Config, parts: Parts) -> None:
         console.print("held-out, the final student: " + ", ".join(
             f"{name} {held_out[f'eval/{key}']:.3f}" for key, name in FINAL_EVAL if f"eval/{key}" in held_out),
             soft_wrap=True)
+    if lost:
+        console.print(f"[yellow]note:[/] {len(lost)} held-out image(s) could not be read and are not in these "
+                      f"metrics (the first: {escape(next(iter(lost.values())))})", soft_wrap=True)
     if pairs_made == 0 and loop.rounds > 0:
         console.print("[yellow]The run made no preference pairs in any round, so the student is unchanged.[/] "
                       "See why in: python -m refine.runs show " + escape(shlex.quote(str(log.root))), soft_wrap=True)
@@ -249,17 +269,18 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
     steps = sum(len(log.read_stage(j, "update")) for j in range(log.completed_rounds()) if log.has_stage(j, "update"))
     for k in range(log.completed_rounds(), loop.rounds):
         records = _round_records(log, k, parts.images.records, loop)
+        lost, lost_eval = {}, {}  # images that could not be read during the round, and why
         with RoundProgress(enabled=ranks.main) as bars:
-            evaluation = parts.shared_stream(log, k, "eval", lambda done, sink: evaluate(
-                student, parts.eval_images.records, cfg, done, sink, ranks), EvalCaption) if (
+            evaluation = parts.held_out(log, k, student, lost_eval) if (
                 parts.eval_images and (_evaluates(k, loop) or log.has_stage(k, "eval"))) else []
             parts.keep_best(log, k, student, [], evaluation)  # by held-out: before a stop in this round's critiques
-            captions = parts.shared_stream(log, k, "captions", lambda done, sink: caption(
-                student, records, cfg, loop.seed * 1_000_003 + k, bars.add("caption", len(records)), done, sink, ranks),
-                CaptionSet)
+            captions = parts.readable_stream(log, k, "captions", lambda done, sink: caption(
+                student, records, cfg, loop.seed * 1_000_003 + k, bars.add("caption", len(records)), done, sink, ranks,
+                lost), CaptionSet, records, lost)
             if ranks.main:
                 with _relay_stops(ranks):
                     critiques, refined, judged, pairs = _judge(log, k, config, parts, records, captions, bars)
+                    pairs = readable_pairs(pairs, records, captions, lost, loop.max_failure_share)
                 ranks.broadcast(pairs)
                 parts.keep_best(log, k, student, critiques, [])  # by the critic, without annotated held-out images
             else:
@@ -273,6 +294,7 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,
                                   log.stage_seconds(k),
                                   None if judged is None else verification_counts(judged, refined))
+        metrics.update(lost_metrics(lost, lost_eval))
         log.finish_round(k, metrics)
         trackers.log_round(k, metrics, history, steps)
         steps += len(history)
@@ -294,8 +316,8 @@ def _round_records(log: RunLog, k: int, records: list, loop) -> list:
     if loop.images_per_round <= 0:
         return list(records)
     if log.has_stage(k, "images"):  # a resumed round (its images were checked in _load_parts)
-        by_id = {r.id: r for r in records}
-        return [by_id[row["image_id"]] for row in log.read_stage(k, "images")]
+        by_id = {r.id: r for r in records}  # one gone since is left out (checked in _load_parts)
+        return [by_id[row["image_id"]] for row in log.read_stage(k, "images") if row["image_id"] in by_id]
     picked = round_images(records, loop.images_per_round, loop.seed, k)
     log.record(k, "images", [{"image_id": r.id} for r in picked])
     return picked
@@ -404,15 +426,9 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     held_out_notes = [f"--loop.eval_images: {n}" for n in (eval_images.notes if eval_images else [])]
     for note in [*images.notes, *held_out_notes] if ranks.main else []:  # now: a refusal below may follow from one
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    # the images the run has used: round 0's, and those of the round in progress when it takes a slice
-    used = [(0, "captions"), (log.completed_rounds(), "images")] if log is not None else []
-    for k, name in used:
-        if log.has_stage(k, name):
-            gone = sorted({r["image_id"] for r in log.read_stage(k, name)} - {r.id for r in images.records})
-            if gone:
-                raise ValueError(f"--resume {log.root}: {len(gone)} image(s) of round {k} are no longer in "
-                                 f"{loop.images} ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); restore "
-                                 "them, or start a new run")
+    if log is not None:  # the images the run has used, gone since: a few are left out, most refused
+        if (note := gone_since(log, {r.id for r in images.records}, loop)) and ranks.main:
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     detects = loop.use_regions and images.detectable
     if config.critic.backend == "grounded" and not detects and all(r.objects is None for r in images.records):
         raise ConfigError(f"--images {loop.images}: no image has annotations, and without them (or the regions "

@@ -29,7 +29,7 @@ ROUND_COLUMNS = [
     ("critic/mean_score", "critic mean score"), ("critic/failures", "critic failures"),
     ("critic/requests", "critic requests"), ("critic/cache_hits", "cache hits"), ("critic/tokens", "tokens"),
     ("step/changed", "captions changed by step"), ("step/rejected", "step replies rejected"),
-    ("step/errors", "step failures"),
+    ("step/errors", "step failures"), ("images/lost", "images lost"), ("eval/lost", "held-out images lost"),
     ("pairs/total", "pairs"), ("pairs/refined", "pairs refined≻orig"),
     ("pairs/ranked", "pairs best≻worst"), ("update/sft/loss", "SFT loss"), ("update/loss", "loss"),
     ("update/dpo_loss", "DPO loss"),
@@ -73,6 +73,12 @@ def render_round(metrics: dict[str, Any], out: Console | None = None) -> None:
 def round_notes(m: dict[str, Any]) -> list[str]:
     """What went wrong in a round, one line each, from its summary: the loop prints them under its table."""
     k, notes = m.get("round"), []
+    if m.get("images/lost"):
+        notes.append(f"round {k}: {m['images/lost']} image(s) could no longer be read and were left out of the "
+                     f"round (the first: {m.get('images/lost_first')}); a later round reads them again")
+    if m.get("eval/lost"):
+        notes.append(f"round {k}: {m['eval/lost']} held-out image(s) could no longer be read and are not in its "
+                     f"held-out metrics (the first: {m.get('eval/lost_first')})")
     if m.get("step/rejected"):
         why = ", ".join(f"{key.removeprefix('step/rejected/')} {n}" for key, n in m.items()
                         if key.startswith("step/rejected/"))

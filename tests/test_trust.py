@@ -614,7 +614,8 @@ def test_score_whose_judgements_mostly_fail_exits_nonzero(manifest, tiny_student
 
 # --- errors mid-run, and runs used from elsewhere -------------------------------------------------
 
-def test_a_resume_whose_images_vanished_is_refused_before_anything(tmp_path, tiny_student_dir, capsys):
+def test_a_resume_whose_images_mostly_vanished_is_refused_before_anything(tmp_path, tiny_student_dir, capsys):
+    """More of a round's images gone than loop.max_failure_share (a few are left out: test_lost_images)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, colour in (("a", "red"), ("b", "blue")):
@@ -633,8 +634,8 @@ def test_a_resume_whose_images_vanished_is_refused_before_anything(tmp_path, tin
         f.truncate(len(events) - len(events.splitlines(keepends=True)[-1]))
     before = (log.root / "events.jsonl").read_bytes()
     capsys.readouterr()
-    assert loop.main(["--resume", "v", f"--loop.runs_dir={tmp_path / 'runs'}"]) == 2
-    assert "1 image(s) of round 0 are no longer in" in capsys.readouterr().err
+    assert loop.main(["--resume", "v", f"--loop.runs_dir={tmp_path / 'runs'}", "--loop.max_failure_share=0.4"]) == 2
+    assert "1 of round 0's 2 images are no longer in" in capsys.readouterr().err
     assert (log.root / "events.jsonl").read_bytes() == before, "a refused resume must write nothing"
 
 

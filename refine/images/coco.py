@@ -389,7 +389,7 @@ def load_coco_val10(
                 rid,
                 path,
                 actual,
-                partial(load_path, path),
+                partial(load_path, path, actual),
                 objects=dict(entry["objects"]),
                 references=list(entry["references"]),
             )

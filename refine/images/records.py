@@ -166,9 +166,39 @@ def checked(path: Path) -> str:
     return known["sha256"]
 
 
-def load_path(path: Path) -> Image.Image:
-    """Decode one image file (the loader of a file's record)."""
-    return decode(Path(path).read_bytes(), printable(str(path)))
+class ImageLost(ValueError):
+    """An image that could be read when its set was loaded and cannot be now: its file is gone, no longer
+    decodes, or holds other bytes (its captions and critiques so far were of the old picture). The stages
+    leave such an image out of what remains of the round (:func:`readable`), never the whole run."""
+
+
+def load_path(path: Path, sha256: str | None = None) -> Image.Image:
+    """Decode one image file (the loader of a file's record). With ``sha256`` (the record's), a file whose
+    bytes changed since is :class:`ImageLost` too, as is one that is gone or no longer decodes."""
+    name = printable(str(path))
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageLost(f"{name}: can no longer be read ({e.strerror or type(e).__name__}); it was read when the "
+                        "run loaded its images") from e
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise ImageLost(f"{name}: its bytes changed after the run loaded it (another picture under the same "
+                        "name); the run leaves it out rather than judge new pixels against old captions")
+    try:
+        return decode(data, name)
+    except ValueError as e:
+        raise ImageLost(str(e)) from e
+
+
+def readable(record: ImageRecord, lost: dict[str, str] | None = None) -> Image.Image | None:
+    """``record.image``, or None when it is :class:`ImageLost`: the reason then goes into ``lost`` (by id,
+    the first reason kept)."""
+    try:
+        return record.image
+    except ImageLost as e:
+        if lost is not None:
+            lost.setdefault(record.id, str(e))
+        return None
 
 
 def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
@@ -178,7 +208,8 @@ def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageR
     from functools import partial
 
     path = Path(path)
-    return ImageRecord(id or printable(path.stem), path, checked(path), partial(load_path, path), **extra)
+    sha256 = checked(path)
+    return ImageRecord(id or printable(path.stem), path, sha256, partial(load_path, path, sha256), **extra)
 
 
 def record_from_image(id: str, image: Image.Image, **extra) -> ImageRecord:

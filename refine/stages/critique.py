@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from critics.base import Critic, Critique, CritiqueRequest
-from refine.images.records import ImageRecord
+from refine.images.records import ImageRecord, readable
 from refine.stages.student import CaptionSet
 
 
@@ -211,13 +211,21 @@ def critique(
     def requests():
         last = (None, None)  # the image whose regions were found last: its captions come together
         for image_id, text, sample in todo:
-            record = by_id[image_id]
+            record, lost = by_id.get(image_id), {}
+            image = readable(record, lost) if record is not None else None
+            if image is None:  # a failed critique, asked of no critic: nothing is paid for
+                yield _Lost(image_id, text, sample, lost.get(image_id, f"{image_id}: no longer in the image set"))
+                continue
             if last[0] != image_id:
                 last = (image_id, regions_for(record))
-            yield CritiqueRequest(image_id, record.image, record.sha256, text, last[1], record.objects, sample)
+            yield CritiqueRequest(image_id, image, record.sha256, text, last[1], record.objects, sample)
 
-    def ask(batch: list[CritiqueRequest]) -> list[CritiqueRow]:
-        return [CritiqueRow(r.image_id, r.caption, result, r.sample) for r, result in zip(batch, critic.critique_many(batch))]
+    def ask(batch: list) -> list[CritiqueRow]:
+        asked = [r for r in batch if isinstance(r, CritiqueRequest)]
+        results = iter(critic.critique_many(asked) if asked else [])
+        return [CritiqueRow(r.image_id, r.caption, next(results), r.sample) if isinstance(r, CritiqueRequest)
+                else CritiqueRow(r.image_id, r.caption, Critique.failure(f"image lost: {r.why}"), r.sample)
+                for r in batch]
 
     new = run_requests("critiques", requests(), ask, lambda row: row.paid, lambda row: row.critique.error,
                        len(todo), None if getattr(critic, "free", False) else spend, max_failure_share,
@@ -226,6 +234,16 @@ def critique(
                        progress)
     have.update(((r.image_id, r.caption, r.sample), r) for r in new)
     return [have[key] for key in keys]
+
+
+@dataclass
+class _Lost:
+    """A critique the stage cannot ask: its image can no longer be read (the reason: ``why``)."""
+
+    image_id: str
+    caption: str
+    sample: int
+    why: str
 
 
 def by_caption(rows: Sequence[CritiqueRow]) -> dict[tuple[str, str], Critique]:
