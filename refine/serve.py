@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import errno
 import io
 import math
 import sys
@@ -290,13 +291,36 @@ def main(argv: list[str] | None = None) -> int:
     if (Path(args.student) / "config.json").is_file() and (Path(args.student) / "student").is_dir():
         parser.error(f"{args.student} is a run; serve one of its students: {Path(args.student) / 'student' / 'last'}")
     try:
+        sock = listen(args.host, args.port)  # before the model loads: a port in use costs no wait
         app = create_app(args.student, args.device, args.max_batch, args.max_wait_ms, args.max_bytes, args.max_pixels,
                          quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down; as uvicorn.run, no traceback
+        pass
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket bound to ``host:port`` for the server, or ``OSError`` that names them and says what to do."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind(address)
+    except OSError as e:
+        why = {errno.EADDRINUSE: "is in use (another server?); stop it or choose another --port",
+               errno.EACCES: "needs privileges (ports below 1024); choose a --port of 1024 or more",
+               errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1 or 0.0.0.0"}.get(
+            e.errno, f"cannot be listened on ({e.strerror or e})")
+        raise OSError(f"--host {host} --port {port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

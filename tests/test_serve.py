@@ -145,7 +145,7 @@ def test_the_server_refuses_flags_it_cannot_serve_with_before_loading(tiny_stude
     def serve(*args, **kwargs):  # the network edge: a check that let these through would serve forever here
         raise AssertionError(f"served with {flags}")
 
-    monkeypatch.setattr(uvicorn, "run", serve)
+    monkeypatch.setattr(uvicorn.Server, "run", serve)
     with pytest.raises(SystemExit) as exit_:
         main([str(tiny_student_dir), *flags])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
@@ -159,3 +159,53 @@ def test_serving_a_run_directory_names_its_student(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run")])
     assert f"is a run; serve one of its students: {tmp_path / 'run' / 'student' / 'last'}" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """It was a traceback from uvicorn after the student had loaded (minutes for a real one). The student
+    named here does not exist: the port is found busy before it is looked for."""
+    import socket
+
+    from refine.serve import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([str(tmp_path / "no-student"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --host 127.0.0.1 --port {port}: is in use (another server?); stop it or choose another --port\n"
+
+
+def test_the_server_answers_on_its_port_and_stops_on_ctrl_c(tiny_student_dir, drawn_images, tmp_path):
+    """`python -m refine.serve STUDENT --port N` end to end, over a real socket."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "refine.serve", str(tiny_student_dir), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline, "the server did not answer within 120 s"
+                time.sleep(0.2)
+        image = png(drawn_images["red-circle"])
+        reply = httpx.post(f"http://127.0.0.1:{port}/caption", files={"file": ("a.png", image)}, timeout=60)
+        assert reply.status_code == 200 and isinstance(reply.json()["caption"], str), reply.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and "Traceback" not in out, out
