@@ -20,8 +20,8 @@ def readable_rows(rows: list, records: Sequence[ImageRecord], lost: dict[str, st
                   stage: str = "") -> list:
     """The caption (or eval) rows of the images still in the set; the reasons of the others go into
     ``lost`` (a stage's own rows leave out the images it could not read; rows recorded before a resume
-    may name an image no longer in the set, or one whose file holds other bytes now). With ``share``, raises :class:`TooManyFailures` when more than that
-    share of the images have no row."""
+    may name an image no longer in the set, or one whose file holds other bytes now). With ``share``,
+    raises :class:`TooManyFailures` when more than that share of the images have no row."""
     shas = {r.id: r.sha256 for r in records}
     kept = []
     for row in rows:
