@@ -62,23 +62,40 @@ def losing(folder, names, how):
     return reply
 
 
-@pytest.mark.parametrize("how", ["deleted", "broken", "rewritten"])
-def test_an_image_lost_mid_run_is_left_out_and_the_run_finishes(folder, tmp_path, tiny_student_dir, capsys, how):
-    with FakeOpenAIServer(reply=losing(folder, ["b"], how)) as server:
+def losing_each_way(folder):
+    """A reply function that, at the critic's first request of round 0, deletes b, breaks c and puts
+    another picture under d's name."""
+    base = critique_reply(revision="a bus and people on a street")
+
+    def reply(body):
+        if request_images(body) and not getattr(reply, "done", False):
+            reply.done = True
+            for name, how in (("b", "deleted"), ("c", "broken"), ("d", "rewritten")):
+                lose(folder / f"{name}.png", how)
+        return base(body)
+
+    return reply
+
+
+def test_images_lost_mid_run_are_left_out_and_the_run_finishes(folder, tmp_path, tiny_student_dir, capsys):
+    for i in range(4):  # 3 of 7 lost: under loop.max_failure_share=0.5
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"x{i}.png")
+    with FakeOpenAIServer(reply=losing_each_way(folder)) as server:
         code = loop.main(_argv(folder, tiny_student_dir, tmp_path / "runs", server.base_url, "--rounds=2"))
-    out = capsys.readouterr().err
-    assert code == 0, out
+    err = capsys.readouterr().err
+    assert code == 0, err
     log = RunLog(tmp_path / "runs" / "t")
     assert log.status() == "done"
     first, second = log.metrics()
-    assert first["images/lost"] == 1 and second["images/lost"] == 1
-    assert "b.png" in first["images/lost_first"]
-    assert "round 0: 1 image(s) could no longer be read and were left out of the round" in " ".join(out.split())
+    assert first["images/lost"] == 3 and second["images/lost"] == 3
+    assert "round 0: 3 image(s) could no longer be read and were left out of the round" in " ".join(err.split())
     recorded = [row["image_id"] for row in read_jsonl(log.root / "rounds" / "000" / "pairs.jsonl")]
-    assert "b" in recorded  # made from critiques answered before the file was lost ...
-    assert first["pairs/total"] == sum(i != "b" for i in recorded)  # ... and left out of the update
-    assert {row["image_id"] for row in log.read_stage(1, "captions")} == {"a", "c", "d"}
-    assert all(row["image_id"] != "b" for row in log.read_stage(1, "critiques"))
+    assert {"b", "c", "d"} & set(recorded)  # made from critiques answered before the files were lost ...
+    assert first["pairs/total"] == sum(i not in "bcd" for i in recorded)  # ... and left out of the update
+    assert {row["image_id"] for row in log.read_stage(1, "captions")} == {"a", "x0", "x1", "x2", "x3"}
+    assert not {"b", "c", "d"} & {row["image_id"] for row in log.read_stage(1, "critiques")}
+    reasons = " ".join(m["images/lost_first"] for m in (first, second))
+    assert "b.png" in reasons or "c.png" in reasons or "d.png" in reasons
 
 
 def test_most_images_lost_mid_run_stop_the_run_and_a_resume_finishes_it(folder, tmp_path, tiny_student_dir, capsys):
@@ -158,3 +175,15 @@ def test_an_image_rewritten_between_sessions_is_left_out_of_the_round_it_was_cap
     assert "b" not in {row["image_id"] for row in log.read_stage(0, "critiques")}
     assert "b" not in {row["image_id"] for row in log.read_stage(0, "pairs")}
     assert "images/lost" not in second and "b" in {row["image_id"] for row in log.read_stage(1, "critiques")}
+
+
+@pytest.mark.parametrize("how, words", [("deleted", "b.png: can no longer be read (No such file or directory)"),
+                                        ("broken", "b.png: not a readable image"),
+                                        ("rewritten", "b.png: its bytes changed after the run loaded it")])
+def test_a_lost_file_says_how_it_was_lost(folder, how, words):
+    record = records.record_from_path(folder / "b.png")
+    assert records.readable(record) is not None
+    records.PIXELS.clear()
+    lose(folder / "b.png", how)
+    lost = {}
+    assert records.readable(record, lost) is None and words in lost["b"], lost

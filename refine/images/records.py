@@ -181,13 +181,14 @@ def load_path(path: Path, sha256: str | None = None) -> Image.Image:
     except OSError as e:
         raise ImageLost(f"{name}: can no longer be read ({e.strerror or type(e).__name__}); it was read when the "
                         "run loaded its images") from e
+    try:
+        image = decode(data, name)
+    except ValueError as e:
+        raise ImageLost(str(e)) from e
     if sha256 is not None and sha256_bytes(data) != sha256:
         raise ImageLost(f"{name}: its bytes changed after the run loaded it (another picture under the same "
                         "name); the run leaves it out rather than judge new pixels against old captions")
-    try:
-        return decode(data, name)
-    except ValueError as e:
-        raise ImageLost(str(e)) from e
+    return image
 
 
 def readable(record: ImageRecord, lost: dict[str, str] | None = None) -> Image.Image | None:
