@@ -226,3 +226,19 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
     start = time.perf_counter()
     assert cache.get_or_compute("k", lambda: "fresh") == ("fresh", False)
     assert time.perf_counter() - start < 1.0 and cache.store.get("lock:k") is None
+
+
+def test_a_full_cache_keeps_every_answer(tmp_path):
+    """diskcache evicts past its size limit (1 GiB by default: about 900,000 critiques, less than one round
+    of a million images), and an evicted answer is paid for again. The limit is lowered here to 20 kB, as
+    a big run would reach it; every one of 100 answers of 1 kB must still be there."""
+    cache = DiskCache(tmp_path, "critiques")
+    cache.store.reset("size_limit", 20_000)
+    for i in range(100):
+        cache.get_or_compute(f"k{i}", lambda: "x" * 1000)
+    assert sum(cache.store.get(f"k{i}") is not None for i in range(100)) == 100
+    cache.close()
+    reopened = DiskCache(tmp_path, "critiques")  # a store made before the fix is mended when it is opened
+    reopened.store.reset("eviction_policy", "least-recently-stored")
+    reopened.close()
+    assert DiskCache(tmp_path, "critiques").store.eviction_policy == "none"

@@ -117,7 +117,10 @@ class DiskCache:
                 if self._store is None:
                     path = self.directory / self.namespace
                     try:
-                        self._store = diskcache.Cache(str(path))
+                        # never evict: diskcache's default drops the oldest answers past 1 GiB (about
+                        # 900,000 critiques), and each would be paid for again; the setting is stored,
+                        # so a store made before is mended when it is opened
+                        self._store = diskcache.Cache(str(path), eviction_policy="none")
                     except (sqlite3.DatabaseError, OSError) as e:
                         raise CacheUnusable(path, e) from None
         return self._store
