@@ -28,11 +28,10 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from refine.images.records import ImageRecord, load_path, sha256_bytes
+from refine.images.records import FileSource, ImageRecord, sha256_bytes
 from refine.infra.cache import default_cache_dir
 from refine.infra.runlog import atomic_write_bytes
 
@@ -389,7 +388,7 @@ def load_coco_val10(
                 rid,
                 path,
                 actual,
-                partial(load_path, path, actual),
+                FileSource(path, actual, (path.stat().st_size, path.stat().st_mtime_ns)),
                 objects=dict(entry["objects"]),
                 references=list(entry["references"]),
             )

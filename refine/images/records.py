@@ -142,14 +142,15 @@ def image_index():
     return _INDEX[directory].store
 
 
-def checked(path: Path) -> str:
+def checked(path: Path, stat: os.stat_result | None = None) -> str:
     """The sha256 of an image file that decodes, else ``ValueError`` naming it. Each file is read and
-    decoded once per (path, size, mtime): the answer is kept in the :func:`image_index`, so a set of a
-    million files is loaded again (a resume, a score) without reading them."""
+    decoded once per (path, size, mtime; ``stat`` if the caller has it): the answer is kept in the
+    :func:`image_index`, so a set of a million files is loaded again (a resume, a score) without reading
+    them."""
     from refine.infra.cache import cache_key
 
     path = Path(path)
-    stat = path.stat()
+    stat = stat or path.stat()
     key = cache_key("image-index", INDEX_VERSION, os.fsencode(path.resolve()).hex(), stat.st_size, stat.st_mtime_ns)
     index = image_index()
     known = index.get(key)
@@ -173,8 +174,8 @@ class ImageLost(ValueError):
 
 
 def load_path(path: Path, sha256: str | None = None) -> Image.Image:
-    """Decode one image file (the loader of a file's record). With ``sha256`` (the record's), a file whose
-    bytes changed since is :class:`ImageLost` too, as is one that is gone or no longer decodes."""
+    """Decode one image file. With ``sha256`` (the record's), a file whose bytes changed since is
+    :class:`ImageLost` too, as is one that is gone or no longer decodes."""
     name = printable(str(path))
     try:
         data = Path(path).read_bytes()
@@ -189,6 +190,36 @@ def load_path(path: Path, sha256: str | None = None) -> Image.Image:
         raise ImageLost(f"{name}: its bytes changed after the run loaded it (another picture under the same "
                         "name); the run leaves it out rather than judge new pixels against old captions")
     return image
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """The loader of a file's record: :func:`load_path` with the sha256 the file had when the set was
+    loaded, and its size and mtime then, which tell at the cost of one ``stat`` that it is unchanged."""
+
+    path: Path
+    sha256: str
+    stamp: tuple[int, int] | None = None  # (st_size, st_mtime_ns) when loaded
+
+    def __call__(self) -> Image.Image:
+        return load_path(self.path, self.sha256)
+
+    def unchanged(self) -> bool:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return False
+        return self.stamp is not None and (stat.st_size, stat.st_mtime_ns) == self.stamp
+
+
+def present(record: ImageRecord, lost: dict[str, str] | None = None) -> bool:
+    """Whether ``record``'s pixels can still be read, as cheaply as that can be told: a file whose size and
+    mtime are as loaded is taken as present (one ``stat``, no read); any other is read in full
+    (:func:`readable`, the reason going into ``lost``)."""
+    source = record.source
+    if not isinstance(source, FileSource) or source.unchanged():
+        return True
+    return readable(record, lost) is not None
 
 
 def readable(record: ImageRecord, lost: dict[str, str] | None = None) -> Image.Image | None:
@@ -206,11 +237,12 @@ def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageR
     """A lazy record of an image file. The file is read and decoded once here, to hash it and to find a
     broken file before the run starts, then its pixels are dropped; :func:`checked`
     remembers both results for files it has seen, so loading a large set again reads nothing."""
-    from functools import partial
 
     path = Path(path)
-    sha256 = checked(path)
-    return ImageRecord(id or printable(path.stem), path, sha256, partial(load_path, path, sha256), **extra)
+    stat = path.stat()
+    sha256 = checked(path, stat)
+    return ImageRecord(id or printable(path.stem), path, sha256, FileSource(path, sha256, (stat.st_size, stat.st_mtime_ns)),
+                       **extra)
 
 
 def record_from_image(id: str, image: Image.Image, **extra) -> ImageRecord:

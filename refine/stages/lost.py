@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from refine.images.records import ImageRecord, readable
+from refine.images.records import ImageRecord, present
 from refine.stages.critique import TooManyFailures
 
 
@@ -39,14 +39,14 @@ def readable_rows(rows: list, records: Sequence[ImageRecord], lost: dict[str, st
 
 def readable_pairs(pairs: list, records: Sequence[ImageRecord], captions: Sequence, lost: dict[str, str],
                    share: float) -> list:
-    """The pairs whose image has a caption row this round (:func:`readable_rows` kept it) and can still be
-    read, each image decoded once to find out. The main process decides before it hands the pairs out:
+    """The pairs whose image has a caption row this round (:func:`readable_rows` kept it) and is still
+    there (:func:`~refine.images.records.present`: one ``stat`` a file, a read only if it changed). The main process decides before it hands the pairs out:
     in a data-parallel run every process trains on the same ones. Raises :class:`TooManyFailures` when
     more than ``share`` of the pairs' images are lost."""
     captioned = {c.image_id for c in captions}
     by_id = {r.id: r for r in records if r.id in captioned}
     ids = list(dict.fromkeys(p.image_id for p in pairs))
-    ok = {i for i in ids if i in by_id and readable(by_id[i], lost) is not None}
+    ok = {i for i in ids if i in by_id and present(by_id[i], lost)}
     if len(ids) - len(ok) > share * len(ids):
         raise TooManyFailures("images of the update", len(ids) - len(ok), len(ids),
                               next(iter(lost.values()), "unreadable images"))
