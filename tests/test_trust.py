@@ -237,6 +237,21 @@ def test_two_files_with_one_stem_get_two_ids(tmp_path):
     assert red.image.getpixel((0, 0))[0] > 200 and blue.image.getpixel((0, 0))[2] > 200
 
 
+def test_a_set_with_many_bad_or_identical_files_gets_a_few_notes_not_one_per_file(tmp_path):
+    """The scale review's 5,000 photos held 1,800 identical pairs: every start, resume and score printed
+    1,800 note lines (and score stored them). Many notes of a kind fold into one with the count and the
+    first three; a few stay one each (above)."""
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"a{i:02d}.png")
+        (tmp_path / f"b{i:02d}.png").write_bytes((tmp_path / f"a{i:02d}.png").read_bytes())
+        (tmp_path / f"c{i:02d}.png").write_bytes(b"not an image")
+    images = load_images(str(tmp_path))
+    assert len(images.records) == 80 and len(images.notes) == 2, images.notes
+    skipped, identical = images.notes
+    assert skipped.startswith(f"skipped 40 images that could not be read, the first 3: {tmp_path / 'c00.png'}: ")
+    assert identical == "identical images: 40 groups of files with the same bytes (all kept), the first 3: a00, b00; a01, b01; a02, b02"
+
+
 def test_manifest_lines_without_ids_that_share_a_stem_get_two_ids(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()

@@ -101,7 +101,18 @@ def load_images(spec: str, coco_root: str | None = None, flag: str = "--images",
     images = _load(spec, coco_root, flag, columns)
     if not images.records:
         raise ValueError(f"{flag} {spec}: the image set is empty; name at least one image")
+    images.notes = folded(images.notes)
     return images
+
+
+def folded(notes: list[str], keep: int = 3) -> list[str]:
+    """The notes on images skipped, one each up to ``keep`` of them, else one note with their count and
+    the first ``keep`` (a set of a million files must not print a line per bad one, at every start)."""
+    skipped = [n.removeprefix("skipped ") for n in notes if n.startswith("skipped ")]
+    if len(skipped) <= keep:
+        return notes
+    return [f"skipped {len(skipped):,} images that could not be read, the first {keep}: " + "; ".join(skipped[:keep]),
+            *(n for n in notes if not n.startswith("skipped "))]
 
 
 def _load(spec: str, coco_root: str | None, flag: str, columns) -> ImageSet:

@@ -41,13 +41,18 @@ def _relative_to_common(paths: Sequence[Path]):
     return lambda p: printable(by_path[p].relative_to(root).as_posix()) if by_path[p] != root else printable(p.name)
 
 
-def duplicate_notes(records: Sequence[ImageRecord]) -> list[str]:
-    """One note per group of records whose files are byte-identical (kept, but worth knowing)."""
-    groups: dict[str, list[str]] = defaultdict(list)
+def duplicate_notes(records: Sequence[ImageRecord], keep: int = 3) -> list[str]:
+    """A note per group of records whose files are byte-identical (kept, but worth knowing); past ``keep``
+    groups, one note with their count and the first ``keep``."""
+    by_sha: dict[str, list[str]] = defaultdict(list)
     for r in records:
-        groups[r.sha256].append(r.id)
-    return [f"identical images: {', '.join(ids)} have the same bytes (all kept)" for ids in groups.values()
-            if len(ids) > 1]
+        by_sha[r.sha256].append(r.id)
+    groups = [ids for ids in by_sha.values() if len(ids) > 1]
+    named = [", ".join(ids[:5]) + (f" and {len(ids) - 5:,} more" if len(ids) > 5 else "") for ids in groups]
+    if len(groups) > keep:
+        return [f"identical images: {len(groups):,} groups of files with the same bytes (all kept), the first "
+                f"{keep}: " + "; ".join(named[:keep])]
+    return [f"identical images: {ids} have the same bytes (all kept)" for ids in named]
 
 
 def _records_from_paths(paths: list[Path], source: str, flag: str = "--images") -> tuple[list[ImageRecord], list[str]]:
