@@ -95,6 +95,17 @@ def win_rate(critic, records, first: dict[str, str], last: dict[str, str], seed:
 IMAGELESS = {"diversity"}  # metrics that read the captions alone
 
 
+IMAGES_AT_ONCE = 256  # decoded images a CLIP-style score holds at a time
+
+
+def _in_chunks(scorer, recs: list, texts: list[str]) -> list[float]:
+    """``scorer.score`` of each (image, text), ``IMAGES_AT_ONCE`` images decoded at a time: a round of a
+    million images is scored without holding them all (5,000 photos held at once took 7 GB)."""
+    return [value for i in range(0, len(recs), IMAGES_AT_ONCE)
+            for value in scorer.score([r.image for r in recs[i : i + IMAGES_AT_ONCE]],
+                                      texts[i : i + IMAGES_AT_ONCE]).tolist()]
+
+
 def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: str, pick_processor: str,
               device: str | None = None, chosen: Collection[str] = METRICS) -> dict[str, Any]:
     """The run's scores. A model metric not in ``chosen`` (asked for by name, or its model named) whose model
@@ -149,9 +160,9 @@ def score_run(log: RunLog, metrics: Sequence[str], clip_model: str, pick_model: 
             scores = text_scores(texts, recs, [m for m in metrics if m not in IMAGELESS], vocab)
             scores.update(text_scores(list(captions.values()), [], [m for m in metrics if m in IMAGELESS], vocab))
             if clip is not None:
-                scores["clipscore"] = mean(clip.score([r.image for r in recs], texts).tolist(), skip_nan=True)
+                scores["clipscore"] = mean(_in_chunks(clip, recs, texts), skip_nan=True)
             if pick is not None:
-                scores["pickscore"] = mean(pick.score([r.image for r in recs], texts).tolist(), skip_nan=True)
+                scores["pickscore"] = mean(_in_chunks(pick, recs, texts), skip_nan=True)
             row[side] = scores
         rounds.append(row)
     result: dict[str, Any] = {"run": log.root.name, "metrics": list(metrics), "rounds": rounds}
