@@ -135,26 +135,29 @@ def _critique_line(c: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def image_history(log: RunLog, image_id: str) -> Tree:
-    """How one image's caption changed round by round, and the critique that caused each change."""
-    tree = Tree(f"[bold]{escape(image_id)}[/]")
+def image_histories(log: RunLog, image_ids: list[str]) -> list[Tree]:
+    """How each image's caption changed round by round, and the critique that caused each change; each
+    stage file is read once for all of them (a round of a million images is not read once per image)."""
+    wanted = set(image_ids)
+    trees = {i: Tree(f"[bold]{escape(i)}[/]") for i in image_ids}
     for k in log.rounds_with("captions"):
-        caption = next((r for r in log.read_stage(k, "captions") if r["image_id"] == image_id), None)
-        if caption is None:
+        captions = {r["image_id"]: r for r in log.read_stage(k, "captions") if r["image_id"] in wanted}
+        if not captions:
             continue
-        node = tree.add(f"round {k}: [cyan]{escape(caption['caption'])}[/]")
-        if not log.has_stage(k, "critiques"):
-            node.add("[dim]not critiqued: the run stopped before this round's critiques were done "
-                     "(--resume finishes them)[/]")
-            continue
-        critiques = {r["caption"]: r["critique"] for r in log.read_stage(k, "critiques") if r["image_id"] == image_id}
-        c = critiques.get(caption["caption"])
-        if c:
-            node.add(_critique_line(c))
-            if c.get("feedback"):
-                node.add(f"[dim]feedback:[/] {escape(c['feedback'])}")
-        if log.has_stage(k, "refined"):
-            for r in log.read_stage(k, "refined"):
+        stage = {name: [r for r in log.read_stage(k, name) if r["image_id"] in captions]
+                 if log.has_stage(k, name) else None for name in ("critiques", "refined", "pairs")}
+        for image_id, caption in captions.items():
+            node = trees[image_id].add(f"round {k}: [cyan]{escape(caption['caption'])}[/]")
+            if stage["critiques"] is None:
+                node.add("[dim]not critiqued: the run stopped before this round's critiques were done "
+                         "(--resume finishes them)[/]")
+                continue
+            critiques = {r["caption"]: r["critique"] for r in stage["critiques"] if r["image_id"] == image_id}
+            if c := critiques.get(caption["caption"]):
+                node.add(_critique_line(c))
+                if c.get("feedback"):
+                    node.add(f"[dim]feedback:[/] {escape(c['feedback'])}")
+            for r in stage["refined"] or []:
                 if r["image_id"] == image_id and r["original"] == caption["caption"]:
                     if r.get("rejected"):
                         node.add(f"[yellow]step rejected ({escape(r['rejected'])}):[/] {escape(r.get('reason') or '')}")
@@ -162,10 +165,10 @@ def image_history(log: RunLog, image_id: str) -> Tree:
                         node.add(f"[red]step failed:[/] {escape(r['error'])}")
                     else:
                         node.add(f"refined → [green]{escape(r['refined'])}[/]")
-        if log.has_stage(k, "pairs"):
-            n = sum(1 for p in log.read_stage(k, "pairs") if p["image_id"] == image_id)
-            node.add(f"[dim]{n} preference pair(s)[/]")
-    return tree
+            if stage["pairs"] is not None:
+                n = sum(1 for p in stage["pairs"] if p["image_id"] == image_id)
+                node.add(f"[dim]{n} preference pair(s)[/]")
+    return [trees[i] for i in image_ids]
 
 
 def held_out_history(log: RunLog, image_id: str) -> Tree | None:
@@ -205,8 +208,8 @@ def cmd_show(log: RunLog, image: str | None) -> None:
     if held_out is not None:
         console.print(held_out)
         return
-    for image_id in ids:
-        console.print(image_history(log, image_id))
+    for tree in image_histories(log, ids):
+        console.print(tree)
     if not image and len(captions) > len(ids):
         console.print(f"[dim]… {len(captions) - len(ids)} more images: use --image ID[/]")
 
