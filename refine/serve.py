@@ -308,12 +308,15 @@ def listen(host: str, port: int):
     """A socket bound to ``host:port`` for the server, or ``OSError`` that names them and says what to do."""
     import socket
 
+    sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
         sock.bind(address)
     except OSError as e:
+        if sock is not None:
+            sock.close()
         why = {errno.EADDRINUSE: "is in use (another server?); stop it or choose another --port",
                errno.EACCES: "needs privileges (ports below 1024); choose a --port of 1024 or more",
                errno.EADDRNOTAVAIL: "is not an address of this machine; use 127.0.0.1 or 0.0.0.0"}.get(

@@ -388,7 +388,7 @@ def load_coco_val10(
                 rid,
                 path,
                 actual,
-                FileSource(path, actual, (path.stat().st_size, path.stat().st_mtime_ns)),
+                FileSource.of(path, actual),
                 objects=dict(entry["objects"]),
                 references=list(entry["references"]),
             )

@@ -199,7 +199,12 @@ class FileSource:
 
     path: Path
     sha256: str
-    stamp: tuple[int, int] | None = None  # (st_size, st_mtime_ns) when loaded
+    stamp: tuple[int, int]  # (st_size, st_mtime_ns) when loaded
+
+    @classmethod
+    def of(cls, path: Path, sha256: str, stat: os.stat_result | None = None) -> FileSource:
+        stat = stat or path.stat()
+        return cls(path, sha256, (stat.st_size, stat.st_mtime_ns))
 
     def __call__(self) -> Image.Image:
         return load_path(self.path, self.sha256)
@@ -209,7 +214,7 @@ class FileSource:
             stat = self.path.stat()
         except OSError:
             return False
-        return self.stamp is not None and (stat.st_size, stat.st_mtime_ns) == self.stamp
+        return (stat.st_size, stat.st_mtime_ns) == self.stamp
 
 
 def present(record: ImageRecord, lost: dict[str, str] | None = None) -> bool:
@@ -237,12 +242,10 @@ def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageR
     """A lazy record of an image file. The file is read and decoded once here, to hash it and to find a
     broken file before the run starts, then its pixels are dropped; :func:`checked`
     remembers both results for files it has seen, so loading a large set again reads nothing."""
-
     path = Path(path)
     stat = path.stat()
     sha256 = checked(path, stat)
-    return ImageRecord(id or printable(path.stem), path, sha256, FileSource(path, sha256, (stat.st_size, stat.st_mtime_ns)),
-                       **extra)
+    return ImageRecord(id or printable(path.stem), path, sha256, FileSource.of(path, sha256, stat), **extra)
 
 
 def record_from_image(id: str, image: Image.Image, **extra) -> ImageRecord:
