@@ -169,6 +169,9 @@ class UpdateConfig:
     epochs: int = 1  # passes over the round's pairs
     batch_size: int = 8  # pairs per optimizer step
     max_grad_norm: float = 1.0  # gradient clipping
+    # An update in progress saves its state (weights, optimizer, steps taken) this often and on a stop, so a
+    # crash loses at most this much training and a resume goes on from there; 0 = on a stop only.
+    save_minutes: float = 10.0
     precision: Precision = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU (or what accelerate launch set)
     freeze_encoder: bool = False  # train only the decoder (and cross-attention)
     seed: int = 0  # seeds the update: initialisation of adapters, pair order, mDPO's corrupted images
@@ -200,6 +203,8 @@ class UpdateConfig:
         _require(self.lora_r >= 0, "update.lora_r", self.lora_r, "must be >= 0 (0 = train the whole model)")
         _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
         _require(0 < self.max_grad_norm < math.inf, "update.max_grad_norm", self.max_grad_norm, "must be > 0 and finite")
+        _require(0 <= self.save_minutes < math.inf, "update.save_minutes", self.save_minutes,
+                 "must be >= 0 minutes (0 = save an update's progress only on a stop)")
         _require(0 <= self.label_smoothing < 0.5, "update.label_smoothing", self.label_smoothing,
                  "must be in [0, 0.5): the assumed share of flipped preferences")
 

@@ -46,6 +46,7 @@ from refine.stages.pairs import PreferencePair, build_pairs, to_verify, verdicts
 from refine.stages.regions import RegionRow, find, regions_stage
 from refine.stages.step import Refinement, TextualStep, make_step
 from refine.stages.student import CaptionSet, EvalCaption, caption, evaluate, load_student
+from refine.stages.update_state import UpdateSaves
 
 
 class RunStopped(Exception):
@@ -287,8 +288,9 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 pairs = ranks.broadcast(None)
                 if isinstance(pairs, tuple) and pairs[:1] == ("stop",):  # the main process stopped
                     raise RunStopped("", pairs[1])
+            saves = UpdateSaves(log.progress_path(k, "update"), config.update.save_minutes, writer=ranks.main)
             student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
-                                                                          in_place=True), parts.reload_student)
+                                                                          in_place=True, saves=saves), parts.reload_student)
         if not ranks.main:
             continue
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,

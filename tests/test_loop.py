@@ -116,8 +116,9 @@ def test_unknown_config_key_fails_loudly(manifest):
         loop.run(["--images", str(manifest), "--update.betta=0.3"])
 
 
-def kill_when_exists(args: list[str], env: dict[str, str], target: Path, timeout: float = 240) -> None:
-    """Start ``python -m refine.loop ARGS``, SIGKILL it as soon as ``target`` exists."""
+def kill_when_exists(args: list[str], env: dict[str, str], target: Path, sig: int = signal.SIGKILL,
+                     timeout: float = 240) -> subprocess.CompletedProcess:
+    """Start ``python -m refine.loop ARGS``, send it ``sig`` as soon as ``target`` exists; returns how it ended."""
     proc = subprocess.Popen([sys.executable, "-m", "refine.loop", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
@@ -126,8 +127,9 @@ def kill_when_exists(args: list[str], env: dict[str, str], target: Path, timeout
     if not target.exists():
         proc.kill()
         raise AssertionError(f"the loop never wrote {target}: " + proc.stderr.read().decode()[-2000:])
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, None, stderr.decode())
 
 
 def test_kill_mid_round_then_resume(manifest, tiny_student_dir, tmp_path):

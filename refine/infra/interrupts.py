@@ -39,8 +39,13 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
         if signum == HANGUP:
             terminal.detach()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        console.print(f"[yellow]Stopping ({what}): queued requests cancelled, finished work is recorded "
-                      f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to quit at once) …[/]")
+        again = f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to quit at once)"
+        if _deferred:
+            _deferred[-1][0] = True
+            console.print(f"[yellow]Stopping ({what}) after this training step, with the update's progress saved "
+                          f"{again} …[/]")
+            return
+        console.print(f"[yellow]Stopping ({what}): queued requests cancelled, finished work is recorded {again} …[/]")
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, HANGUP) if sig}
@@ -55,6 +60,20 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
 
 
 HANGUP = getattr(signal, "SIGHUP", None)  # not on Windows
+_deferred: list[list[bool]] = []  # the stops requested within each open stop_between_steps(), innermost last
+
+
+@contextmanager
+def stop_between_steps() -> Iterator[Callable[[], bool]]:
+    """Within it, a first Ctrl-C (SIGTERM, SIGHUP) under :func:`second_interrupt_exits` does not raise where
+    it lands: it is noted, and the yielded ``requested()`` says so; the caller stops at its next safe point
+    (an update: the step in progress finishes and its progress is saved). A second one still exits at once."""
+    flag = [False]
+    _deferred.append(flag)
+    try:
+        yield lambda: flag[0]
+    finally:
+        _deferred.remove(flag)
 
 
 class _Terminal:

@@ -7,6 +7,7 @@ Layout of ``runs/<id>/``::
                                 failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
     rounds/<k>/<stage>.partial.jsonl  the finished rows of a stage in progress (removed when it completes)
+    rounds/<k>/update.progress.pt   an update in progress: weights, optimizer, steps taken (removed likewise)
     rounds/<k>/metrics.json     the round summary
     student/last/, student/best/  checkpoints (from_pretrained-loadable) with refine_state.json
 
@@ -387,6 +388,7 @@ class RunLog:
         instead of training again."""
         state = self.student_state("last")
         if state and state["round"] >= k:  # crashed after this round's student was saved
+            self._drop_progress(k, name)
             return load(self.student_dir("last")), self.read_stage(k, name)
         start = time.perf_counter()
         student, rows = compute()
@@ -394,8 +396,20 @@ class RunLog:
             return student, list(rows)
         write_jsonl(self.stage_path(k, name), rows)
         self.save_student(student, "last", {"round": k})
+        self._drop_progress(k, name)
         self.event("stage_done", round=k, stage=name, rows=len(rows), seconds=round(time.perf_counter() - start, 3))
         return student, list(rows)
+
+    def progress_path(self, k: int, name: str) -> Path:
+        """Where ``compute`` of :meth:`checkpoint` may keep its progress (removed once its student is saved)."""
+        return self.round_dir(k) / f"{name}.progress.pt"
+
+    def _drop_progress(self, k: int, name: str) -> None:
+        """Remove the progress file, and the temp files of saves that a kill cut short."""
+        if self.writer:
+            path = self.progress_path(k, name)
+            for stale in [path, *path.parent.glob(f".{path.name}.*")]:
+                stale.unlink(missing_ok=True)
 
     def keep_best(self, k: int, student, by: str, score: float) -> None:
         """Save the student entering round ``k`` (after the last round: the final one) as ``student/best``

@@ -19,7 +19,9 @@ from PIL import Image
 
 from refine.config import UpdateConfig
 from refine.infra.devices import autocast, resolve_precision
+from refine.infra.interrupts import stop_between_steps
 from refine.stages.pairs import PreferencePair
+from refine.stages.update_state import UpdateSaves
 from refine.students import CaptionScorer, Student
 
 
@@ -265,6 +267,7 @@ def update(
     accelerator=None,
     *,
     in_place: bool = False,
+    saves: UpdateSaves | None = None,
 ) -> tuple[Student, list[dict[str, float]]]:
     """One round of training on the round's pairs. Returns ``(trained student, per-step metrics)``.
 
@@ -280,7 +283,8 @@ def update(
     ``nll``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``; SFT steps
     carry ``phase: sft``. Under ``accelerate launch`` (or with an ``Accelerator`` passed) each batch is
     split across the processes, with the same batches, gradients and metrics as one process (up to
-    float rounding).
+    float rounding). With ``saves`` the update saves its progress as it goes and on a stop, and continues
+    from progress saved for the same pairs and settings (:mod:`refine.stages.update_state`).
     """
     if not pairs:
         return student, []
@@ -316,15 +320,14 @@ def update(
     policy = student if in_place else student.copy()
     policy.precision = precision
     model = lora_model(policy, config) if config.lora_r > 0 else policy.model
-    run = _Training(policy, model, list(pairs), images, config, accelerator)
-    history: list[dict[str, float]] = []
+    run = _Training(policy, model, list(pairs), images, config, accelerator, saves or UpdateSaves(None))
     if config.mode in ("sft", "sft+dpo"):
-        history += run.sft(config.epochs if config.mode == "sft" else config.sft_epochs)
+        run.sft(run.sft_epochs)
     if config.mode in ("dpo", "sft+dpo"):
-        history += run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
+        run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
     _check_weights(run.params, config)
     policy.model = merge_lora(policy, model) if config.lora_r > 0 else model.eval()
-    return policy, history
+    return policy, run.history
 
 
 class UpdateDiverged(ValueError):
@@ -354,11 +357,13 @@ class _Training:
     """The optimizer steps of one update, shared by its phases: every process draws the same batches and
     takes every ``world``-th item of each. A process's loss is its items' share of the batch's sum over
     the batch size, times ``world`` (DDP averages gradients over processes), so the gradient is the
-    single-process one for any number of processes; metrics are summed across processes the same way."""
+    single-process one for any number of processes; metrics are summed across processes the same way.
+    Steps are counted across phases; those of saved progress are skipped, their batches drawn alike."""
 
-    def __init__(self, policy: Student, model, pairs: list[PreferencePair], images, config: UpdateConfig, accelerator):
+    def __init__(self, policy: Student, model, pairs: list[PreferencePair], images, config: UpdateConfig, accelerator,
+                 saves: UpdateSaves):
         self.policy, self.model, self.pairs, self.images, self.config = policy, model, pairs, images, config
-        self.accelerator = accelerator
+        self.accelerator, self.saves = accelerator, saves
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.params = prepare_for_training(model, config.freeze_encoder)
         optimizer = torch.optim.RAdam(self.params, lr=config.lr)
@@ -366,6 +371,29 @@ class _Training:
         # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.precision == "fp16")
         self.rng = random.Random(config.seed)
+        self.examples = list({(p.image_id, p.chosen): p for p in pairs}.values())  # SFT's: each chosen caption once
+        self.sft_epochs = {"sft": config.epochs, "sft+dpo": config.sft_epochs}.get(config.mode, 0)
+        self.total = (math.ceil(len(self.examples) / config.batch_size) * self.sft_epochs
+                      + math.ceil(len(pairs) / config.batch_size) * (config.epochs if config.mode != "sft" else 0))
+        self.history: list[dict[str, float]] = []
+        self.reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.step = self.done = 0  # steps drawn so far, and those the saved progress had taken
+        saves.resume(self)
+
+    def _stepped(self, stop_requested: Callable[[], bool]) -> None:
+        """After a step: save the progress when it is due or a stop was asked for (every process decides
+        alike), then stop."""
+        stop, due = stop_requested(), self.saves.due()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flags = torch.tensor([stop, due], dtype=torch.int32, device=self.policy.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = bool(flags[0]), bool(flags[1])
+        if stop or due:
+            self.saves.save(self)
+        if stop:
+            raise KeyboardInterrupt
 
     def corrupted(self, i: int) -> Image.Image:
         """mDPO's corrupted image for pair ``i``: a pure function of (seed, image, i), drawn when a batch
@@ -374,9 +402,12 @@ class _Training:
         return corrupt_image(self.images[pair.image_id], random.Random(f"mdpo/{self.config.seed}/{pair.image_id}/{i}"))
 
     def _steps(self, n: int, epochs: int):
-        """``(this process's indices, its share, the batch size)`` per optimizer step."""
+        """``(this process's indices, its share, the batch size)`` per optimizer step not yet taken."""
         for _ in range(epochs):
             for batch_idx in _batches(n, self.config.batch_size, self.rng):
+                self.step += 1
+                if self.step <= self.done:
+                    continue
                 idx = batch_idx[self.rank :: self.world]
                 share = float(self.world) / len(batch_idx)
                 if not idx:  # fewer items than processes: take part in the step with a zero-weight item
@@ -400,63 +431,70 @@ class _Training:
             dist.all_reduce(sums)
         return (sums / size).tolist()
 
-    def sft(self, epochs: int) -> list[dict[str, float]]:
+    def sft(self, epochs: int) -> None:
         """Cross-entropy (per-token NLL) on each distinct chosen caption, weighted by its pair's weight."""
-        examples = list({(p.image_id, p.chosen): p for p in self.pairs}.values())
-        history = []
-        for idx, share, size in self._steps(len(examples), epochs):
-            batch = _PairBatch(self.policy, [examples[i] for i in idx], self.images, chosen_only=True)
-            with autocast(self.policy.device, self.policy.precision):
-                logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
-            nll = nll_per_token(logps, batch.captions.lengths)
-            per_item = batch.weights * nll
-            grad_norm = self._backward(per_item.sum() * share)
-            loss, mean_nll = self._reduce([per_item.detach(), nll.detach()], share, size)
-            _check_finite(loss, "SFT", len(history), self.config, self.policy.precision)
-            history.append({"phase": "sft", "loss": loss, "nll": mean_nll, "grad_norm": grad_norm})
-        return history
+        with stop_between_steps() as stop_requested:
+            for idx, share, size in self._steps(len(self.examples), epochs):
+                self.history.append(self._sft_step([self.examples[i] for i in idx], share, size))
+                self._stepped(stop_requested)
 
-    def dpo(self, epochs: int, adapters_off: bool = False) -> list[dict[str, float]]:
+    def _sft_step(self, examples: list[PreferencePair], share: float, size: int) -> dict[str, float]:
+        batch = _PairBatch(self.policy, examples, self.images, chosen_only=True)
+        with autocast(self.policy.device, self.policy.precision):
+            logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
+        nll = nll_per_token(logps, batch.captions.lengths)
+        per_item = batch.weights * nll
+        grad_norm = self._backward(per_item.sum() * share)
+        loss, mean_nll = self._reduce([per_item.detach(), nll.detach()], share, size)
+        _check_finite(loss, "SFT", len(self.history), self.config, self.policy.precision)
+        return {"phase": "sft", "loss": loss, "nll": mean_nll, "grad_norm": grad_norm}
+
+    def dpo(self, epochs: int, adapters_off: bool = False) -> None:
         """DPO + NLL (+ mDPO's image terms) against the model as it is now (with LoRA in ``dpo`` mode:
         the same model with its adapters disabled, which is what it was before training)."""
         from refine.stages.lora import adapters_disabled
 
-        config, pairs = self.config, self.pairs
+        config = self.config
         negatives = self.corrupted if config.image_negatives else None
-        with adapters_disabled(self.model, adapters_off):
-            ref_chosen, ref_rejected, ref_corrupted = reference_logps(
-                self.policy, pairs, self.images, config.batch_size, self.policy.precision, negatives, self.rank,
-                self.world, model=self.model)
+        if self.reference is None:  # else: the saved progress's
+            with adapters_disabled(self.model, adapters_off):
+                self.reference = reference_logps(
+                    self.policy, self.pairs, self.images, config.batch_size, self.policy.precision, negatives,
+                    self.rank, self.world, model=self.model)
         prepare_for_training(self.model, config.freeze_encoder)
-        history = []
-        for idx, share, size in self._steps(len(pairs), epochs):
-            batch = _PairBatch(self.policy, [pairs[i] for i in idx], self.images,
-                               [negatives(i) for i in idx] if negatives is not None else None)
-            with autocast(self.policy.device, self.policy.precision):
-                logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
-            policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta,
-                config.label_smoothing, config.loss,
-            )
-            nll = nll_per_token(policy_chosen, batch.captions.lengths[: batch.n])
-            w = batch.weights  # a pair's weight: the share of critiques that agreed on it (1 without agreement)
-            per_pair = w * losses + config.nll_weight * w * nll
-            conditional = anchor = torch.zeros_like(losses)
-            if policy_corrupted is not None:
-                conditional, anchor = image_preference_loss(policy_chosen, policy_corrupted, ref_chosen[idx],
-                                                            ref_corrupted[idx], config.beta)
-                per_pair = per_pair + w * conditional + w * anchor
-            grad_norm = self._backward(per_pair.sum() * share)
-            means = self._reduce([per_pair.detach(), losses.detach(), nll.detach(), chosen_rewards, rejected_rewards,
-                                  (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
-                                  policy_chosen.detach(), policy_rejected.detach(), conditional.detach(),
-                                  anchor.detach()], share, size)
-            step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                             "rewards/margins", "logps/chosen", "logps/rejected"), means))
-            _check_finite(step["loss"], "DPO", len(history), self.config, self.policy.precision)  # reduced: alike everywhere
-            step["grad_norm"] = grad_norm
-            if policy_corrupted is not None:
-                step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
-            history.append(step)
-        return history
+        with stop_between_steps() as stop_requested:
+            for idx, share, size in self._steps(len(self.pairs), epochs):
+                self.history.append(self._dpo_step(idx, negatives, share, size))
+                self._stepped(stop_requested)
+
+    def _dpo_step(self, idx: list[int], negatives, share: float, size: int) -> dict[str, float]:
+        config, (ref_chosen, ref_rejected, ref_corrupted) = self.config, self.reference
+        batch = _PairBatch(self.policy, [self.pairs[i] for i in idx], self.images,
+                           [negatives(i) for i in idx] if negatives is not None else None)
+        with autocast(self.policy.device, self.policy.precision):
+            logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
+        policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen[idx], ref_rejected[idx], config.beta,
+            config.label_smoothing, config.loss,
+        )
+        nll = nll_per_token(policy_chosen, batch.captions.lengths[: batch.n])
+        w = batch.weights  # a pair's weight: the share of critiques that agreed on it (1 without agreement)
+        per_pair = w * losses + config.nll_weight * w * nll
+        conditional = anchor = torch.zeros_like(losses)
+        if policy_corrupted is not None:
+            conditional, anchor = image_preference_loss(policy_chosen, policy_corrupted, ref_chosen[idx],
+                                                        ref_corrupted[idx], config.beta)
+            per_pair = per_pair + w * conditional + w * anchor
+        grad_norm = self._backward(per_pair.sum() * share)
+        means = self._reduce([per_pair.detach(), losses.detach(), nll.detach(), chosen_rewards, rejected_rewards,
+                              (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                              policy_chosen.detach(), policy_rejected.detach(), conditional.detach(),
+                              anchor.detach()], share, size)
+        step = dict(zip(("loss", "dpo_loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                         "rewards/margins", "logps/chosen", "logps/rejected"), means))
+        _check_finite(step["loss"], "DPO", len(self.history), self.config, self.policy.precision)  # reduced: alike everywhere
+        step["grad_norm"] = grad_norm
+        if policy_corrupted is not None:
+            step["mdpo/conditional"], step["mdpo/anchor"] = means[9], means[10]
+        return step

@@ -1,0 +1,149 @@
+"""An update stopped or crashed in its middle goes on from its saved progress and ends where an unbroken
+update ends; a run stopped in its update resumes without training from the start."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_loop import _args, kill_when_exists, manifest  # noqa: F401  (fixture)
+
+from refine.infra.interrupts import second_interrupt_exits
+from refine.infra.runlog import RunLog
+from refine.stages.dpo import UpdateConfig, update
+from refine.stages.pairs import PreferencePair
+from refine.stages.student import load_student
+from refine.stages.update_state import UpdateSaves
+
+# 4 pairs, one a step, 2 epochs: 8 steps, the reference pass is 4 batches before them
+CONFIG = UpdateConfig(lr=3e-3, epochs=2, batch_size=1, seed=3)
+REFERENCE_BATCHES = 4
+
+
+@pytest.fixture
+def pairs_and_images(drawn_images):
+    pairs = [
+        PreferencePair("red-circle", "a red circle", "a blue square and a red circle", "refined"),
+        PreferencePair("blue-square", "a blue square", "two blue squares", "refined"),
+        PreferencePair("both", "a red circle and a blue square", "a red circle", "refined"),
+        PreferencePair("gray", "an empty gray picture", "a dog on a bed", "ranked"),
+    ]
+    return pairs, drawn_images
+
+
+def _student(path):
+    return load_student(path, device="cpu", precision="fp32")
+
+
+def _at_batch(student, n=0, then=None) -> list[int]:
+    """Counts the batches of images the student turns into pixels (its own ``pixel_values`` does the
+    work), and calls ``then()`` at the ``n``-th: a trigger at a known step."""
+    real, seen = student.pixel_values, [0]
+
+    def pixel_values(images):
+        seen[0] += 1
+        if seen[0] == n:
+            then()
+        return real(images)
+
+    student.pixel_values = pixel_values
+    return seen
+
+
+def _weights(student):
+    return [p.detach().clone() for p in student.model.parameters()]
+
+
+def _unbroken(tiny_student_dir, pairs, images, config=CONFIG):
+    trained, history = update(_student(tiny_student_dir), pairs, images, config, in_place=True)
+    return _weights(trained), history
+
+
+def _assert_same(student, history, expected):
+    weights, rows = expected
+    assert history == rows
+    assert all(torch.equal(a, b) for a, b in zip(_weights(student), weights, strict=True))
+
+
+def test_a_stop_mid_update_saves_its_progress_and_the_resume_ends_as_an_unbroken_update(
+        tiny_student_dir, pairs_and_images, tmp_path, capsys):
+    pairs, images = pairs_and_images
+    expected = _unbroken(tiny_student_dir, pairs, images)
+    saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=0)  # saved on a stop only
+    student = _student(tiny_student_dir)
+    _at_batch(student, REFERENCE_BATCHES + 3, lambda: signal.raise_signal(signal.SIGINT))  # during step 3
+    with second_interrupt_exits(), pytest.raises(KeyboardInterrupt):
+        update(student, pairs, images, CONFIG, in_place=True, saves=saves)
+    assert "after this training step" in capsys.readouterr().err
+    saved = torch.load(saves.path, weights_only=True)
+    assert saved["history"] == expected[1][:3], "the step in progress finishes, and is saved with the two before"
+
+    resumed, history = update(_student(tiny_student_dir), pairs, images, CONFIG, in_place=True, saves=saves)
+    assert "continues from its saved progress: step 3 of 8" in capsys.readouterr().err
+    _assert_same(resumed, history, expected)
+
+
+def test_a_crash_mid_update_loses_only_the_steps_since_the_last_save(tiny_student_dir, pairs_and_images, tmp_path):
+    pairs, images = pairs_and_images
+    config = UpdateConfig(**{**vars(CONFIG), "mode": "sft+dpo", "sft_epochs": 1})  # 4 SFT steps, then 8 of DPO
+    expected = _unbroken(tiny_student_dir, pairs, images, config)
+    saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=1e-9)  # due after every step
+    student = _student(tiny_student_dir)
+
+    def crash():
+        raise RuntimeError("CUDA out of memory")
+
+    # SFT's 4 steps, the reference pass's 4 batches, then DPO's steps: the crash is in DPO's 3rd
+    _at_batch(student, 4 + REFERENCE_BATCHES + 3, crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        update(student, pairs, images, config, in_place=True, saves=saves)
+    saved = torch.load(saves.path, weights_only=True)
+    assert len(saved["history"]) == 6 and saved["reference"] is not None
+
+    student = _student(tiny_student_dir)
+    batches = _at_batch(student)
+    resumed, history = update(student, pairs, images, config, in_place=True, saves=saves)
+    assert batches[0] == 6, "the 6 saved steps and the reference pass are not computed again"
+    _assert_same(resumed, history, expected)
+
+
+def test_progress_saved_for_other_pairs_is_not_used(tiny_student_dir, pairs_and_images, tmp_path, capsys):
+    pairs, images = pairs_and_images
+    saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=1e-9)
+    student = _student(tiny_student_dir)
+    _at_batch(student, REFERENCE_BATCHES + 2, lambda: signal.raise_signal(signal.SIGINT))
+    with second_interrupt_exits(), pytest.raises(KeyboardInterrupt):
+        update(student, pairs, images, CONFIG, in_place=True, saves=saves)
+    other = [*pairs[:3], PreferencePair("gray", "a gray picture", "a dog on a bed", "ranked")]
+    expected = _unbroken(tiny_student_dir, other, images)
+    capsys.readouterr()
+    trained, history = update(_student(tiny_student_dir), other, images, CONFIG, in_place=True, saves=saves)
+    assert "is for other pairs or settings" in capsys.readouterr().err
+    _assert_same(trained, history, expected)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_run_stopped_in_its_update_resumes_it_from_the_saved_progress(manifest, tiny_student_dir, tmp_path, sig):  # noqa: F811
+    """Signal the loop once its update has saved progress. SIGTERM: the step in progress finishes, the
+    progress is saved, the run records the stop and exits 130. Either way --resume goes on from the saved
+    step, records the update once and removes the progress file."""
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "REFINE_CACHE_DIR": str(tmp_path / "cache")}
+    args = _args(manifest, tiny_student_dir, runs_dir, "--rounds=1", "--loop.use_regions=false",
+                 "--update.batch_size=1", "--update.save_minutes=1e-9", "--update.epochs=4")
+    log = RunLog(runs_dir / "e2e")
+    stopped = kill_when_exists(args, env, log.progress_path(0, "update"), sig)
+    assert not log.has_stage(0, "update")
+    if sig == signal.SIGTERM:
+        assert stopped.returncode == 130 and log.events()[-1]["event"] == "interrupted"
+        assert "Stopping (SIGTERM) after this training step" in stopped.stderr
+
+    done = subprocess.run([sys.executable, "-m", "refine.loop", "--resume", "e2e", f"--loop.runs_dir={runs_dir}"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "The update continues from its saved progress: step" in done.stderr
+    assert [e["round"] for e in log.events() if e["event"] == "stage_done" and e["stage"] == "update"] == [0]
+    assert not list(log.round_dir(0).glob("*progress*")), "the progress file and any cut-short save are removed"
+    assert len(log.read_stage(0, "update")) == 4 * len(log.read_stage(0, "pairs"))
