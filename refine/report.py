@@ -6,13 +6,16 @@ margin, time per stage); and a card per image with its thumbnail and the regions
 caption in every round, the critique of that caption, the refinement it led to, and the pairs it made.
 Filters show only the images whose student caption changed between rounds, whose critique failed, or
 whose hallucinations rose (the critic's count of named-but-absent objects, first round against last). Cards are drawn a
-page at a time from data embedded in the file, so a run over thousands of images stays usable.
+page at a time from data embedded in the file. A page holds at most ``--max-images`` cards (1,000, about
+18 MB with their thumbnails; a card is ~18 kB): those whose hallucinations rose, whose critique failed, or
+whose caption changed first, then a fixed sample of the rest; the summary counts every image of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -28,6 +31,7 @@ from refine.infra.runlog import RunLog, atomic_write_text, read_jsonl
 
 THUMB = 224  # px, the longer side of a card's thumbnail
 PAGE = 40  # cards per page
+MAX_CARDS = 1000  # cards in a page by default (0: every image's)
 PLOTS = [  # (title, metric keys); a plot appears when any of its keys was recorded
     ("critic mean score", ["critic/mean_score"]),
     ("CHAIR", ["train/chair_s", "train/chair_i", "eval/chair_s", "eval/chair_i"]),
@@ -121,21 +125,58 @@ def _rows(log: RunLog, k: int, name: str) -> list[dict[str, Any]]:
     return read_jsonl(path) if path.exists() else []
 
 
-def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
-    """One card per image: its rounds (caption, critique, refinement, pairs) and the filter flags."""
+def flags(log: RunLog) -> dict[str, dict[str, bool]]:
+    """Per image of the run, what the filters and the summary count: ``changed`` (its student caption
+    changed between rounds), ``failed`` (a critique of it failed), ``rose`` (its hallucinations, first round
+    against last). One round's rows in memory at a time."""
+    state: dict[str, list] = {}  # image id: [first caption, changed, failed, first count, last count]
+    for k in log.rounds_with("captions"):
+        critiques = {(r["image_id"], r["caption"]): r["critique"] for r in _rows(log, k, "critiques")
+                     if r.get("sample", 0) == 0}
+        for row in _rows(log, k, "captions"):
+            c = critiques.get((row["image_id"], row["caption"])) or {}
+            caption, hallucinated = row["caption"].strip(), len(c.get("hallucinated", []))
+            f = state.setdefault(row["image_id"], [caption, False, False, hallucinated, 0])
+            f[1], f[2], f[4] = f[1] or caption != f[0], f[2] or bool(c.get("error")), hallucinated
+    return {i: {"changed": f[1], "failed": f[2], "rose": f[4] > f[3]} for i, f in state.items()}
+
+
+def chosen(flagged: dict[str, dict[str, bool]], keep: int) -> set[str]:
+    """The ``keep`` images a page shows (0: all): those whose hallucinations rose, then whose critique
+    failed, then whose caption changed, then the rest in a fixed order that does not follow the ids'."""
+    if not keep or len(flagged) <= keep:
+        return set(flagged)
+
+    def rank(image_id: str) -> tuple:
+        f = flagged[image_id]
+        return not f["rose"], not f["failed"], not f["changed"], hashlib.sha256(image_id.encode()).digest()
+
+    return set(sorted(flagged, key=rank)[:keep])
+
+
+def cards(log: RunLog, images: dict[str, Any], flagged: dict[str, dict[str, bool]] | None = None,
+          only: set[str] | None = None) -> list[dict[str, Any]]:
+    """One card per image (of ``only``, if given): its rounds (caption, critique, refinement, pairs) and
+    its filter flags (``flagged``, from :func:`flags`)."""
+    flagged = flags(log) if flagged is None else flagged
+    wanted = (lambda image_id: True) if only is None else only.__contains__
     rounds = log.rounds_with("captions")
     by_image: dict[str, dict[str, Any]] = defaultdict(lambda: {"rounds": []})
     detections: dict[str, list] = {}
     for k in rounds:
         critiques = {(r["image_id"], r["caption"]): r["critique"] for r in _rows(log, k, "critiques")
-                     if r.get("sample", 0) == 0}
-        refined = {(r["image_id"], r["original"]): r for r in _rows(log, k, "refined")}
+                     if r.get("sample", 0) == 0 and wanted(r["image_id"])}
+        refined = {(r["image_id"], r["original"]): r for r in _rows(log, k, "refined") if wanted(r["image_id"])}
         pairs: dict[str, list] = defaultdict(list)
         for p in _rows(log, k, "pairs"):
-            pairs[p["image_id"]].append({"chosen": p["chosen"], "rejected": p["rejected"], "source": p["source"]})
+            if wanted(p["image_id"]):
+                pairs[p["image_id"]].append({"chosen": p["chosen"], "rejected": p["rejected"], "source": p["source"]})
         for r in _rows(log, k, "regions"):
-            detections[r["image_id"]] = r.get("detections", [])
+            if wanted(r["image_id"]):
+                detections[r["image_id"]] = r.get("detections", [])
         for row in _rows(log, k, "captions"):
+            if not wanted(row["image_id"]):
+                continue
             key = (row["image_id"], row["caption"])
             c, ref = critiques.get(key) or {}, refined.get(key) or {}
             by_image[row["image_id"]]["rounds"].append({
@@ -147,12 +188,9 @@ def cards(log: RunLog, images: dict[str, Any]) -> list[dict[str, Any]]:
             })
     out = []
     for image_id, card in by_image.items():
-        first, last = card["rounds"][0], card["rounds"][-1]
         card.update(id=image_id, thumb=_safe_thumbnail(images, image_id, detections.get(image_id, [])),
                     detections=[f"{d['label']} {d['score']:.2f}" for d in detections.get(image_id, [])],
-                    changed=len({r["caption"].strip() for r in card["rounds"]}) > 1,  # the student's, not the step's
-                    failed=any(r["error"] for r in card["rounds"]),
-                    rose=len(last["hallucinated"]) > len(first["hallucinated"]))
+                    **flagged[image_id])
         out.append(card)
     return out
 
@@ -169,16 +207,20 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def render(log: RunLog, images: dict[str, Any] | None = None) -> str:
+def render(log: RunLog, images: dict[str, Any] | None = None, max_cards: int = MAX_CARDS) -> str:
     config = log.config
     metrics = log.metrics()
-    data = cards(log, images or {})
+    flagged = flags(log)
+    data = cards(log, images or {}, flagged, chosen(flagged, max_cards))
     blob = json.dumps(strict_json(data), ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     title = f"refine run {log.root.name}"
-    summary = (f"{len(data)} images, {len(metrics)} round(s), status: {log.status()}; "
-               f"{sum(c['changed'] for c in data)} whose student caption changed, {sum(c['failed'] for c in data)} "
-               "with a failed critique, "
-               f"{sum(c['rose'] for c in data)} whose hallucinations rose")
+    count = {k: sum(f[k] for f in flagged.values()) for k in ("changed", "failed", "rose")}
+    summary = (f"{len(flagged)} images, {len(metrics)} round(s), status: {log.status()}; "
+               f"{count['changed']} whose student caption changed, {count['failed']} with a failed critique, "
+               f"{count['rose']} whose hallucinations rose")
+    if len(data) < len(flagged):
+        summary += (f". This page shows {len(data)} of them: those whose hallucinations rose, whose critique failed "
+                    "or whose caption changed first, then a fixed sample of the rest (--max-images 0: all)")
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__SUMMARY__", html.escape(summary)) \
         .replace("__PLOTS__", "".join(plots(log.metrics(final=True))) or "<p>No completed round yet.</p>") \
         .replace("__CONFIG__", html.escape(json.dumps(config, indent=2, ensure_ascii=False))) \
@@ -206,10 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a run id (under --runs-dir) or a run directory")
     parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
     parser.add_argument("--out", type=Path, help="where to write the page (default: RUN/report.html)")
+    parser.add_argument("--max-images", type=int, default=MAX_CARDS, metavar="N",
+                        help=f"cards in the page, about 18 kB each (default: {MAX_CARDS}; 0: every image)")
     args = parser.parse_args(argv)
+    if args.max_images < 0:
+        print(f"error: --max-images {args.max_images}: give the number of cards the page holds, or 0 for every image",
+              file=sys.stderr)
+        return 2
     try:
         log = RunLog.open(args.run, args.runs_dir)
-        page = render(log, load_pixels(log))
+        page = render(log, load_pixels(log), args.max_images)
     except (FileNotFoundError, ValueError) as e:  # no such run; its config.json damaged
         print(f"error: {e}", file=sys.stderr)
         return 2

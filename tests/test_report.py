@@ -153,3 +153,33 @@ def test_the_final_students_point_is_labelled_final_as_in_runs_show():
     (chart,) = [svg for svg in report.plots(metrics) if "eval/chair_s" in svg]
     assert "eval/chair_s round 3 (final): 0.04<" in chart and ">3 (final)</text>" in chart
     assert "round 2 (final)" not in chart and "eval/chair_s round 2: 0.06<" in chart
+
+
+def test_a_page_holds_at_most_max_images_cards_the_flagged_first_and_counts_every_image(tmp_path, tiny_student_dir,
+                                                                                         drawn_images, capsys):
+    """A run of thousands of images made one page of every card (89 MB at 5,000 images, too big for a browser
+    at 16,000): the page holds --max-images cards, those the filters flag first (here the one image whose
+    critique failed: it has no annotations), and its summary still counts every image of the run."""
+    names = ["a", "b", "c", "d"]
+    for name, image in zip(names, drawn_images.values()):
+        image.save(tmp_path / f"{name}.png")
+    (tmp_path / "m.jsonl").write_text("".join(
+        json.dumps({"path": f"{n}.png", **({} if n == "c" else {"objects": {"sports ball": 1}})}) + "\n" for n in names))
+    log = loop.run(_args(tmp_path / "m.jsonl", tiny_student_dir, tmp_path / "runs", "--rounds=1",
+                         "--loop.use_regions=false", "--loop.max_failure_share=1"))
+    assert report.main([str(log.root), "--out", str(tmp_path / "all.html"), "--max-images", "0"]) == 0
+    every = {c["id"]: c for c in page_data((tmp_path / "all.html").read_text())}
+    assert sorted(every) == names and [i for i, c in every.items() if c["failed"]] == ["c"]
+
+    for keep in (1, 3):
+        assert report.main([str(log.root), "--out", str(tmp_path / "page.html"), "--max-images", str(keep)]) == 0
+        page = (tmp_path / "page.html").read_text()
+        shown = page_data(page)
+        assert len(shown) == keep and "c" in {c["id"] for c in shown}
+        assert all(c == every[c["id"]] for c in shown), "a card shown is the whole card"
+        assert "4 images, 1 round(s)" in page and "1 with a failed critique" in page
+        assert f"This page shows {keep} of them" in page
+
+    capsys.readouterr()
+    assert report.main([str(log.root), "--max-images", "-1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
