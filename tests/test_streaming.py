@@ -80,6 +80,37 @@ def test_loading_a_set_again_reads_no_file(folder, monkeypatch):
     assert [r.sha256 for r in load_images(spec).records] != [s for _, s in first]
 
 
+def test_a_first_load_reads_new_files_several_at_once_in_order_with_the_same_notes(folder, monkeypatch):
+    """A set's first load read, decoded and hashed its files one at a time, silently: 6-7 ms a file, about
+    1.7 h at a million. Files new to the image index are now read several at once (with a progress bar when
+    there are many); the records, their order and the notes are what one at a time gave."""
+    import hashlib
+
+    import refine.images.records as records
+
+    (folder / "part1" / "img05b.png").write_bytes(b"not a png")
+    real, active, most, lock = records.decode, [0], [0], threading.Lock()
+
+    def decode(*args, **kwargs):  # the real decoder, made slow enough that overlapping calls show
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(records, "decode", decode)
+    images = load_images(str(folder / "**" / "*.png"))
+    assert most[0] > 1, "new files are read one at a time"
+    files = sorted(p for p in folder.glob("**/*.png") if p.name != "img05b.png")
+    assert [(r.id, r.sha256) for r in images.records] == [(p.stem, hashlib.sha256(p.read_bytes()).hexdigest())
+                                                          for p in files]
+    assert len(images.notes) == 1 and images.notes[0].startswith("skipped ") and "img05b.png" in images.notes[0]
+
+
 # --- the request pool ---------------------------------------------------------------------------------
 
 def test_the_pool_has_no_barrier_and_pulls_inputs_just_in_time():

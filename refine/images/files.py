@@ -14,7 +14,56 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refine.images.records import IMAGE_SUFFIXES, ImageRecord, image_index, printable, record_from_path
+from refine.images.records import (
+    IMAGE_SUFFIXES,
+    ImageRecord,
+    image_index,
+    index_key,
+    printable,
+    read_into_index,
+    record_from_path,
+)
+
+INDEX_THREADS = min(32, (os.cpu_count() or 1) + 4)  # files new to the image index read at once (ThreadPoolExecutor's)
+PROGRESS_FROM = 1000  # files new to the index: this many show a progress bar
+
+
+def index_files(paths: Sequence[Path]) -> dict[Path, tuple[os.stat_result, dict[str, str]]]:
+    """What the image index knows of each file: its stat, and its sha256 or why it does not decode. The
+    files new to the index (a set's first load) are read, decoded and hashed on :data:`INDEX_THREADS`
+    threads at once (Pillow and hashlib release the GIL), with a progress bar when there are many; the
+    others cost a ``stat`` and a lookup. A file that cannot be read is left out, for
+    :func:`record_from_path` to say why."""
+    from refine.infra.concurrency import map_concurrently
+    from refine.infra.progress import RoundProgress
+
+    index, known, new = image_index(), {}, []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        key = index_key(path, stat)
+        entry = index.get(key)
+        if entry is None:
+            new.append((path, stat, key))
+        else:
+            known[path] = (stat, entry)
+    with RoundProgress(enabled=len(new) >= PROGRESS_FROM) as bars:
+        advance = bars.add("indexing", len(new))
+
+        def read(job: tuple[Path, os.stat_result, str]) -> dict[str, str] | None:
+            try:
+                return read_into_index(job[0], job[2])
+            except OSError:
+                return None
+            finally:
+                advance(1)
+
+        for (path, stat, _), entry in zip(new, map_concurrently(read, new, INDEX_THREADS)):
+            if entry is not None:
+                known[path] = (stat, entry)
+    return known
 
 
 def file_ids(paths: Sequence[Path]) -> list[str]:
@@ -59,10 +108,10 @@ def _records_from_paths(paths: list[Path], source: str, flag: str = "--images") 
     """Decode each path; a bad file is skipped with a note, never fatal for the set."""
     paths = sorted(paths)
     records, notes = [], []
-    image_index()  # a cache that cannot be opened is said once, not blamed on each image
+    indexed = index_files(paths)
     for path, id_ in zip(paths, file_ids(paths)):
         try:
-            records.append(record_from_path(path, id=id_))
+            records.append(record_from_path(path, id=id_, indexed=indexed.get(path)))
         except (OSError, ValueError) as e:
             notes.append(f"skipped {e}" if isinstance(e, ValueError) else f"skipped {printable(str(path))}: {e}")
     if not paths:
@@ -134,10 +183,11 @@ def load_manifest(path: Path, flag: str = "--images") -> tuple[list[ImageRecord]
             raise ValueError(f"{where}: the id {id_!r} taken from the file name is already given at {given[id_]}; "
                              "add an explicit unique 'id' to this line")
     records, notes = [], []
-    image_index()  # a cache that cannot be opened is said once, not blamed on each image
-    for where, row in rows:
+    files = [(path.parent / row["path"]).resolve() for _, row in rows]
+    indexed = index_files(files)
+    for (where, row), file in zip(rows, files):
         try:
-            records.append(record_from_path((path.parent / row["path"]).resolve(), id=row.get("id") or derived[where],
+            records.append(record_from_path(file, id=row.get("id") or derived[where], indexed=indexed.get(file),
                                             objects=row.get("objects"), references=list(row.get("references", []))))
         except (OSError, ValueError) as e:
             notes.append(f"skipped {where}: {e}")  # the line, then the file's own message

@@ -146,22 +146,34 @@ def checked(path: Path, stat: os.stat_result | None = None) -> str:
     """The sha256 of an image file that decodes, else ``ValueError`` naming it. Each file is read and
     decoded once per (path, size, mtime; ``stat`` if the caller has it): the answer is kept in the
     :func:`image_index`, so a set of a million files is loaded again (a resume, a score) without reading
-    them."""
-    from refine.infra.cache import cache_key
-
+    them (:func:`refine.images.files.index_files` asks it of many files at once)."""
     path = Path(path)
     stat = stat or path.stat()
-    key = cache_key("image-index", INDEX_VERSION, os.fsencode(path.resolve()).hex(), stat.st_size, stat.st_mtime_ns)
-    index = image_index()
-    known = index.get(key)
-    if known is None:
-        data = path.read_bytes()
-        try:
-            decode(data, printable(str(path)))
-            known = {"sha256": sha256_bytes(data)}
-        except ValueError as e:
-            known = {"error": str(e)}
-        index.set(key, known)
+    key = index_key(path, stat)
+    return sha256_of(image_index().get(key) or read_into_index(path, key))
+
+
+def index_key(path: Path, stat: os.stat_result) -> str:
+    """A file's key in the image index: its path, size and mtime."""
+    from refine.infra.cache import cache_key
+
+    return cache_key("image-index", INDEX_VERSION, os.fsencode(path.resolve()).hex(), stat.st_size, stat.st_mtime_ns)
+
+
+def read_into_index(path: Path, key: str) -> dict[str, str]:
+    """Read, decode and hash a file, and keep the answer under ``key``: ``{"sha256"}`` or ``{"error"}``."""
+    data = path.read_bytes()
+    try:
+        decode(data, printable(str(path)))
+        known = {"sha256": sha256_bytes(data)}
+    except ValueError as e:
+        known = {"error": str(e)}
+    image_index().set(key, known)
+    return known
+
+
+def sha256_of(known: dict[str, str]) -> str:
+    """An image index entry's sha256, or ``ValueError`` saying why the file does not decode."""
     if "error" in known:
         raise ValueError(known["error"])
     return known["sha256"]
@@ -238,13 +250,15 @@ def readable(record: ImageRecord, lost: dict[str, str] | None = None) -> Image.I
         return None
 
 
-def record_from_path(path: str | Path, id: str | None = None, **extra) -> ImageRecord:
+def record_from_path(path: str | Path, id: str | None = None,
+                     indexed: tuple[os.stat_result, dict[str, str]] | None = None, **extra) -> ImageRecord:
     """A lazy record of an image file. The file is read and decoded once here, to hash it and to find a
     broken file before the run starts, then its pixels are dropped; :func:`checked`
-    remembers both results for files it has seen, so loading a large set again reads nothing."""
+    remembers both results for files it has seen, so loading a large set again reads nothing.
+    ``indexed``: the file's stat and image index entry, when the caller has them."""
     path = Path(path)
-    stat = path.stat()
-    sha256 = checked(path, stat)
+    stat, sha256 = (indexed[0], sha256_of(indexed[1])) if indexed else (path.stat(), None)
+    sha256 = sha256 or checked(path, stat)
     return ImageRecord(id or printable(path.stem), path, sha256, FileSource.of(path, sha256, stat), **extra)
 
 
