@@ -448,8 +448,11 @@ def apply_dict(config: Config, data: dict[str, Any], source: str = "config") -> 
 
 
 # Settings a resume may change: where and how requests go, the budget, how often it evaluates and how many
-# rounds it runs (more go on from a finished run). Any other would make later rounds disagree with earlier.
+# rounds it runs (more go on from a finished run), the update's learning rate (an update that diverged is
+# taken again lower; the rounds done keep theirs) and how often it saves its progress. Any other would make
+# later rounds disagree with earlier.
 RESUMABLE_KEYS = frozenset({
     "critic.base_url", "critic.api_key_env", "critic.max_concurrency", "critic.max_retries", "critic.timeout",
     "loop.max_critic_calls", "loop.max_failure_share", "loop.log_with", "loop.rounds", "loop.eval_every",
+    "update.lr", "update.save_minutes",
 })

@@ -219,7 +219,7 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
             trace.write_text(traceback.format_exc())
         log.event("crashed", completed_rounds=log.completed_rounds(), error=f"{type(e).__name__}: {e}",
                   critic_calls=parts.spend.settle_stop())
-        hint = getattr(e, "hint", None) or f"Fix the cause, then continue with: {resume}"  # UpdateDiverged has its own
+        hint = getattr(e, "hint", "Fix the cause, then continue with: {resume}").format(resume=resume)  # UpdateDiverged's
         raise RunStopped(f"Stopped by an error: {type(e).__name__}: {e}. Finished stages are kept; the traceback "
                          f"is in {trace}. {hint}", 1, resume) from e
 

@@ -178,7 +178,7 @@ def test_the_training_precision_is_the_same_in_every_round(monkeypatch):
     update makes (mixed_precision="no") must not change what round 1 reads."""
     from accelerate import Accelerator
 
-    from refine.stages.dpo import training_precision
+    from refine.infra.devices import training_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert training_precision("auto", torch.device("cpu")) == "bf16"
@@ -187,7 +187,7 @@ def test_the_training_precision_is_the_same_in_every_round(monkeypatch):
 
 
 def test_an_update_that_diverges_stops_the_run_and_saves_nothing(tiny_student_dir, tmp_path, capsys):
-    """A loss that is not finite stops the run (exit 1, one line saying to lower update.lr in a new run)
+    """A loss that is not finite stops the run (exit 1, one line giving the resume with a lower update.lr)
     with the round's student unsaved. It was saved with NaN weights, and the run went on paying for
     critiques of its garbage captions. An infinite learning rate is refused before the run exists."""
     from refine import loop
@@ -200,8 +200,14 @@ def test_an_update_that_diverges_stops_the_run_and_saves_nothing(tiny_student_di
     assert "update.lr=inf: must be > 0 and finite" in capsys.readouterr().err and not (tmp_path / "inf").exists()
     assert loop.main([*args, "--loop.run_id=big", "--update.lr=1e30"]) == 1
     err = capsys.readouterr().err
-    assert "the update diverged: DPO loss nan" in err and "start a new run with a lower --update.lr" in err, err
+    assert "the update diverged: DPO loss nan" in err, err
+    assert f"continue with a lower learning rate (the rounds done keep theirs): python -m refine.loop --resume " \
+           f"{tmp_path / 'big'} --update.lr=1e+29" in err.lower().replace("\n", ""), err
     log = RunLog(tmp_path / "big", writer=False)
     assert log.completed_rounds() == 0 and not (log.root / "student" / "last").exists()
     assert log.events()[-1]["event"] == "crashed"
+    # the resume the hint gives, at a rate that holds, takes the round again and finishes the run
+    assert loop.main(["--resume", str(log.root), "--update.lr=1e-3"]) == 0
+    assert log.status() == "done" and log.config["update"]["lr"] == 1e-3
+    assert [e["changes"] for e in log.events() if e["event"] == "resume"] == [{"update.lr": [1e30, 1e-3]}]
 

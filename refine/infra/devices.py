@@ -1,7 +1,8 @@
 """Devices, precision and threads: where and in what number format the models run.
 
 Owns ``pick_device`` (a device this machine lacks is an error naming the setting), the precision
-rules (``auto`` is fp16 on CUDA, fp32 on CPU), the autocast context, keeping torch's thread count
+rules (``auto`` is fp16 on CUDA, fp32 on CPU; ``training_precision``: the update's, with what
+``accelerate launch`` asked for), the autocast context, keeping torch's thread count
 safe from libraries that change it, and ``numerics``: what besides the code and the seed decides
 fp32 results on this machine.
 """
@@ -93,3 +94,53 @@ def cpu_name() -> str:
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def _accelerate_mixed_precision(accelerator=None) -> tuple[str, str]:
+    """``(mixed precision, where it comes from)`` as accelerate sees it before ``update`` makes its own
+    Accelerator: the one passed, the process-wide state an earlier Accelerator left when it casts, or
+    the ``ACCELERATE_MIXED_PRECISION`` variable that ``accelerate launch --mixed_precision`` sets. A
+    state that does not cast is the one ``update`` itself left in an earlier round: it says nothing, so
+    every round reads the variable alike."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if accelerator is not None:
+        return str(accelerator.mixed_precision), "the Accelerator passed to update()"
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != "no":
+        return str(AcceleratorState().mixed_precision), "an Accelerator made earlier in this process"
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "ACCELERATE_MIXED_PRECISION"
+
+
+def training_precision(precision: str, device: torch.device, accelerator=None) -> str:
+    """The precision ``update`` trains in: ``update.precision``, or for ``auto`` what ``accelerate launch
+    --mixed_precision`` asked for, else fp16 on CUDA and fp32 on CPU.
+
+    refine applies mixed precision itself (autocast, and a GradScaler for fp16); accelerate's own is
+    left off, or every forward would be cast twice and fp16 losses scaled twice. An accelerate state
+    that already applies mixed precision (a passed Accelerator, or one made earlier in this process,
+    since accelerate's state is process-wide) would silently override ``update.precision``: that is an
+    error naming both.
+    """
+    mixed, source = _accelerate_mixed_precision(accelerator)
+    if accelerator is not None or source != "ACCELERATE_MIXED_PRECISION":
+        if mixed != "no":
+            raise ValueError(
+                f"update.precision={precision}, but accelerate already applies mixed_precision={mixed} ({source}); "
+                "refine applies precision itself: make that Accelerator with mixed_precision='no' and set "
+                f"update.precision={mixed} instead")
+        return resolve_precision(precision, device)
+    if precision == "auto" and mixed in ("fp16", "bf16"):
+        return mixed
+    return resolve_precision(precision, device)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device (an unindexed device means the current one)."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+
+    return a.type == b.type and index(a) == index(b)

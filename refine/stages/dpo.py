@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from refine.config import UpdateConfig
-from refine.infra.devices import autocast, resolve_precision
+from refine.infra.devices import autocast, same_device, training_precision
 from refine.infra.interrupts import stop_between_steps
 from refine.stages.pairs import PreferencePair
 from refine.stages.update_state import UpdateSaves
@@ -209,56 +209,6 @@ def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _accelerate_mixed_precision(accelerator=None) -> tuple[str, str]:
-    """``(mixed precision, where it comes from)`` as accelerate sees it before ``update`` makes its own
-    Accelerator: the one passed, the process-wide state an earlier Accelerator left when it casts, or
-    the ``ACCELERATE_MIXED_PRECISION`` variable that ``accelerate launch --mixed_precision`` sets. A
-    state that does not cast is the one ``update`` itself left in an earlier round: it says nothing, so
-    every round reads the variable alike."""
-    import os
-
-    from accelerate.state import AcceleratorState
-
-    if accelerator is not None:
-        return str(accelerator.mixed_precision), "the Accelerator passed to update()"
-    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != "no":
-        return str(AcceleratorState().mixed_precision), "an Accelerator made earlier in this process"
-    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), "ACCELERATE_MIXED_PRECISION"
-
-
-def training_precision(precision: str, device: torch.device, accelerator=None) -> str:
-    """The precision ``update`` trains in: ``update.precision``, or for ``auto`` what ``accelerate launch
-    --mixed_precision`` asked for, else fp16 on CUDA and fp32 on CPU.
-
-    refine applies mixed precision itself (autocast, and a GradScaler for fp16); accelerate's own is
-    left off, or every forward would be cast twice and fp16 losses scaled twice. An accelerate state
-    that already applies mixed precision (a passed Accelerator, or one made earlier in this process,
-    since accelerate's state is process-wide) would silently override ``update.precision``: that is an
-    error naming both.
-    """
-    mixed, source = _accelerate_mixed_precision(accelerator)
-    if accelerator is not None or source != "ACCELERATE_MIXED_PRECISION":
-        if mixed != "no":
-            raise ValueError(
-                f"update.precision={precision}, but accelerate already applies mixed_precision={mixed} ({source}); "
-                "refine applies precision itself: make that Accelerator with mixed_precision='no' and set "
-                f"update.precision={mixed} instead")
-        return resolve_precision(precision, device)
-    if precision == "auto" and mixed in ("fp16", "bf16"):
-        return mixed
-    return resolve_precision(precision, device)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` are the same device (an unindexed device means the current one)."""
-    def index(d: torch.device) -> int:
-        if d.index is not None:
-            return d.index
-        return torch.cuda.current_device() if d.type == "cuda" else 0
-
-    return a.type == b.type and index(a) == index(b)
-
-
 def update(
     student: Student,
     pairs: Sequence[PreferencePair],
@@ -313,7 +263,7 @@ def update(
         raise ValueError(f"update(): accelerate is configured for {accelerator.distributed_type.value}; refine's "
                          "update runs plain data parallelism (DDP) only: launch with a multi-GPU config without "
                          "DeepSpeed or FSDP")
-    if accelerator.device_placement and not _same_device(accelerator.device, student.device):
+    if accelerator.device_placement and not same_device(accelerator.device, student.device):
         raise ValueError(f"update(): the student is on {student.device} but the accelerator places models on "
                          f"{accelerator.device}; load the student on accelerator.device, or pass device_placement=False")
     torch.manual_seed(config.seed)
@@ -331,9 +281,12 @@ def update(
 
 
 class UpdateDiverged(ValueError):
-    """A training step's loss is not finite: the weights are lost, and nothing of the round is saved."""
+    """A training step's loss is not finite: the weights are lost, and nothing of the round is saved. Its
+    ``hint`` (with ``{resume}``, the command that resumes the run) takes the round again at a tenth the rate."""
 
-    hint = "a resume would repeat it; start a new run with a lower --update.lr"
+    def __init__(self, message: str, lr: float):
+        super().__init__(message)
+        self.hint = f"Continue with a lower learning rate (the rounds done keep theirs): {{resume}} --update.lr={lr / 10:g}"
 
 
 def _check_finite(loss: float, phase: str, step: int, config: UpdateConfig, precision: str) -> None:
@@ -342,7 +295,7 @@ def _check_finite(loss: float, phase: str, step: int, config: UpdateConfig, prec
     end of the update)."""
     if not math.isfinite(loss) and precision != "fp16":
         raise UpdateDiverged(f"the update diverged: {phase} loss {loss} at step {step + 1} (update.lr={config.lr}); "
-                             "the student entering the round is kept, nothing of the round's update is saved")
+                             "the student entering the round is kept, nothing of the round's update is saved", config.lr)
 
 
 def _check_weights(params: list[torch.nn.Parameter], config: UpdateConfig) -> None:
@@ -350,7 +303,7 @@ def _check_weights(params: list[torch.nn.Parameter], config: UpdateConfig) -> No
     every process, so every process decides alike)."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise UpdateDiverged(f"the update diverged: the trained weights are not finite (update.lr={config.lr}); "
-                             "the student entering the round is kept, nothing of the round's update is saved")
+                             "the student entering the round is kept, nothing of the round's update is saved", config.lr)
 
 
 class _Training:

@@ -36,7 +36,8 @@ def fingerprint(pairs: Sequence[Any], config: Any, params: Sequence[torch.nn.Par
     h = hashlib.sha256()
     for p in pairs:
         h.update(json.dumps([p.image_id, p.chosen, p.rejected, p.weight]).encode())
-    h.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in asdict(config).items() if k != "save_minutes"}  # how often it saves changes nothing
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(json.dumps([list(p.shape) for p in params]).encode())
     return h.hexdigest()
 
