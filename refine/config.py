@@ -204,7 +204,7 @@ class UpdateConfig:
         _require(self.batch_size >= 1, "update.batch_size", self.batch_size, "must be >= 1 pairs per step")
         _require(0 < self.max_grad_norm < math.inf, "update.max_grad_norm", self.max_grad_norm, "must be > 0 and finite")
         _require(0 <= self.save_minutes < math.inf, "update.save_minutes", self.save_minutes,
-                 "must be >= 0 minutes (0 = save an update's progress only on a stop)")
+                 "must be >= 0 and finite minutes (0 = save an update's progress only on a stop)")
         _require(0 <= self.label_smoothing < 0.5, "update.label_smoothing", self.label_smoothing,
                  "must be in [0, 0.5): the assumed share of flipped preferences")
 

@@ -31,7 +31,7 @@ from refine.config import RESUMABLE_KEYS, Config, ConfigError, apply_dict
 from refine.images import ImageSet, load_images, round_images
 from refine.infra.cache import DiskCache, check_caches
 from refine.infra.distributed import Ranks
-from refine.infra.interrupts import exit_now, run_stoppable
+from refine.infra.interrupts import exit_now, run_stoppable, stop_between_steps
 from refine.infra.progress import RoundProgress, console
 from refine.infra.runlog import RunLog, to_row
 from refine.infra.trackers import Trackers
@@ -289,8 +289,9 @@ def _each_round(log: RunLog, config: Config, parts: Parts, student, vocab, pixel
                 if isinstance(pairs, tuple) and pairs[:1] == ("stop",):  # the main process stopped
                     raise RunStopped("", pairs[1])
             saves = UpdateSaves(log.progress_path(k, "update"), config.update.save_minutes, writer=ranks.main)
-            student, history = log.checkpoint(k, "update", lambda: update(student, pairs, pixels, config.update,
-                                                                          in_place=True, saves=saves), parts.reload_student)
+            with stop_between_steps():  # a stop after the update's last step waits for the round's student to be saved
+                student, history = log.checkpoint(k, "update", lambda: update(
+                    student, pairs, pixels, config.update, in_place=True, saves=saves), parts.reload_student)
         if not ranks.main:
             continue
         metrics = summarize_round(k, records, captions, critiques, refined, pairs, history, evaluation, vocab,

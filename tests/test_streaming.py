@@ -111,6 +111,30 @@ def test_a_first_load_reads_new_files_several_at_once_in_order_with_the_same_not
     assert len(images.notes) == 1 and images.notes[0].startswith("skipped ") and "img05b.png" in images.notes[0]
 
 
+def test_a_stop_while_a_set_loads_leaves_no_requests_to_wait_for(folder, monkeypatch):
+    """A Ctrl-C while new files were read was followed by "Waiting up to 5 s for 6 critic call(s) in
+    flight": the file reads it cut short were counted as requests whose answers a resume could use."""
+    import refine.images.records as records
+    from refine.infra.concurrency import finish_in_flight, in_flight
+
+    real, calls = records.decode, [0]
+
+    def decode(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(records, "decode", decode)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            load_images(str(folder / "**" / "*.png"))
+        assert in_flight() == 0
+    finally:
+        finish_in_flight(2.0)
+
+
 # --- the request pool ---------------------------------------------------------------------------------
 
 def test_the_pool_has_no_barrier_and_pulls_inputs_just_in_time():

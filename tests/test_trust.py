@@ -523,8 +523,8 @@ def test_resume_refuses_an_override_that_changes_the_run(manifest, tiny_student_
         assert loop.main(argv) == 0 and RunLog(runs_dir / "t").status() == "budget stop (resumable)"
         before = (runs_dir / "t" / "config.json").read_text()
         capsys.readouterr()
-        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--update.lr=1"]) == 2
-        assert "update.lr cannot change when a run is resumed" in capsys.readouterr().err
+        assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--update.beta=1"]) == 2
+        assert "update.beta cannot change when a run is resumed" in capsys.readouterr().err
         assert loop.main(["--resume", "t", f"--loop.runs_dir={runs_dir}", "--student.n_samples=3"]) == 2
         assert (runs_dir / "t" / "config.json").read_text() == before
         asked = server.request_count

@@ -60,7 +60,7 @@ def index_files(paths: Sequence[Path]) -> dict[Path, tuple[os.stat_result, dict[
             finally:
                 advance(1)
 
-        for (path, stat, _), entry in zip(new, map_concurrently(read, new, INDEX_THREADS)):
+        for (path, stat, _), entry in zip(new, map_concurrently(read, new, INDEX_THREADS, requests=False)):
             if entry is not None:
                 known[path] = (stat, entry)
     return known

@@ -41,11 +41,12 @@ def finish_in_flight(seconds: float) -> tuple[int, int]:
     return len(done), len(not_done)
 
 
-def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int) -> list[R]:
+def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int, *, requests: bool = True) -> list[R]:
     """``[fn(x) for x in items]`` with up to ``max_workers`` running at once, results in input order.
 
     If the caller is interrupted (``KeyboardInterrupt``) or ``fn`` raises, work not yet started is
-    cancelled and the exception propagates without waiting for the work in flight.
+    cancelled and the exception propagates without waiting for the work in flight. That work counts as
+    requests :func:`finish_in_flight` waits for, unless ``requests`` is false (file reads: nothing to keep).
     """
     items = list(items)
     if not items:
@@ -57,7 +58,8 @@ def map_concurrently(fn: Callable[[T], R], items: Iterable[T], max_workers: int)
         results = [f.result() for f in futures]
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        _abandon(futures)
+        if requests:
+            _abandon(futures)
         raise
     pool.shutdown(wait=True)
     return results

@@ -40,9 +40,9 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
             terminal.detach()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = f"({'press Ctrl-C' if signum == signal.SIGINT else 'send it'} again to quit at once)"
-        if _deferred:
-            _deferred[-1][0] = True
-            console.print(f"[yellow]Stopping ({what}) after this training step, with the update's progress saved "
+        if _deferred["depth"]:
+            _deferred["requested"] = True
+            console.print(f"[yellow]Stopping ({what}) at the update's next step boundary, with its progress saved "
                           f"{again} …[/]")
             return
         console.print(f"[yellow]Stopping ({what}): queued requests cancelled, finished work is recorded {again} …[/]")
@@ -60,20 +60,31 @@ def second_interrupt_exits() -> Iterator[Callable[[int], None]]:
 
 
 HANGUP = getattr(signal, "SIGHUP", None)  # not on Windows
-_deferred: list[list[bool]] = []  # the stops requested within each open stop_between_steps(), innermost last
+_deferred = {"depth": 0, "requested": False}  # open stop_between_steps() regions, and a stop noted in them
 
 
 @contextmanager
 def stop_between_steps() -> Iterator[Callable[[], bool]]:
-    """Within it, a first Ctrl-C (SIGTERM, SIGHUP) under :func:`second_interrupt_exits` does not raise where
-    it lands: it is noted, and the yielded ``requested()`` says so; the caller stops at its next safe point
-    (an update: the step in progress finishes and its progress is saved). A second one still exits at once."""
-    flag = [False]
-    _deferred.append(flag)
+    """Within it (nested: the outermost counts), a first Ctrl-C (SIGTERM, SIGHUP) under
+    :func:`second_interrupt_exits` does not raise where it lands: it is noted, and the yielded
+    ``requested()`` (the same as :func:`stop_requested`) says so, for the code to stop at its next safe
+    point (an update: the step in progress finishes and its progress is saved). A stop noted and not acted
+    on is raised as ``KeyboardInterrupt`` when the outermost region ends. A second one exits at once."""
+    _deferred["depth"] += 1
     try:
-        yield lambda: flag[0]
+        yield stop_requested
     finally:
-        _deferred.remove(flag)
+        _deferred["depth"] -= 1
+        pending = not _deferred["depth"] and _deferred["requested"]
+        if not _deferred["depth"]:
+            _deferred["requested"] = False
+    if pending:
+        raise KeyboardInterrupt
+
+
+def stop_requested() -> bool:
+    """Whether a stop was noted within the open :func:`stop_between_steps` regions."""
+    return _deferred["requested"]
 
 
 class _Terminal:

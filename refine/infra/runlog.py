@@ -45,7 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a file we write is as readable as any other
+        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; a file we write is as readable as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -55,6 +55,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode of a file the run writes: what ``open`` gives under the process's umask."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

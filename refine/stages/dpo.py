@@ -19,7 +19,7 @@ from PIL import Image
 
 from refine.config import UpdateConfig
 from refine.infra.devices import autocast, same_device, training_precision
-from refine.infra.interrupts import stop_between_steps
+from refine.infra.interrupts import stop_between_steps, stop_requested
 from refine.stages.pairs import PreferencePair
 from refine.stages.update_state import UpdateSaves
 from refine.students import CaptionScorer, Student
@@ -166,6 +166,8 @@ def reference_logps(
     out = torch.zeros(3, n, device=reference.device)
     mine = list(range(rank, n, world))
     for start in range(0, len(mine), batch_size):
+        if world == 1 and stop_requested():  # several processes: their next step boundary stops them together
+            raise KeyboardInterrupt
         idx = mine[start : start + batch_size]
         batch = _PairBatch(reference, [pairs[i] for i in idx], images,
                            [corrupted(i) for i in idx] if corrupted is not None else None)
@@ -270,13 +272,14 @@ def update(
     policy = student if in_place else student.copy()
     policy.precision = precision
     model = lora_model(policy, config) if config.lora_r > 0 else policy.model
-    run = _Training(policy, model, list(pairs), images, config, accelerator, saves or UpdateSaves(None))
-    if config.mode in ("sft", "sft+dpo"):
-        run.sft(run.sft_epochs)
-    if config.mode in ("dpo", "sft+dpo"):
-        run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
-    _check_weights(run.params, config)
-    policy.model = merge_lora(policy, model) if config.lora_r > 0 else model.eval()
+    with stop_between_steps():  # a stop waits for a step boundary; one after the last step, for the return
+        run = _Training(policy, model, list(pairs), images, config, accelerator, saves or UpdateSaves(None))
+        if config.mode in ("sft", "sft+dpo"):
+            run.sft(run.sft_epochs)
+        if config.mode in ("dpo", "sft+dpo"):
+            run.dpo(config.epochs, adapters_off=config.lora_r > 0 and config.mode == "dpo")
+        _check_weights(run.params, config)
+        policy.model = merge_lora(policy, model) if config.lora_r > 0 else model.eval()
     return policy, run.history
 
 
@@ -333,7 +336,7 @@ class _Training:
         self.step = self.done = 0  # steps drawn so far, and those the saved progress had taken
         saves.resume(self)
 
-    def _stepped(self, stop_requested: Callable[[], bool]) -> None:
+    def _stepped(self) -> None:
         """After a step: save the progress when it is due or a stop was asked for (every process decides
         alike), then stop."""
         stop, due = stop_requested(), self.saves.due()
@@ -344,7 +347,7 @@ class _Training:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop, due = bool(flags[0]), bool(flags[1])
         if stop or due:
-            self.saves.save(self)
+            self.saves.save(self, announce=stop)
         if stop:
             raise KeyboardInterrupt
 
@@ -386,10 +389,9 @@ class _Training:
 
     def sft(self, epochs: int) -> None:
         """Cross-entropy (per-token NLL) on each distinct chosen caption, weighted by its pair's weight."""
-        with stop_between_steps() as stop_requested:
-            for idx, share, size in self._steps(len(self.examples), epochs):
-                self.history.append(self._sft_step([self.examples[i] for i in idx], share, size))
-                self._stepped(stop_requested)
+        for idx, share, size in self._steps(len(self.examples), epochs):
+            self.history.append(self._sft_step([self.examples[i] for i in idx], share, size))
+            self._stepped()
 
     def _sft_step(self, examples: list[PreferencePair], share: float, size: int) -> dict[str, float]:
         batch = _PairBatch(self.policy, examples, self.images, chosen_only=True)
@@ -410,15 +412,19 @@ class _Training:
         config = self.config
         negatives = self.corrupted if config.image_negatives else None
         if self.reference is None:  # else: the saved progress's
-            with adapters_disabled(self.model, adapters_off):
-                self.reference = reference_logps(
-                    self.policy, self.pairs, self.images, config.batch_size, self.policy.precision, negatives,
-                    self.rank, self.world, model=self.model)
+            try:
+                with adapters_disabled(self.model, adapters_off):
+                    self.reference = reference_logps(
+                        self.policy, self.pairs, self.images, config.batch_size, self.policy.precision, negatives,
+                        self.rank, self.world, model=self.model)
+            except KeyboardInterrupt:  # a stop in the reference pass: the SFT steps before it are kept
+                if self.history:
+                    self.saves.save(self, announce=True)
+                raise
         prepare_for_training(self.model, config.freeze_encoder)
-        with stop_between_steps() as stop_requested:
-            for idx, share, size in self._steps(len(self.pairs), epochs):
-                self.history.append(self._dpo_step(idx, negatives, share, size))
-                self._stepped(stop_requested)
+        for idx, share, size in self._steps(len(self.pairs), epochs):
+            self.history.append(self._dpo_step(idx, negatives, share, size))
+            self._stepped()
 
     def _dpo_step(self, idx: list[int], negatives, share: float, size: int) -> dict[str, float]:
         config, (ref_chosen, ref_rejected, ref_corrupted) = self.config, self.reference
