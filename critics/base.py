@@ -56,7 +56,7 @@ class CritiqueRequest:
     """One unit of critic work: an image (with its id, bytes hash and known objects) and a caption."""
 
     image_id: str
-    image: Image.Image
+    image: Image.Image | None  # None for a critic that does not look at pixels (``pixels = False``)
     image_sha256: str
     caption: str
     regions: Any = None  # refine.stages.regions.Regions, or None when the regions stage is skipped
@@ -70,8 +70,9 @@ class Critic(Protocol):
 
     ``id`` names the backend and its model (part of every cache key). The critique stage also reads,
     when a backend has them: ``batch_size`` (requests per ``critique_many`` call; default 1),
-    ``max_concurrency`` (calls in flight; default 1) and ``free`` (True for local critics, which no
-    budget counts; default False).
+    ``max_concurrency`` (calls in flight; default 1), ``free`` (True for local critics, which no
+    budget counts; default False) and ``pixels`` (False for a critic that reads only annotations or
+    regions: its requests carry no decoded image; default True).
     """
 
     id: str

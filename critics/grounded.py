@@ -149,6 +149,7 @@ class GroundedCritic:
 
     free = True
     batch_size = 64
+    pixels = False  # it reads annotations or detections: a request's image is never decoded for it
 
     def truth_for(self, request: CritiqueRequest) -> tuple[dict[str, int], str] | None:
         """``(label -> count, source)`` with source "annotations" or "detector", or None."""

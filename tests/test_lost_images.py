@@ -213,3 +213,24 @@ def test_the_check_before_the_update_reads_no_unchanged_file(folder):
     assert [p.image_id for p in kept] == ["a", "c", "d"] and list(lost) == ["b"]
     # a decoded (b's read failed its sha256, which the count leaves out)
     assert records.PIXELS.decodes == before + 1 and path.stat().st_mtime_ns != stamp.st_mtime_ns
+
+
+def test_a_critic_that_reads_no_pixels_gets_no_image_decoded_and_still_meets_a_lost_one(folder):
+    """The grounded critic reads annotations only, yet the critique stage decoded each image for it: once
+    per caption in a set larger than the pixel cache (~5 ms each, hours at a million). A file gone since
+    the set was loaded is still a failed critique naming it, asked of no critic."""
+    from critics.grounded import GroundedCritic
+    from refine.images import load_images
+    from refine.stages.critique import critique
+    from refine.stages.student import CaptionSet
+
+    (folder / "m.jsonl").write_text("".join(json.dumps({"path": f"{n}.png", "objects": {"cup": 1}}) + "\n"
+                                            for n in COLOURS))
+    images = load_images(str(folder / "m.jsonl"))
+    captions = [CaptionSet(r.id, "a cup", ["two cups"]) for r in images.records]
+    (folder / "d.png").unlink()
+    decodes = records.PIXELS.decodes
+    rows = critique(GroundedCritic(), images.records, captions, max_failure_share=1.0)
+    assert records.PIXELS.decodes == decodes, "an image was decoded for a critic that reads no pixels"
+    assert [r.critique.ok for r in rows] == [True] * 6 + [False] * 2
+    assert all("image lost: " in r.critique.error and "d.png" in r.critique.error for r in rows[6:])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from critics.base import Critic, Critique, CritiqueRequest
-from refine.images.records import ImageRecord, readable
+from refine.images.records import ImageRecord, present, readable
 from refine.stages.student import CaptionSet
 
 
@@ -208,12 +208,15 @@ def critique(
     todo = [key for key in keys if key not in have]
     progress(len(keys) - len(todo))
 
+    pixels = getattr(critic, "pixels", True)
+
     def requests():
         last = (None, None)  # the image whose regions were found last: its captions come together
         for image_id, text, sample in todo:
             record, lost = by_id.get(image_id), {}
-            image = readable(record, lost) if record is not None else None
-            if image is None:  # a failed critique, asked of no critic: nothing is paid for
+            image = readable(record, lost) if record is not None and pixels else None
+            if record is None or (image is None if pixels else not present(record, lost)):
+                # a failed critique, asked of no critic: nothing is paid for
                 yield _Lost(image_id, text, sample, lost.get(image_id, f"{image_id}: no longer in the image set"))
                 continue
             if last[0] != image_id:
