@@ -104,3 +104,18 @@ def drawn_images() -> dict[str, Image.Image]:
         "both": draw_scene([("circle", "red", (5, 5, 30, 30)), ("square", "blue", (50, 20, 80, 50))]),
         "gray": Image.new("L", (40, 40), 128),  # not RGB on purpose
     }
+
+
+@pytest.fixture
+def four_pairs(drawn_images):
+    """Four preference pairs on the drawn images (three refined, one ranked), and the images."""
+    from refine.stages.pairs import PreferencePair
+
+    images = {k: v for k, v in drawn_images.items()}
+    pairs = [
+        PreferencePair("red-circle", "a red circle", "a blue square and a red circle", "refined"),
+        PreferencePair("blue-square", "a blue square", "two blue squares", "refined"),
+        PreferencePair("both", "a red circle and a blue square", "a red circle", "refined"),
+        PreferencePair("gray", "an empty gray picture", "a dog on a bed", "ranked"),
+    ]
+    return pairs, images

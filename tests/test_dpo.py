@@ -45,18 +45,6 @@ def test_nll_per_token():
     assert nll_per_token(torch.tensor([-6.0, -1.0]), torch.tensor([3, 4])).tolist() == pytest.approx([2.0, 0.25])
 
 
-@pytest.fixture
-def four_pairs(drawn_images):
-    images = {k: v for k, v in drawn_images.items()}
-    pairs = [
-        PreferencePair("red-circle", "a red circle", "a blue square and a red circle", "refined"),
-        PreferencePair("blue-square", "a blue square", "two blue squares", "refined"),
-        PreferencePair("both", "a red circle and a blue square", "a red circle", "refined"),
-        PreferencePair("gray", "an empty gray picture", "a dog on a bed", "ranked"),
-    ]
-    return pairs, images
-
-
 def _decoder_params(student):
     return {n: p.detach().clone() for n, p in student.model.decoder.named_parameters()}
 

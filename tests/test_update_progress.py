@@ -22,17 +22,6 @@ CONFIG = UpdateConfig(lr=3e-3, epochs=2, batch_size=1, seed=3)
 REFERENCE_BATCHES = 4
 
 
-@pytest.fixture
-def pairs_and_images(drawn_images):
-    pairs = [
-        PreferencePair("red-circle", "a red circle", "a blue square and a red circle", "refined"),
-        PreferencePair("blue-square", "a blue square", "two blue squares", "refined"),
-        PreferencePair("both", "a red circle and a blue square", "a red circle", "refined"),
-        PreferencePair("gray", "an empty gray picture", "a dog on a bed", "ranked"),
-    ]
-    return pairs, drawn_images
-
-
 def _student(path):
     return load_student(path, device="cpu", precision="fp32")
 
@@ -68,8 +57,8 @@ def _assert_same(student, history, expected):
 
 
 def test_a_stop_mid_update_saves_its_progress_and_the_resume_ends_as_an_unbroken_update(
-        tiny_student_dir, pairs_and_images, tmp_path, capsys):
-    pairs, images = pairs_and_images
+        tiny_student_dir, four_pairs, tmp_path, capsys):
+    pairs, images = four_pairs
     expected = _unbroken(tiny_student_dir, pairs, images)
     saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=0)  # saved on a stop only
     student = _student(tiny_student_dir)
@@ -86,8 +75,8 @@ def test_a_stop_mid_update_saves_its_progress_and_the_resume_ends_as_an_unbroken
     _assert_same(resumed, history, expected)
 
 
-def test_a_crash_mid_update_loses_only_the_steps_since_the_last_save(tiny_student_dir, pairs_and_images, tmp_path):
-    pairs, images = pairs_and_images
+def test_a_crash_mid_update_loses_only_the_steps_since_the_last_save(tiny_student_dir, four_pairs, tmp_path):
+    pairs, images = four_pairs
     config = UpdateConfig(**{**vars(CONFIG), "mode": "sft+dpo", "sft_epochs": 1})  # 4 SFT steps, then 8 of DPO
     expected = _unbroken(tiny_student_dir, pairs, images, config)
     saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=1e-9)  # due after every step
@@ -110,10 +99,10 @@ def test_a_crash_mid_update_loses_only_the_steps_since_the_last_save(tiny_studen
     _assert_same(resumed, history, expected)
 
 
-def test_a_stop_in_the_reference_pass_keeps_the_sft_steps_before_it(tiny_student_dir, pairs_and_images, tmp_path):
+def test_a_stop_in_the_reference_pass_keeps_the_sft_steps_before_it(tiny_student_dir, four_pairs, tmp_path):
     """sft+dpo: the DPO reference pass comes after the whole SFT phase; a stop there saved nothing (with
     update.save_minutes not yet due), and the resume trained SFT again."""
-    pairs, images = pairs_and_images
+    pairs, images = four_pairs
     config = UpdateConfig(**{**vars(CONFIG), "mode": "sft+dpo", "sft_epochs": 1})
     expected = _unbroken(tiny_student_dir, pairs, images, config)
     saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=0)
@@ -127,9 +116,9 @@ def test_a_stop_in_the_reference_pass_keeps_the_sft_steps_before_it(tiny_student
     _assert_same(resumed, history, expected)
 
 
-def test_progress_saved_for_other_pairs_settings_or_none_at_all_is_not_used(tiny_student_dir, pairs_and_images,
+def test_progress_saved_for_other_pairs_settings_or_none_at_all_is_not_used(tiny_student_dir, four_pairs,
                                                                             tmp_path, capsys, monkeypatch):
-    pairs, images = pairs_and_images
+    pairs, images = four_pairs
     saves = UpdateSaves(tmp_path / "update.progress.pt", save_minutes=1e-9)
     student = _student(tiny_student_dir)
     _at_batch(student, REFERENCE_BATCHES + 2, lambda: signal.raise_signal(signal.SIGINT))
@@ -156,8 +145,8 @@ def test_progress_saved_for_other_pairs_settings_or_none_at_all_is_not_used(tiny
     assert "is not an update's progress" in capsys.readouterr().err and len(history) == 8
 
 
-def test_a_save_that_cannot_be_written_is_a_warning(tiny_student_dir, pairs_and_images, tmp_path, capsys):
-    pairs, images = pairs_and_images
+def test_a_save_that_cannot_be_written_is_a_warning(tiny_student_dir, four_pairs, tmp_path, capsys):
+    pairs, images = four_pairs
     (tmp_path / "a-file").write_text("")
     saves = UpdateSaves(tmp_path / "a-file" / "update.progress.pt", save_minutes=1e-9)  # its folder is a file
     _, history = update(_student(tiny_student_dir), pairs, images, CONFIG, in_place=True, saves=saves)

@@ -257,8 +257,11 @@ def record_from_path(path: str | Path, id: str | None = None,
     remembers both results for files it has seen, so loading a large set again reads nothing.
     ``indexed``: the file's stat and image index entry, when the caller has them."""
     path = Path(path)
-    stat, sha256 = (indexed[0], sha256_of(indexed[1])) if indexed else (path.stat(), None)
-    sha256 = sha256 or checked(path, stat)
+    if indexed:
+        stat, sha256 = indexed[0], sha256_of(indexed[1])
+    else:
+        stat = path.stat()
+        sha256 = checked(path, stat)
     return ImageRecord(id or printable(path.stem), path, sha256, FileSource.of(path, sha256, stat), **extra)
 
 

@@ -64,20 +64,20 @@ _deferred = {"depth": 0, "requested": False}  # open stop_between_steps() region
 
 
 @contextmanager
-def stop_between_steps() -> Iterator[Callable[[], bool]]:
+def stop_between_steps() -> Iterator[None]:
     """Within it (nested: the outermost counts), a first Ctrl-C (SIGTERM, SIGHUP) under
-    :func:`second_interrupt_exits` does not raise where it lands: it is noted, and the yielded
-    ``requested()`` (the same as :func:`stop_requested`) says so, for the code to stop at its next safe
-    point (an update: the step in progress finishes and its progress is saved). A stop noted and not acted
-    on is raised as ``KeyboardInterrupt`` when the outermost region ends. A second one exits at once."""
+    :func:`second_interrupt_exits` does not raise where it lands: it is noted, and :func:`stop_requested`
+    says so, for the code to stop at its next safe point (an update: the step in progress finishes and
+    its progress is saved). A stop noted and not acted on is raised as ``KeyboardInterrupt`` when the
+    outermost region ends. A second one exits at once."""
     _deferred["depth"] += 1
+    pending = False
     try:
-        yield stop_requested
+        yield
     finally:
         _deferred["depth"] -= 1
-        pending = not _deferred["depth"] and _deferred["requested"]
         if not _deferred["depth"]:
-            _deferred["requested"] = False
+            pending, _deferred["requested"] = _deferred["requested"], False
     if pending:
         raise KeyboardInterrupt
 

@@ -27,8 +27,6 @@ import torch
 
 from refine.infra.progress import console
 
-PROGRESS_FILE = "update.progress.pt"
-
 
 def settings(config: Any, precision: str) -> dict[str, Any]:
     """The update's settings that its result depends on (how often it saves is not one), with the precision
@@ -63,6 +61,8 @@ class UpdateSaves:
     def resume(self, run) -> None:
         """Continue ``run`` (an update's :class:`refine.stages.dpo._Training`, before its first step) from
         its saved progress, if there is one for it."""
+        if self.path is None:  # nothing to continue from, and nothing will be saved
+            return
         run.settings = settings(run.config, run.policy.precision)
         run.key = fingerprint(run.pairs, run.config, run.params, run.policy.precision)
         saved = self._load(run.key, run.settings)
