@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from refine.stages.dpo import UpdateConfig, dpo_loss, nll_per_token, update
+from refine.stages.lora import targets as lora_targets
 from refine.stages.pairs import PreferencePair
 
 
@@ -92,6 +93,18 @@ def test_update_can_freeze_the_encoder(tiny_student, four_pairs):
     for (name, p0), p1 in zip(tiny_student.model.encoder.named_parameters(), policy.model.encoder.parameters()):
         assert torch.equal(p0, p1), name
     assert not torch.equal(tiny_student.model.decoder.lm_head.weight, policy.model.decoder.lm_head.weight)
+
+
+def test_lora_with_a_frozen_encoder_puts_no_adapter_in_it(tiny_student, four_pairs):
+    """vit-gpt2's default LoRA targets (q_proj, v_proj, ...) name the ViT's attention too: with the encoder
+    frozen, adapters there would never train, yet be saved and merged. Only the decoder gets adapters."""
+    pairs, images = four_pairs
+    config = UpdateConfig(lr=1e-3, epochs=1, batch_size=4, lora_r=4, freeze_encoder=True)
+    policy, _ = update(tiny_student, pairs, images, config)
+    keys = list(policy.adapter[1])
+    assert keys and all(k.startswith("base_model.model.decoder.") for k in keys), keys
+    unfrozen = lora_targets(tiny_student, UpdateConfig(lora_r=4))
+    assert "encoder.layers.0.attention.q_proj" in unfrozen  # the same targets do name the encoder's layers
 
 
 def test_update_in_place_trains_the_input_exactly_like_a_copy(tiny_student, four_pairs):

@@ -23,6 +23,7 @@ from refine.infra.interrupts import stop_between_steps, stop_requested
 from refine.stages.pairs import PreferencePair
 from refine.stages.update_state import UpdateSaves
 from refine.students import CaptionScorer, Student
+from refine.students.base import vision_encoder
 
 
 def dpo_loss(
@@ -201,9 +202,7 @@ def prepare_for_training(model: torch.nn.Module, freeze_encoder: bool = False) -
     base = model.get_base_model() if lora else model
     if not lora:
         model.requires_grad_(True)
-    encoder = base.encoder if hasattr(base, "get_encoder") and hasattr(base, "encoder") else None
-    if encoder is None:  # BLIP, GIT, BLIP-2: the vision tower
-        encoder = getattr(base, "vision_model", None) or getattr(getattr(base, "git", None), "image_encoder", None)
+    encoder = vision_encoder(base)
     if freeze_encoder and encoder is not None:
         encoder.requires_grad_(False)  # with LoRA: the encoder's adapters
     if not lora and getattr(encoder, "pooler", None) is not None:

@@ -18,23 +18,31 @@ from torch import nn
 
 from refine.config import UpdateConfig
 from refine.students import Student
+from refine.students.base import vision_encoder
 
 
 def targets(student: Student, config: UpdateConfig) -> list[str]:
-    """The module names LoRA wraps: ``update.lora_targets`` (comma-separated; each must exist), else the
-    architecture's defaults that this model has. The loop calls it before the first round, so a wrong
-    name fails before any critic call."""
+    """The modules LoRA wraps, by full name: the linear layers named by ``update.lora_targets``
+    (comma-separated; each must exist), else by the architecture's defaults that this model has, less
+    those inside the vision encoder when ``update.freeze_encoder`` freezes it (an adapter there would
+    never train). The loop calls it before the first round, so a wrong name fails before any critic call."""
     named = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
     wanted = named or list(student.lora_targets)
-    names = {name.rsplit(".", 1)[-1] for name, module in student.model.named_modules()
-             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
-    found = [t for t in wanted if t in names]
+    what = f"update.lora_targets={','.join(wanted)}" if named else \
+        f"LoRA's default targets for {student.kind} ({', '.join(wanted)}; set update.lora_targets)"
+    linear = [name for name, module in student.model.named_modules()
+              if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"]
+    names = {name.rsplit(".", 1)[-1] for name in linear}
     missing = [t for t in wanted if t not in names]
-    if (named and missing) or not found:
-        what = f"update.lora_targets={','.join(wanted)}" if named else \
-            f"LoRA's default targets for {student.kind} ({', '.join(wanted)}; set update.lora_targets)"
+    if (named and missing) or len(missing) == len(wanted):
         raise ValueError(f"{what}: no linear layer named {', '.join(missing)} in this {student.kind} student; its "
                          f"linear layers are named {', '.join(sorted(names)[:16])}")
+    frozen = vision_encoder(student.model) if config.freeze_encoder else None
+    skip = {name + "." for name, module in student.model.named_modules() if module is frozen}
+    found = [name for name in linear if name.rsplit(".", 1)[-1] in wanted and not name.startswith(tuple(skip))]
+    if not found:
+        raise ValueError(f"{what}: every one of them is inside the vision encoder, which "
+                         "update.freeze_encoder=true freezes; name decoder layers, or unfreeze the encoder")
     return found
 
 

@@ -334,6 +334,14 @@ class Student:
                       os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
 
 
+def vision_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The image side of a student's model: ViT/CLIP in a vision encoder-decoder, BLIP's and BLIP-2's
+    vision model, GIT's image encoder (None when it has none of these)."""
+    if hasattr(model, "get_encoder") and hasattr(model, "encoder"):
+        return model.encoder
+    return getattr(model, "vision_model", None) or getattr(getattr(model, "git", None), "image_encoder", None)
+
+
 class CaptionScorer(nn.Module):
     """``Student.sequence_logps`` as a module, so DDP / accelerate can wrap the whole scoring forward."""
 
