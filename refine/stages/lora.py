@@ -30,16 +30,16 @@ def targets(student: Student, config: UpdateConfig) -> list[str]:
     wanted = named or list(student.lora_targets)
     what = f"update.lora_targets={','.join(wanted)}" if named else \
         f"LoRA's default targets for {student.kind} ({', '.join(wanted)}; set update.lora_targets)"
-    linear = [name for name, module in student.model.named_modules()
+    linear = [(name, module) for name, module in student.model.named_modules()
               if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"]
-    names = {name.rsplit(".", 1)[-1] for name in linear}
+    names = {name.rsplit(".", 1)[-1] for name, _ in linear}
     missing = [t for t in wanted if t not in names]
     if (named and missing) or len(missing) == len(wanted):
         raise ValueError(f"{what}: no linear layer named {', '.join(missing)} in this {student.kind} student; its "
                          f"linear layers are named {', '.join(sorted(names)[:16])}")
-    frozen = vision_encoder(student.model) if config.freeze_encoder else None
-    skip = {name + "." for name, module in student.model.named_modules() if module is frozen}
-    found = [name for name in linear if name.rsplit(".", 1)[-1] in wanted and not name.startswith(tuple(skip))]
+    encoder = vision_encoder(student.model) if config.freeze_encoder else None
+    frozen = set(encoder.modules()) if encoder is not None else set()
+    found = [name for name, module in linear if name.rsplit(".", 1)[-1] in wanted and module not in frozen]
     if not found:
         raise ValueError(f"{what}: every one of them is inside the vision encoder, which "
                          "update.freeze_encoder=true freezes; name decoder layers, or unfreeze the encoder")
