@@ -38,7 +38,7 @@ LossType = Literal["sigmoid", "robust"]
 UpdateMode = Literal["dpo", "sft", "sft+dpo"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
-PAIR_SOURCES = ("refined", "ranked", "binding")
+PAIR_SOURCES = ("refined", "ranked")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -223,10 +223,7 @@ class LoopConfig:
     # resumable); the failed requests are asked again on --resume. 1.0 never stops.
     max_failure_share: float = 0.5
     use_regions: bool = True  # run YOLO; skipped where the image set says it cannot help (shapes)
-    # Which preference pairs to build: refined (the critic's rewrite ≻ the original), ranked (the best ≻ the
-    # worst sample by critic score), binding (the accepted caption ≻ it with two objects' nouns exchanged;
-    # refine.stages.pairs.binding_pairs).
-    pair_sources: str = "refined,ranked"
+    pair_sources: str = "refined,ranked"  # which preference pairs to build
     refine_samples: bool = True  # apply the textual step to sampled captions too, not only the main one
     swap_pairs: bool = False  # control experiment: train on rejected ≻ chosen
     # held-out images (any --images spec), captioned greedily and scored; annotated, they rank student/best

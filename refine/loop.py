@@ -347,7 +347,7 @@ def _judge(log: RunLog, k: int, config: Config, parts: Parts, records: list, cap
     if verified is not None:
         judged = verdicts(refined, critiques, verified, loop.verify_by, parts.step.vocabulary)
     pairs = log.stage(k, "pairs", lambda: build_pairs(captions, critiques, refined, loop.pair_sources,
-                                                      loop.swap_pairs, judged, parts.step.vocabulary), PreferencePair)
+                                                      loop.swap_pairs, judged), PreferencePair)
     return critiques, refined, judged, pairs
 
 

@@ -71,28 +71,6 @@ def test_loop_cuts_hallucination_and_swapped_pairs_do_not(biased_student, scenes
     assert swapped_after["chair_s"] >= swapped_before["chair_s"], swapped_after  # it does not cut hallucination
 
 
-def test_the_loop_makes_binding_pairs_of_the_accepted_captions(biased_student, scenes, tmp_path):
-    """``loop.pair_sources=refined,binding`` through the real loop with the grounded critic: every binding
-    pair's chosen caption names exactly the scene's objects (the critic is perfect), its rejected one the
-    same two nouns bound to the other modifiers, and the round summary counts them."""
-    from refine.objects import mentions
-    from refine.stages.pairs import PreferencePair
-
-    log = loop.run(["--images", str(scenes), f"--student.model={biased_student}", "--rounds=1",
-                    "--update.epochs=0", f"--loop.runs_dir={tmp_path}", "--loop.run_id=binding",
-                    *DEMO_OVERRIDES, *TEST_OVERRIDES, "--loop.pair_sources=refined,binding"])
-    vocab = shapes.vocabulary()
-    pairs = [p for p in log.read_stage(0, "pairs", PreferencePair) if p.source == "binding"]
-    truth = {s.id: s.objects for s in shapes.make_scenes(32, "train", seed=0, objects=OBJECTS)}
-    metrics = json.loads((log.root / "rounds" / "000" / "metrics.json").read_text())
-    assert len(pairs) >= 5 and metrics["pairs/binding"] == len(pairs), len(pairs)
-    for p in pairs:
-        chosen, rejected = mentions(p.chosen, vocab), mentions(p.rejected, vocab)
-        assert chosen == truth[p.image_id] and len(chosen) == len(rejected) == 2
-        (a, b), (c, d) = (sorted(label.split() for label in x) for x in (chosen, rejected))
-        assert {a[0], b[0]} == {c[0], d[0]} and {a[1], b[1]} == {c[1], d[1]} and rejected != chosen
-
-
 def test_the_probe_reads_each_substituted_object_from_the_encoder(biased_student, tmp_path):
     """``refine.demo.probe`` on captions that name one present object as another of its colour (mistakes
     the encoder did not make): it finds each substitution, and its probe reads the true object there."""

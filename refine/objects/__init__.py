@@ -33,7 +33,7 @@ from refine.objects.mentions import (
     find_mentions,
     mentions,
 )
-from refine.objects.rewrite import exchange, is_list_caption, join_list, noun_phrase, rewrite
+from refine.objects.rewrite import is_list_caption, join_list, noun_phrase, rewrite
 from refine.objects.vocabulary import (
     COCO_CATEGORIES,
     COCO_MODIFIERS,
@@ -55,7 +55,7 @@ from refine.objects.words import (
 
 __all__ = [
     "COCO_CATEGORIES", "COCO_MODIFIERS", "COCO_NON_OBJECTS", "COCO_SYNONYMS", "Mention", "ObjectDiff", "Token", "confusable",
-    "Vocabulary", "canonical_truth", "coco_vocabulary", "compare", "exchange", "find_mentions", "indefinite_article",
+    "Vocabulary", "canonical_truth", "coco_vocabulary", "compare", "find_mentions", "indefinite_article",
     "is_list_caption", "join_list", "mentions", "noun_phrase", "number_word", "pluralize", "pluralize_phrase",
     "rewrite", "singularize", "tokenize", "vocabulary_for",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from refine.objects.mentions import Mention, ObjectDiff, _head, compare, find_mentions, mentions
+from refine.objects.mentions import Mention, ObjectDiff, _head, compare, find_mentions
 from refine.objects.vocabulary import Vocabulary
 from refine.objects.words import (
     Token,
@@ -231,36 +231,3 @@ def _tidy(text: str) -> str:
     return text.strip()
 
 
-
-
-def exchange(caption: str, a: str, b: str, vocab: Vocabulary) -> str | None:
-    """``caption`` with the head nouns of its objects ``a`` and ``b`` exchanged, each count and modifier
-    staying in place: "a red circle and two blue squares" with ("red circle", "blue square") gives "a red
-    square and two blue circles"; "two dogs and a cat" with ("dog", "cat") gives "two cats and a dog".
-    The same words bound otherwise, which only the image tells apart (NegCLIP's swap negatives,
-    Yuksekgonul et al. 2023): the rejected caption of a binding pair (``refine.stages.pairs``).
-
-    None when it cannot be written exactly or would not be wrong: either label is not named exactly once
-    with a number, the heads are the same word, an exchanged label is not in the vocabulary or is named
-    elsewhere in the caption, the objects and counts said would not change ("a dog and a cat"), or the
-    result does not read back as the exchanged objects.
-    """
-    found = [m for m in find_mentions(caption, vocab) if m.label in (a, b)]
-    if a == b or sorted(m.label for m in found) != sorted((a, b)):
-        return None
-    if any(m.quantity != "number" or m.count is None for m in found):
-        return None
-    said = mentions(caption, vocab)
-    *mod_a, head_a = a.split()
-    *mod_b, head_b = b.split()
-    new_a, new_b = " ".join([*mod_a, head_b]), " ".join([*mod_b, head_a])
-    if head_a == head_b or not {new_a, new_b} <= set(vocab.labels) or {new_a, new_b} & (said.keys() - {a, b}):
-        return None
-    want = {key: count for key, count in said.items() if key not in (a, b)}
-    want[new_a], want[new_b] = said[a], said[b]
-    if want == said:
-        return None
-    tokens, new = tokenize(caption), {a: new_a, b: new_b}
-    spans = [(tokens[m.start].start, tokens[m.end - 1].end, noun_phrase(new[m.label], m.count)) for m in found]
-    text = _restyle(_apply_edits(caption, [], spans), caption)
-    return text if mentions(text, vocab) == want else None

@@ -1,11 +1,9 @@
 """Preference pairs: what the student should prefer, and why.
 
-Three sources per image (DESIGN.md):
+Two sources per image (DESIGN.md):
 - ``refined``: the critic-refined caption over the student's original (with verification, what the
   refinement's own critique leaves of it: :func:`verdicts`);
-- ``ranked``: the best over the worst of the student's sampled captions, by critic score;
-- ``binding``: the caption the critic accepts over the same words bound otherwise, two of its objects'
-  nouns exchanged (:func:`binding_pairs`).
+- ``ranked``: the best over the worst of the student's sampled captions, by critic score.
 
 Ties (equal text, or equal score for ranked pairs) carry no preference and are dropped, and so are
 duplicates of a pair already made for the same image.
@@ -13,7 +11,6 @@ duplicates of a pair already made for the same image.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -70,10 +67,9 @@ def dedupe(pairs: Iterable[PreferencePair]) -> list[PreferencePair]:
 
 
 def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                sources: str, swap: bool = False, judged: Mapping[tuple[str, str], str] | None = None,
-                vocabulary=None) -> list[PreferencePair]:
-    """The pairs stage: refined ≻ original, best ≻ worst of the critic-scored captions, and (with the
-    image set's object ``vocabulary``) the binding pairs, deduplicated.
+                sources: str, swap: bool = False, judged: Mapping[tuple[str, str], str] | None = None
+                ) -> list[PreferencePair]:
+    """The pairs stage: refined ≻ original, and best ≻ worst of the critic-scored captions, deduplicated.
 
     A refined pair's weight is the share of the caption's critiques that agreed on the refinement.
     ``judged``: what verification made of each refinement, by ``(image_id, original)``
@@ -93,52 +89,10 @@ def build_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow]
             scored = [(t, consensus_score(table[(row.image_id, t)])) for t in row.texts()
                       if any(c.ok for c in table[(row.image_id, t)])]
             out += ranked_pairs(row.image_id, scored)
-    if "binding" in sources:
-        if vocabulary is None:
-            raise ValueError("binding pairs need the image set's object vocabulary")
-        out += binding_pairs(captions, critiques, refined, judged, vocabulary)
     pairs = dedupe(out)
     if swap:
         pairs = [replace(p, chosen=p.rejected, rejected=p.chosen, source=p.source + ":swapped") for p in pairs]
     return pairs
-
-
-def binding_pairs(captions: Sequence[CaptionSet], critiques: Sequence[CritiqueRow], refined: Sequence[Refinement],
-                  judged: Mapping[tuple[str, str], str], vocabulary) -> list[PreferencePair]:
-    """Binding negatives: per image, the caption the critic accepts ≻ the same caption with the nouns of
-    two of its objects exchanged, counts and modifiers in place ("a red circle and two blue squares" ≻
-    "a red square and two blue circles"; ``refine.objects.exchange``). Both hold the same words, so the
-    language prior cannot tell them apart and the pair can be won only by reading the image: NegCLIP's
-    swap negatives (Yuksekgonul et al. 2023), for a student that names a present object with another's
-    shape or colour (a substitution) though its encoder holds the right one (README).
-
-    The accepted caption is the refined pair's chosen one (what verification made of it, when on), or the
-    original when every critique of it approves it; an image with neither makes no pair, and nor does
-    one whose caption names no two objects that can be exchanged. One exchange per image, picked at
-    random (seeded by the image id). A refined pair's agreement weight carries over.
-    """
-    from refine.objects import exchange, mentions
-
-    table = samples_by_caption(critiques)
-    by_original = {(r.image_id, r.original): r for r in refined}
-    out = []
-    for row in captions:
-        key = (row.image_id, row.caption)
-        r, weight = by_original.get(key), 1.0
-        if r is not None and normalized(r.refined) != normalized(r.original):
-            accepted, weight = judged.get(key, r.refined), r.votes / r.of
-            if normalized(accepted) == normalized(row.caption):
-                continue  # verification did not confirm the refinement
-        elif (rows := [c for c in table.get(key, []) if c.ok]) and all(c.approves for c in rows):
-            accepted = row.caption
-        else:
-            continue
-        named = list(mentions(accepted, vocabulary))
-        options = [text for i, a in enumerate(named) for b in named[i + 1:] if (text := exchange(accepted, a, b, vocabulary))]
-        random.Random(f"binding/{row.image_id}").shuffle(options)
-        if options:
-            out.append(PreferencePair(row.image_id, accepted.strip(), options[0], "binding", weight=weight))
-    return out
 
 
 def to_verify(refined: Sequence[Refinement]) -> list[CaptionSet]:
