@@ -27,7 +27,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from refine.infra.runlog import RunLog, atomic_write_text, read_jsonl
+from refine.infra.atomic import atomic_write_text, read_jsonl
+from refine.infra.runlog import RunLog
 
 THUMB = 224  # px, the longer side of a card's thumbnail
 PAGE = 40  # cards per page

@@ -22,7 +22,8 @@ import sys
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from refine.infra.runlog import RunLog, write_json
+from refine.infra.atomic import write_json
+from refine.infra.runlog import RunLog
 from refine.metrics.summary import mean, object_metrics
 
 METRICS = ("clipscore", "pickscore", "chair", "cider", "bleu", "diversity", "winrate")

@@ -191,7 +191,8 @@ def test_the_control_takes_its_opening_evaluation_from_the_real_run(tmp_path):
     """A run that evaluated only its final student (the demo's control, ``loop.eval_every=0``) is
     summarised against the opening evaluation it is given; without one it is refused."""
     from refine.demo.driver import eval_rows, summary
-    from refine.infra.runlog import RunLog, write_jsonl
+    from refine.infra.atomic import write_jsonl
+    from refine.infra.runlog import RunLog
 
     def row(caption):
         return {"image_id": "s0", "caption": caption, "objects": {"red circle": 1}}

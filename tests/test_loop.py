@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from refine import loop, runs
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.atomic import read_jsonl
+from refine.infra.runlog import RunLog
 from refine.stages.step import Refinement
 from refine.stages.student import load_student
 

@@ -11,7 +11,8 @@ import sys
 
 from test_loop import _args, kill_when_exists, manifest  # noqa: F401  (fixture)
 
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.atomic import read_jsonl
+from refine.infra.runlog import RunLog
 from refine.offline.devserver import FakeOpenAIServer, request_images, request_text
 
 

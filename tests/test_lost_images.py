@@ -17,7 +17,8 @@ from test_trust import _argv, critique_reply
 
 from refine import loop
 from refine.images import records
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.atomic import read_jsonl
+from refine.infra.runlog import RunLog
 from refine.offline.devserver import FakeOpenAIServer, request_images
 
 COLOURS = {"a": "red", "b": "blue", "c": "green", "d": "white"}

@@ -18,8 +18,9 @@ from PIL import Image, ImageDraw
 
 from refine.images import load_images
 from refine.images.records import PIXELS
+from refine.infra.atomic import read_jsonl
 from refine.infra.concurrency import stream_concurrently
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.runlog import RunLog
 from refine.offline.devserver import FakeOpenAIServer, request_images, request_text
 from refine.stages.critique import BudgetExhausted, Spend, TooManyFailures, run_requests
 
@@ -273,6 +274,31 @@ def test_a_streamed_stage_resumes_from_its_partial_file_and_survives_a_torn_line
     assert not partial.exists() and log.has_stage(0, "captions")
     done = [e for e in log.events() if e["event"] == "stage_done"][-1]
     assert done["resumed_rows"] == 6 and done["rows"] == 10
+
+
+def test_a_stage_resumed_after_a_stop_counts_the_time_of_every_session(tmp_path):
+    """The round summary's time/<stage> of a stage stopped and resumed is the time of both sessions, not
+    only the one that finished it; a stage in a run that was not stopped counts once."""
+    log = RunLog(tmp_path / "run")
+
+    def first(done, sink):
+        sink([{"i": 0}])
+        time.sleep(0.4)
+        raise KeyboardInterrupt
+
+    def second(done, sink):
+        time.sleep(0.2)
+        sink([{"i": 1}])
+        return [*done, {"i": 1}]
+
+    with pytest.raises(KeyboardInterrupt):
+        log.stream(0, "captions", first)
+    assert log.status() == "incomplete (resumable)"  # the stop's own record is not the run's last word
+    log.stream(0, "captions", second)
+    log.stream(1, "captions", lambda done, sink: [])
+    seconds = log.stage_seconds(0)["captions"]
+    assert 0.6 <= seconds < 2.0, seconds
+    assert log.stage_seconds(1)["captions"] < 0.2
 
 
 def test_captions_do_not_depend_on_how_the_stage_was_cut(tiny_student, folder):

@@ -25,8 +25,9 @@ from test_loop import manifest  # noqa: F401  (fixture)
 
 from refine import loop, runs
 from refine.images import load_images
+from refine.infra.atomic import read_jsonl
 from refine.infra.interrupts import IN_FLIGHT_GRACE_S
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.runlog import RunLog
 from refine.offline.devserver import FakeOpenAIServer, Fault, request_images, request_text
 
 
@@ -718,7 +719,7 @@ def test_a_run_resumes_and_scores_from_another_directory(tmp_path, tiny_student_
 def test_files_the_run_writes_are_readable_like_any_other(tmp_path):
     """Atomic writes go through mkstemp, which makes files 0600; the run's files (and the report) must
     follow the umask instead, or a team cannot read each other's runs."""
-    from refine.infra.runlog import atomic_write_text
+    from refine.infra.atomic import atomic_write_text
 
     previous = os.umask(0o022)
     try:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_loop import _args, kill_when_exists, manifest  # noqa: F401  (fixture)
 
+from refine.infra.atomic import new_file_mode
 from refine.infra.interrupts import second_interrupt_exits
-from refine.infra.runlog import RunLog, new_file_mode
+from refine.infra.runlog import RunLog
 from refine.stages.dpo import UpdateConfig, update
 from refine.stages.pairs import PreferencePair
 from refine.stages.student import load_student

@@ -27,7 +27,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from refine.infra.runlog import RunLog, read_jsonl
+from refine.infra.atomic import read_jsonl
+from refine.infra.runlog import RunLog
 
 console = Console()
 

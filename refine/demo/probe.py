@@ -102,7 +102,7 @@ def probe_substitutions(model, captions: dict[str, str], scenes: Sequence[shapes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from refine.infra.runlog import read_jsonl
+    from refine.infra.atomic import read_jsonl
     from refine.offline import set_offline_env
     from refine.stages.student import load_student
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from refine.images.records import FileSource, ImageRecord, sha256_bytes
+from refine.infra.atomic import atomic_write_bytes
 from refine.infra.cache import default_cache_dir
-from refine.infra.runlog import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

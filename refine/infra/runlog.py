@@ -3,8 +3,8 @@
 Layout of ``runs/<id>/``::
 
     config.json                 resolved config, written first (a resume that changes a setting rewrites it)
-    events.jsonl                append-only: run_start, stage_done, round_done, resume, budget_stop,
-                                failure_stop, interrupted, run_done
+    events.jsonl                append-only: run_start, stage_done, stage_stopped, round_done, resume,
+                                budget_stop, failure_stop, interrupted, run_done
     rounds/<k>/<stage>.jsonl    one file per completed stage (captions, critiques, refined, pairs, ...)
     rounds/<k>/<stage>.partial.jsonl  the finished rows of a stage in progress (removed when it completes)
     rounds/<k>/update.progress.pt   an update in progress: weights, optimizer, steps taken (removed likewise)
@@ -25,84 +25,15 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from refine.infra.atomic import read_jsonl, write_json, write_jsonl
+
 STATE_FILE = "refine_state.json"
 SYNC_SECONDS = 2.0  # how often a streaming stage's appended rows are synced to disk
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
-
-    The temp file beside it is removed if anything fails (a full disk, text that cannot be encoded),
-    so a failed write leaves nothing behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; a file we write is as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def new_file_mode() -> int:
-    """The mode of a file the run writes: what ``open`` gives under the process's umask."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask can only set it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text through :func:`atomic_write_bytes`; text that is not valid Unicode fails before any write."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path, torn: list[int] | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSONL file. A line that is not a JSON object (torn by a crash or a full disk during an
-    append) is skipped, and every line after it is still read; pass ``torn`` to collect the skipped
-    line numbers."""
-    rows = []
-    for n, line in enumerate(Path(path).read_bytes().decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        elif torn is not None:
-            torn.append(n)
-    return rows
 
 
 class StageDamaged(ValueError):
@@ -242,7 +173,7 @@ class RunLog:
         done = self._done(events)
         if done is not None:
             return "done, no pairs" if done.get("pairs") == 0 else "done"
-        last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed")), {})
+        last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed", "stage_stopped")), {})
         stops = {"budget_stop": "budget stop", "failure_stop": "stopped: too many failed requests",
                  "interrupted": "interrupted", "crashed": "stopped by an error"}
         return f"{stops.get(last.get('event'), 'incomplete')} (resumable)"
@@ -359,7 +290,7 @@ class RunLog:
         done = [from_row(record, row) for row in read_jsonl(partial)] if partial.exists() else []
         partial.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with open(partial, "ab") as f:
+        with self._timed_if_stopped(k, name, start), open(partial, "ab") as f:
             if f.tell() > 0 and not _ends_with_newline(partial):
                 f.write(b"\n")  # end a line torn by a kill, so the next row starts on its own
             synced = time.monotonic()
@@ -396,7 +327,8 @@ class RunLog:
             self._drop_progress(k, name)
             return load(self.student_dir("last")), self.read_stage(k, name)
         start = time.perf_counter()
-        student, rows = compute()
+        with self._timed_if_stopped(k, name, start):
+            student, rows = compute()
         if not self.writer:
             return student, list(rows)
         write_jsonl(self.stage_path(k, name), rows)
@@ -430,11 +362,25 @@ class RunLog:
         if previous is None or previous != previous or score > previous:
             self.save_student(student, "best", {"round": k - 1, "by": by, by: score})
 
+    @contextlib.contextmanager
+    def _timed_if_stopped(self, k: int, name: str, start: float) -> Iterator[None]:
+        """A stage that resumes its progress (:meth:`stream`, :meth:`checkpoint`) and is stopped (Ctrl-C,
+        an error) records the seconds it ran (``stage_stopped``), so its time counts every session."""
+        try:
+            yield
+        except BaseException:
+            self.event("stage_stopped", round=k, stage=name, seconds=round(time.perf_counter() - start, 3))
+            raise
+
     def stage_seconds(self, k: int) -> dict[str, float]:
-        """Seconds per stage of round ``k``: each recorded stage's ``stage_done`` event (from whichever
-        session finished it; older runs also have ``stage_timed`` events of a stage that was not recorded)."""
-        return {e["stage"]: e.get("seconds", 0.0) for e in self.events()
-                if e["event"] in ("stage_done", "stage_timed") and e.get("round") == k}
+        """Seconds per stage of round ``k``, over every session that worked on it: the ``stage_done`` event
+        of the session that finished it plus the ``stage_stopped`` events of those stopped in it (older runs
+        also have ``stage_timed`` events of a stage that was not recorded)."""
+        seconds: dict[str, float] = {}
+        for e in self.events():
+            if e["event"] in ("stage_done", "stage_timed", "stage_stopped") and e.get("round") == k:
+                seconds[e["stage"]] = seconds.get(e["stage"], 0.0) + e.get("seconds", 0.0)
+        return seconds
 
     def critic_calls(self, row_calls: Callable[[dict[str, Any]], int] | None = None) -> int:
         """Critic calls paid for so far, over every session of the run (budgets survive a resume): those

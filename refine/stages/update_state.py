@@ -104,7 +104,7 @@ class UpdateSaves:
         """Write ``run``'s progress atomically (the old file or the whole new one, never a part). A failed
         write (a full disk, a folder that cannot be written) is a warning, not a stop: the update goes on,
         and only this insurance is lost. ``announce``: say so (a stop's save)."""
-        from refine.infra.runlog import new_file_mode
+        from refine.infra.atomic import new_file_mode
 
         self.last = time.monotonic()
         if self.path is None or not self.writer:
