@@ -53,10 +53,11 @@ def cell_labels(scenes: Sequence[shapes.Scene]) -> list[list[str]]:
 def fit_probe(features: torch.Tensor, labels: Sequence[str], classes: Sequence[str], seed: int = 0):
     """A linear classifier of ``features`` ``[M, C]`` into ``classes`` (standardised inputs, full-batch
     Adam); returns ``predict(features) -> list[str]``."""
-    torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     target = torch.tensor([classes.index(label) for label in labels])
-    linear = torch.nn.Linear(features.shape[1], len(classes))
+    with torch.random.fork_rng():  # seeded, without touching the caller's random state
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(features.shape[1], len(classes))
     optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2)
     for _ in range(PROBE_STEPS):
         optimizer.zero_grad()
