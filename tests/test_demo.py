@@ -91,6 +91,11 @@ def test_the_probe_reads_each_substituted_object_from_the_encoder(biased_student
     assert result["probe_errors"] <= 0.1 * result["cells"], result["probe_errors"]
     assert result["probe_reads_the_truth"] >= 0.85 * len(captions) and result["probe_reads_the_caption"] <= 0.1 * len(captions)
     assert main([str(tmp_path)]) == 2  # not a run: one line, exit 2
+    (tmp_path / "run" / "rounds" / "000").mkdir(parents=True)  # a run stopped before its student was saved
+    (tmp_path / "run" / "rounds" / "000" / "eval.jsonl").write_text("")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"loop": {"eval_images": "shapes-val:8", "seed": 0},
+                                                              "student": {"model": str(biased_student)}}))
+    assert main([str(tmp_path / "run")]) == 2
 
 
 def test_the_headline_gives_the_table_in_one_line():

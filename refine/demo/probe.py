@@ -128,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     k = evaluated[0] if args.before else evaluated[-1]
     student_dir = config["student"]["model"] if args.before else run / "student" / "last"
+    if not Path(student_dir, "config.json").is_file():
+        print(f"error: {args.run}: its {'starting' if args.before else 'final'} student {student_dir} is not there "
+              f"({'rebuild the toy student with the demo' if args.before else 'finish the run first'})", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     model = load_student(student_dir, device="cpu", precision="fp32").model.eval()
     split, n, scene_seed = shapes.parse_spec(spec)
