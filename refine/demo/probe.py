@@ -74,33 +74,31 @@ def fit_probe(features: torch.Tensor, labels: Sequence[str], classes: Sequence[s
 def probe_substitutions(model, captions: dict[str, str], scenes: Sequence[shapes.Scene],
                         train_scenes: Sequence[shapes.Scene]) -> dict[str, Any]:
     """For each substitution in ``captions`` (image id -> caption) of ``scenes``, what a probe trained on
-    ``train_scenes`` reads at the true object's cells. Returns the probe's error rate on the occupied
-    cells of ``scenes``, and per substitution ``{image_id, said, true, probe}``."""
+    ``train_scenes`` reads at the true object's cells. Returns the occupied cells of ``scenes``, how many
+    the probe misreads, and per substitution ``{image_id, said, true, probe}`` with the two tallies."""
     from refine.objects import compare
 
-    classes = [EMPTY, *shapes.LABELS]
+    classes, cells = [EMPTY, *shapes.LABELS], shapes.GRID ** 2
     train_labels = [label for row in cell_labels(train_scenes) for label in row]
     predict = fit_probe(cell_tokens(model, train_scenes).flatten(0, 1), train_labels, classes)
-    read = predict(cell_tokens(model, scenes).flatten(0, 1))
-    cells = shapes.GRID ** 2
+    flat = predict(cell_tokens(model, scenes).flatten(0, 1))
+    read = [flat[i:i + cells] for i in range(0, len(flat), cells)]  # per scene, per cell
     truth = cell_labels(scenes)
-    occupied = [(i, c) for i in range(len(scenes)) for c in range(cells) if truth[i][c] != EMPTY]
+    occupied = [(r, t) for reads, truths in zip(read, truth) for r, t in zip(reads, truths) if t != EMPTY]
     vocab = shapes.vocabulary()
     found = []
-    for i, scene in enumerate(scenes):
-        if scene.id not in captions:
-            continue
-        for said, true in compare(captions[scene.id], scene.objects, vocab).substitutions:
-            probe = [read[i * cells + c] for c in range(cells) if truth[i][c] == true]
-            found.append({"image_id": scene.id, "said": said, "true": true, "probe": probe})
+    for scene, reads, truths in zip(scenes, read, truth):
+        if scene.id in captions:
+            for said, true in compare(captions[scene.id], scene.objects, vocab).substitutions:
+                probe = [r for r, t in zip(reads, truths) if t == true]
+                found.append({"image_id": scene.id, "said": said, "true": true, "probe": probe})
     return {
         "cells": len(occupied),
-        "probe_errors": sum(read[i * cells + c] != truth[i][c] for i, c in occupied),
+        "probe_errors": sum(r != t for r, t in occupied),
         "substitutions": found,
         "probe_reads_the_truth": sum(all(p == s["true"] for p in s["probe"]) for s in found),
         "probe_reads_the_caption": sum(s["said"] in s["probe"] for s in found),
     }
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     from refine.infra.atomic import read_jsonl

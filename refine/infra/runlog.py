@@ -34,6 +34,7 @@ from refine.infra.atomic import read_jsonl, write_json, write_jsonl
 
 STATE_FILE = "refine_state.json"
 SYNC_SECONDS = 2.0  # how often a streaming stage's appended rows are synced to disk
+STAGE_TIMES = ("stage_done", "stage_timed", "stage_stopped")  # the events that time a stage (stage_seconds)
 
 
 class StageDamaged(ValueError):
@@ -173,7 +174,7 @@ class RunLog:
         done = self._done(events)
         if done is not None:
             return "done, no pairs" if done.get("pairs") == 0 else "done"
-        last = next((e for e in reversed(events) if e["event"] not in ("stage_done", "stage_timed", "stage_stopped")), {})
+        last = next((e for e in reversed(events) if e["event"] not in STAGE_TIMES), {})
         stops = {"budget_stop": "budget stop", "failure_stop": "stopped: too many failed requests",
                  "interrupted": "interrupted", "crashed": "stopped by an error"}
         return f"{stops.get(last.get('event'), 'incomplete')} (resumable)"
@@ -378,7 +379,7 @@ class RunLog:
         also have ``stage_timed`` events of a stage that was not recorded)."""
         seconds: dict[str, float] = {}
         for e in self.events():
-            if e["event"] in ("stage_done", "stage_timed", "stage_stopped") and e.get("round") == k:
+            if e["event"] in STAGE_TIMES and e.get("round") == k:
                 seconds[e["stage"]] = seconds.get(e["stage"], 0.0) + e.get("seconds", 0.0)
         return seconds
 
