@@ -150,7 +150,7 @@ _NO_OPS = [
                                                                  "in another mode update.epochs counts them"),
     *[(key, lambda c: c.update.mode != "sft", _NO_DPO)
       for key in ("update.beta", "update.nll_weight", "update.loss", "update.label_smoothing",
-                  "update.image_negatives", "update.rejected_tokens")],
+                  "update.image_negatives")],
     ("loop.verify_by", lambda c: c.loop.verify_refinements, "it says how verification judges a refinement, and "
                                                             "there is none: add --loop.verify_refinements=true"),
     ("loop.min_agreement", lambda c: c.critic.samples > 1, "it is the share of critic.samples that must agree, and "

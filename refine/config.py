@@ -36,7 +36,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Backend = Literal["grounded", "openai", "florence2"]
 LossType = Literal["sigmoid", "robust"]
 UpdateMode = Literal["dpo", "sft", "sft+dpo"]
-RejectedTokens = Literal["all", "to_divergence"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 PAIR_SOURCES = ("refined", "ranked")
@@ -180,11 +179,6 @@ class UpdateConfig:
     # is conservative DPO (Mitchell 2023); "robust" is Chowdhury et al. 2024's unbiased estimator.
     loss: LossType = "sigmoid"
     label_smoothing: float = 0.0  # the assumed share of flipped pairs, ε
-    # Which of the rejected caption's tokens DPO pushes down: "all" (TRL's, the summed log-prob), or
-    # "to_divergence": those up to and including the first token where it leaves the chosen caption. A
-    # pair that drops an added object ("a red circle and a blue square" -> "a red circle") then teaches
-    # "stop after circle", not also "after 'and a blue', not square", which real blue squares pay for.
-    rejected_tokens: RejectedTokens = "all"
     # mDPO (Wang et al. 2024): also prefer the chosen caption with its image over the same caption with
     # a corrupted image (a crop keeping 0-20% of it), plus the anchor that keeps the chosen reward > 0.
     image_negatives: bool = False

@@ -166,9 +166,6 @@ def test_a_setting_the_rest_of_the_config_makes_a_no_op_is_refused(tmp_path):
                                                                  "update.mode=sft trains no DPO"),
         (["--update.mode=sft", "--update.beta=0.5"], "update.beta=0.5: it does nothing here"),
         (["--update.mode=sft", "--update.nll_weight=1"], "update.nll_weight=1.0: it does nothing here"),
-        (["--update.mode=sft", "--update.rejected_tokens=to_divergence"],
-         "update.rejected_tokens=to_divergence: it does nothing here"),
-        (["--update.rejected_tokens=first"], "update.rejected_tokens"),
         (["--update.lora_alpha=0", "--update.lora_r=4"], "update.lora_alpha=0: must be > 0"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -46,39 +46,6 @@ def test_nll_per_token():
     assert nll_per_token(torch.tensor([-6.0, -1.0]), torch.tensor([3, 4])).tolist() == pytest.approx([2.0, 0.25])
 
 
-def test_rejected_tokens_to_divergence_scores_the_rejected_caption_up_to_where_it_leaves_the_chosen(
-        tiny_student, drawn_images):
-    """update.rejected_tokens=to_divergence: a rejected caption counts its tokens up to and including the
-    first that differs from its chosen caption; what follows that token no longer changes its score."""
-    from refine.stages.dpo import reference_logps
-
-    images = {"x": drawn_images["red-circle"]}
-    pairs = [PreferencePair("x", "a red circle", "a red circle and a blue square", "refined"),
-             PreferencePair("x", "a red circle", "a red circle and two green triangles", "refined"),
-             PreferencePair("x", "a red circle and a blue square", "a red circle and a blue circle", "refined")]
-    full = reference_logps(tiny_student, pairs, images)
-    cut = reference_logps(tiny_student, pairs, images, rejected_tokens="to_divergence")
-    assert torch.equal(cut[0], full[0])  # chosen captions: every token, as before
-
-    # Each rejected caption's score, token by token, computed here from the logits.
-    rejected = [p.rejected for p in pairs]
-    tokens = tiny_student.tokenize(rejected)
-    with torch.no_grad():
-        logits = tiny_student.text_logits(tiny_student.model, tiny_student.pixel_values([images["x"]]), tokens,
-                                          torch.zeros(len(pairs), dtype=torch.long))
-    per_token = torch.log_softmax(logits.float(), -1).gather(-1, tokens.labels.unsqueeze(-1)).squeeze(-1)
-    # Pairs 0 and 1 leave "a red circle" where it ends: " and" against its end, the 4th target.
-    assert int(tiny_student.tokenize(["a red circle"]).mask.sum()) == 4
-    for i in (0, 1):
-        assert cut[1][i].item() == pytest.approx(per_token[i, :4].sum().item(), abs=1e-5)
-    assert cut[1][0].item() == pytest.approx(cut[1][1].item(), abs=1e-5)  # what follows " and" no longer counts
-    assert abs(full[1][0].item() - full[1][1].item()) > 1e-3  # ... as it did
-    # Pair 2 differs at its last noun: everything up to it counts, the end token after it does not.
-    last = int(tokens.mask[2].sum()) - 1
-    assert cut[1][2].item() == pytest.approx(per_token[2, :last].sum().item(), abs=1e-5)
-    assert cut[1][2].item() == pytest.approx(full[1][2].item() - per_token[2, last].item(), abs=1e-5)
-
-
 def _decoder_params(student):
     return {n: p.detach().clone() for n, p in student.model.decoder.named_parameters()}
 

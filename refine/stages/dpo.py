@@ -23,7 +23,7 @@ from refine.infra.interrupts import stop_between_steps, stop_requested
 from refine.stages.pairs import PreferencePair
 from refine.stages.update_state import UpdateSaves
 from refine.students import CaptionScorer, Student
-from refine.students.base import TokenizedCaptions, vision_encoder
+from refine.students.base import vision_encoder
 
 
 def dpo_loss(
@@ -116,27 +116,12 @@ def _batches(n: int, batch_size: int, rng: random.Random | None) -> list[list[in
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def mask_after_divergence(captions: TokenizedCaptions, n: int) -> None:
-    """Score each rejected caption (rows ``n..2n-1``) only up to and including its first token that differs
-    from its chosen caption (row ``i - n``): its later tokens leave the mask, in place. The shared prefix
-    cancels in DPO's log-ratios, so what the rejected side then pushes down is the one decision where it
-    left the chosen caption, not the continuation that followed from it."""
-    labels, mask = captions.labels, captions.mask
-    for i in range(n):
-        j = n + i
-        differs = ((labels[i] != labels[j]) & (mask[i] > 0) | (mask[i] != mask[j])).nonzero()
-        if len(differs):
-            mask[j, int(differs[0]) + 1 :] = 0
-
-
 class _PairBatch:
     """Pairs of one minibatch as tensors: each distinct image once, chosen then rejected captions, and
-    with ``corrupted`` images (one per pair, mDPO) the chosen captions again on those images.
-    ``rejected_tokens="to_divergence"`` scores the rejected captions as :func:`mask_after_divergence` says."""
+    with ``corrupted`` images (one per pair, mDPO) the chosen captions again on those images."""
 
     def __init__(self, student: Student, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image],
-                 corrupted: Sequence[Image.Image] | None = None, chosen_only: bool = False,
-                 rejected_tokens: str = "all"):
+                 corrupted: Sequence[Image.Image] | None = None, chosen_only: bool = False):
         ids = list(dict.fromkeys(p.image_id for p in pairs))
         row = {image_id: i for i, image_id in enumerate(ids)}
         self.n = len(pairs)
@@ -151,8 +136,6 @@ class _PairBatch:
             self.pixel_values = student.pixel_values([images[i] for i in ids])
             self.image_index = torch.tensor(index if chosen_only else index + index, device=student.device)
         self.captions = student.tokenize(captions)
-        if rejected_tokens == "to_divergence" and not chosen_only:
-            mask_after_divergence(self.captions, self.n)
         self.weights = torch.tensor([p.weight for p in pairs], device=student.device)
 
     def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -172,7 +155,6 @@ def reference_logps(
     rank: int = 0,
     world: int = 1,
     model: torch.nn.Module | None = None,
-    rejected_tokens: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(chosen, rejected, chosen on corrupted)`` log-probs under the frozen reference, ``[N]`` each
     (the last None without ``corrupted``, which gives pair ``i``'s corrupted image), computed once per
@@ -189,8 +171,7 @@ def reference_logps(
             raise KeyboardInterrupt
         idx = mine[start : start + batch_size]
         batch = _PairBatch(reference, [pairs[i] for i in idx], images,
-                           [corrupted(i) for i in idx] if corrupted is not None else None,
-                           rejected_tokens=rejected_tokens)
+                           [corrupted(i) for i in idx] if corrupted is not None else None)
         with autocast(reference.device, precision):
             logps = reference.sequence_logps(model, batch.pixel_values, batch.captions, batch.image_index).float()
         for row, part in enumerate(batch.split(logps)):
@@ -434,7 +415,7 @@ class _Training:
                 with adapters_disabled(self.model, adapters_off):
                     self.reference = reference_logps(
                         self.policy, self.pairs, self.images, config.batch_size, self.policy.precision, negatives,
-                        self.rank, self.world, model=self.model, rejected_tokens=config.rejected_tokens)
+                        self.rank, self.world, model=self.model)
             except KeyboardInterrupt:  # a stop in the reference pass: the SFT steps before it are kept
                 if self.history:
                     self.saves.save(self, announce=True)
@@ -447,8 +428,7 @@ class _Training:
     def _dpo_step(self, idx: list[int], negatives, share: float, size: int) -> dict[str, float]:
         config, (ref_chosen, ref_rejected, ref_corrupted) = self.config, self.reference
         batch = _PairBatch(self.policy, [self.pairs[i] for i in idx], self.images,
-                           [negatives(i) for i in idx] if negatives is not None else None,
-                           rejected_tokens=config.rejected_tokens)
+                           [negatives(i) for i in idx] if negatives is not None else None)
         with autocast(self.policy.device, self.policy.precision):
             logps = self.scorer(batch.pixel_values, batch.captions, batch.image_index).float()
         policy_chosen, policy_rejected, policy_corrupted = batch.split(logps)
