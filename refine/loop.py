@@ -128,9 +128,8 @@ class Parts:
 
     def regions_for(self, record):
         """The regions stage for one image (detections cached on disk), or None without a detector."""
-        if self.detector is None:
-            return None
-        return find([record], self.detector, self.config.regions, self.region_cache)[0]
+        return None if self.detector is None else find([record], self.detector, self.config.regions,
+                                                        self.region_cache)[0]
 
     def keep_best(self, log: RunLog, k: int, student, critiques: list, evaluation: list) -> None:
         """Offer the student entering round ``k`` (or the final one) as ``student/best``: ranked by held-out
@@ -205,7 +204,8 @@ def _run_rounds(log: RunLog, config: Config, parts: Parts) -> None:
                       f"total: {escape(resume)} --max-critic-calls N", soft_wrap=True)
     except KeyboardInterrupt:
         log.event("interrupted", completed_rounds=log.completed_rounds(), critic_calls=parts.spend.settle_stop())
-        raise RunStopped(f"Interrupted. Finished work is recorded. Continue with: {resume}", 130, resume) from None
+        said = f"Interrupted. Finished work is recorded. Continue with: {resume}" if parts.ranks.main else ""
+        raise RunStopped(said, 130, resume) from None  # Ctrl-C reaches every process: one says it
     except TooManyFailures as stop:
         log.event("failure_stop", stage=stop.stage, failures=stop.failures, total=stop.total,
                   first_error=stop.first_error, critic_calls=parts.spend.settle_stop())

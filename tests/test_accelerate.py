@@ -121,3 +121,29 @@ def test_a_deepspeed_or_fsdp_launch_is_refused_before_the_run(var, tiny_student_
     err = capsys.readouterr().err
     assert code == 2 and f"{var}=true: accelerate is set up for" in err and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_on_two_processes_says_how_to_continue_once(tiny_student_dir, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the launch: the run stops recorded, and one line (the
+    main process's) says how to continue; every rank printed it."""
+    import signal
+    import time
+
+    from refine.infra.runlog import RunLog
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:0", "-m", "refine.loop", "--images", "shapes:40", "--rounds", "3",
+           f"--student.model={tiny_student_dir}", f"--loop.runs_dir={runs}", "--loop.run_id=c",
+           "--student.batch_size=2", "--student.max_new_tokens=8", "--student.device=cpu"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((runs / "c" / "rounds").glob("000/captions*")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before captioning"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert out.count("Interrupted") == 1, out[-3000:]  # (torchrun itself prints its SignalException's traceback)
+    assert "Continue with: python -m refine.loop --resume" in out, out[-3000:]
+    assert RunLog(runs / "c", writer=False).events()[-1]["event"] == "interrupted"
