@@ -155,6 +155,8 @@ _NO_OPS = [
                                                             "there is none: add --loop.verify_refinements=true"),
     ("loop.min_agreement", lambda c: c.critic.samples > 1, "it is the share of critic.samples that must agree, and "
                                                            "critic.samples=1 asks one critique"),
+    ("loop.agree_by", lambda c: c.critic.samples > 1, "it says what critic.samples' critiques vote on, and "
+                                                      "critic.samples=1 asks one critique"),
     ("critic.temperature", lambda c: c.critic.backend == "openai", "only the openai critic samples"),
     *[(key, lambda c: c.student.n_samples > 0, "it shapes the sampled captions, and student.n_samples=0 draws none")
       for key in ("student.temperature", "student.top_p")],

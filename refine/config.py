@@ -123,8 +123,9 @@ class CriticConfig:
     template: str = "critique"  # the prompt template in prompts/ (prompts/critique.txt)
     # Agreement (a defence against a wrong critic): critiques per caption. With more than one, a
     # refinement becomes a training pair only if more than loop.min_agreement of them agree on it (name
-    # the same objects with the same counts, in any wording). For the OpenAI critic each sample is its
-    # own request (use temperature > 0); for the grounded critic each sample draws its own noise.
+    # the same objects with the same counts, in any wording; loop.agree_by=object: on each object's count).
+    # For the OpenAI critic each sample is its own request (use temperature > 0); for the grounded critic
+    # each sample draws its own noise.
     samples: int = 1
     # The grounded critic's error rate per object and critique (a test harness for defences): it misses
     # hallucinations, flags present objects, miscounts, drops or swaps objects. 0 = perfect.
@@ -246,6 +247,10 @@ class LoopConfig:
     # sometimes wrong"). A rewrite that changes no object is judged by score.
     verify_by: str = "score"
     min_agreement: float = 0.5  # with critic.samples > 1: a refinement needs more than this share of votes
+    # What the critiques vote on: caption (a whole refinement needs the share: few pairs in dense scenes,
+    # where critiques that err rarely name all the same objects) or object (each object's count needs it,
+    # and the original is rewritten to the counts decided; an object without a majority stays as it was).
+    agree_by: str = "caption"
     pair_gate: bool = False  # reject refinements that name no object or have under a third of the original's words
 
     def validate(self) -> None:
@@ -257,6 +262,7 @@ class LoopConfig:
                  "must be >= 0 (0 = unlimited)")
         _require(self.verify_by in ("score", "edits", "repair"), "loop.verify_by", self.verify_by,
                  "must be score, edits or repair")
+        _require(self.agree_by in ("caption", "object"), "loop.agree_by", self.agree_by, "must be caption or object")
         _require(0 <= self.min_agreement < 1, "loop.min_agreement", self.min_agreement,
                  "must be in [0, 1): a refinement needs more than this share of the critiques to agree")
         _require(0 <= self.max_failure_share <= 1, "loop.max_failure_share", self.max_failure_share,

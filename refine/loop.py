@@ -441,7 +441,7 @@ def _load_parts(config: Config, log: RunLog | None, ranks: Ranks | None = None) 
     critic = step = detector = None
     if ranks.main:
         critic = make_critic(config.critic, vocabulary=images.vocabulary(), max_words=config.step.max_words)
-        step = make_step(config.critic, config.step, images.vocabulary(), loop.pair_gate, loop.min_agreement)
+        step = make_step(config.critic, config.step, loop, images.vocabulary())
         if loop.use_regions and not images.detectable:
             console.print(f"regions: skipped — no detector exists for the image set {escape(loop.images)}")
         detector = load_detector(config.regions.model) if detects else None

@@ -66,6 +66,7 @@ DEFENCES = {
     "verify_edits": ["--loop.verify_refinements=true", "--loop.verify_by=edits"],
     "repair": ["--loop.verify_refinements=true", "--loop.verify_by=repair"],
     "agree": ["--critic.samples=3"],
+    "agree_objects": ["--critic.samples=3", "--loop.agree_by=object"],
     "cdpo": ["--update.label_smoothing=0.2"],
     "robust": ["--update.loss=robust", "--update.label_smoothing=0.2"],
     "mdpo": ["--update.image_negatives=true"],

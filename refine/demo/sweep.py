@@ -51,12 +51,12 @@ NOISE = 0.25
 # The defences tuned, each alone: the pair filters (verify: by score, verify_edits: by edits, repair:
 # the contradicted edits undone, gate, agree), the losses that tolerate flipped labels (cdpo, robust)
 # and mDPO's image-side negatives.
-TUNED = ("verify", "verify_edits", "repair", "gate", "cdpo", "agree", "robust", "mdpo")
+TUNED = ("verify", "verify_edits", "repair", "gate", "cdpo", "agree", "robust", "mdpo", "agree_objects")
 # Combinations tried besides each defence alone: each verification with the gate, verify (the best
 # filter alone) with each loss that cut CHAIR_s most alone (cdpo, mdpo), whose recall it might protect,
-# and the other two verifications with mdpo.
+# the other two verifications with mdpo, and per-object agreement with the chosen two.
 COMBINATIONS = [("verify", "gate"), ("verify_edits", "gate"), ("repair", "gate"), ("verify", "cdpo"),
-                ("verify", "mdpo"), ("verify_edits", "mdpo"), ("repair", "mdpo")]
+                ("verify", "mdpo"), ("verify_edits", "mdpo"), ("repair", "mdpo"), ("agree_objects", "verify", "mdpo")]
 
 
 @dataclass(frozen=True)

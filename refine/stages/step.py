@@ -198,11 +198,16 @@ class TextualStep:
     vocabulary: Any = None
     gate: bool = False  # reject refinements that name no object of the vocabulary or are far shorter
     min_agreement: float = 0.5  # with several critiques per caption: the share of votes a refinement needs
+    # What the critiques vote on: "caption" (a whole refinement needs the share) or "object" (each object's
+    # count does, and the original is rewritten to the decided ones; :func:`vote_objects`).
+    agree_by: str = "caption"
     revise_approved: bool = False  # also rewrite captions the critic approves (``Critique.approves``)
 
     def __post_init__(self):
         if self.gate and self.vocabulary is None:
             raise ValueError("TextualStep(gate=True) needs the vocabulary whose objects a refinement must name")
+        if self.agree_by == "object" and self.vocabulary is None:
+            raise ValueError("TextualStep(agree_by='object') needs the vocabulary whose objects the critiques vote on")
         if self.constraints is None:
             self.constraints = default_constraints(self.max_words)  # a broken step.txt fails here, at setup
 
@@ -354,6 +359,15 @@ class TextualStep:
             r = results[0]
             out = Refinement(image_id, original, r.caption, r.source, r.rejected, r.meta.get("reason"), r.error,
                              usage=spent)
+        elif self.agree_by == "object":
+            usable = [r for r in results if not (r.error or r.rejected)]
+            refined, votes = vote_objects(original, [r.caption for r in usable], len(results), self.min_agreement,
+                                          self.vocabulary)
+            first = usable[0] if usable else results[0]
+            out = Refinement(image_id, original, refined or original, first.source, votes=votes, of=len(results),
+                             usage=spent)
+            if not refined:
+                out.rejected, out.reason = "no_object", "the objects the critiques agree on leave nothing to say"
         else:
             usable = [(self._content(r.caption), r.caption) for r in results if not (r.error or r.rejected)]
             contents = Counter(content for content, _ in usable)
@@ -377,6 +391,32 @@ class TextualStep:
         from refine.objects import mentions
 
         return frozenset(mentions(caption, self.vocabulary).items())
+
+
+def vote_objects(original: str, refinements: Sequence[str], critiques: int, min_share: float,
+                 vocabulary) -> tuple[str, int]:
+    """Per-object agreement: each object's count (0: absent) is what more than ``min_share`` of the
+    ``critiques`` give it in their ``refinements``; an object without such a majority keeps the
+    original's count. Returns the original rewritten to those counts (``refine.objects.rewrite``; "" when
+    nothing is left) and the votes behind its weakest change (``critiques`` when it changes nothing).
+
+    Three critiques that each err on a quarter of the objects rarely name the same objects in a dense
+    scene, so whole-refinement agreement keeps few pairs; two of them rarely make the same error on the
+    same object, so per-object agreement keeps most pairs and drops most single critiques' errors."""
+    from refine.objects import mentions, rewrite
+
+    said = mentions(original, vocabulary)
+    named = [mentions(text, vocabulary) for text in refinements]
+    truth, weakest = {}, critiques
+    for label in dict.fromkeys([*said, *(label for m in named for label in m)]):
+        count, votes = Counter(m.get(label, 0) for m in named).most_common(1)[0] if named else (0, 0)
+        decided = votes / critiques > min_share
+        if decided and count != said.get(label, 0):
+            weakest = min(weakest, votes)
+        value = count if decided else said.get(label, 0)
+        if value != 0:
+            truth[label] = value
+    return (original if truth == said else rewrite(original, truth, vocabulary)), weakest
 
 
 def gate_rejection(original: str, refined: str, vocabulary) -> tuple[str, str] | None:
@@ -404,10 +444,10 @@ def _record_calls(result: StepResult, calls: list[tuple[str, ChatResult]]) -> No
         result.meta["raw"] = last.content
 
 
-def make_step(critic_cfg, step_cfg, vocabulary=None, gate: bool = False, min_agreement: float = 0.5) -> TextualStep:
+def make_step(critic_cfg, step_cfg, loop_cfg, vocabulary=None) -> TextualStep:
     """The run's textual step: with the OpenAI-compatible critic, textgrad through its endpoint; with a
     local critic (grounded, Florence-2), its revisions alone. ``vocabulary``: the image set's, which
-    agreement compares refinements by and the pair gate (``gate``) checks them against."""
+    agreement compares refinements by and the pair gate (``loop.pair_gate``) checks them against."""
     from refine.config import DEFAULT_OPENAI_MODEL
     from refine.infra.llm import ChatEngine
 
@@ -416,5 +456,6 @@ def make_step(critic_cfg, step_cfg, vocabulary=None, gate: bool = False, min_agr
         engine = ChatEngine(critic_cfg.model or DEFAULT_OPENAI_MODEL, critic_cfg.base_url, critic_cfg.api_key_env,
                             timeout=critic_cfg.timeout, max_retries=critic_cfg.max_retries)
     return TextualStep(engine, step_cfg.max_words, critic_cfg.max_concurrency, revisions_only=engine is None,
-                       vocabulary=vocabulary, gate=gate, min_agreement=min_agreement,
+                       vocabulary=vocabulary, gate=loop_cfg.pair_gate, min_agreement=loop_cfg.min_agreement,
+                       agree_by=loop_cfg.agree_by,
                        revise_approved=step_cfg.revise_approved)
