@@ -100,6 +100,7 @@ def probe_substitutions(model, captions: dict[str, str], scenes: Sequence[shapes
         "probe_reads_the_caption": sum(s["said"] in s["probe"] for s in found),
     }
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     from refine.infra.atomic import read_jsonl
     from refine.offline import set_offline_env
