@@ -39,8 +39,8 @@ console = Console()
 # after one round, against 0.979 with 3 epochs), so 3 epochs. Rounds (issue 12, chosen on validation
 # scenes of seeds 2 and 3, the two worst): 5 rounds cut CHAIR_s by 56% and 55% against 45% and 52%
 # with 3, at the same recall; 5 epochs, lr 2e-4, 4 samples, mDPO's terms, ranked pairs, fresh scenes
-# each round and a longer-pretrained student did not do better on both (README, "How the settings
-# were chosen"). A round takes ~70 s here since sampling and the update got faster.
+# each round and a longer-pretrained student did not do better on both (docs/results.md, "How the
+# settings were chosen"). A round takes ~70 s here since sampling and the update got faster.
 ROUNDS = 5
 DEMO_OVERRIDES = [
     "--critic.backend=grounded", "--student.n_samples=2", "--student.temperature=1.0", "--student.max_new_tokens=32",
