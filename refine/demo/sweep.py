@@ -17,8 +17,8 @@ Plans:
   filters and their combination first);
 - ``readme``: the README's main table on the held-out scenes: seeds 0-5, perfect critic, plain DPO; then
   the chosen defences ``BEST`` with the perfect critic;
-- ``noise``: the README's noisy-critic table on the held-out scenes: seeds 0-5 x {plain DPO, the chosen
-  defences ``BEST``}.
+- ``noise``: the noisy-critic table on the held-out scenes (docs/results.md; the README gives its summary
+  and the grid): seeds 0-5 x {plain DPO, the chosen defences ``BEST``}.
 
 Every held-out cell runs with its swapped-pair control.
 
