@@ -94,6 +94,28 @@ def test_logps_equal_the_models_own_labels_loss(student_dirs, arch):
     assert torch.allclose(again, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_image_side_runs_once_per_distinct_image_when_scoring(student_dirs, arch):
+    """A DPO pair's two captions share one image: scoring them encodes it once, and each caption still
+    reads its own image (an index that is neither one caption per image nor the images tiled)."""
+    from refine.students.base import vision_encoder
+
+    student = load(student_dirs, arch)
+    captions = ["a red circle", "two blue dogs", "a cat", "a bus on a road", "a red circle"]
+    index = [2, 0, 0, 1, 2]
+    rows = []
+    hook = vision_encoder(student.model).register_forward_hook(lambda _m, _i, out: rows.append(len(out[0])))
+    try:
+        with torch.no_grad():
+            together = student.logps(images(), captions, image_index=index)
+    finally:
+        hook.remove()
+    assert rows == [len(images())]
+    with torch.no_grad():
+        alone = torch.stack([student.logps([images()[i]], [c])[0] for i, c in zip(index, captions)])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
 PAIRS = [PreferencePair(f"im{i}", chosen, rejected, "refined") for i, (chosen, rejected) in
          enumerate([("a red circle", "a red circle and a dog"), ("a blue square", "two cats on a bus"),
                     ("a picture of a ball", "a man and a woman")])]

@@ -334,6 +334,19 @@ class Student:
                       os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
 
 
+@contextlib.contextmanager
+def image_rows_per_caption(module: nn.Module, image_index: torch.Tensor):
+    """While active, ``module``'s output, one row per distinct image, is handed on as one row per caption
+    (``image_index[b]`` is caption ``b``'s image). For models whose forward takes pixels and not image
+    features (GIT, BLIP-2): given the distinct images, the image side runs once per image, not once per
+    caption, and gradients sum back per image as ``index_select``'s do."""
+    handle = module.register_forward_hook(lambda _module, _inputs, out: out.index_select(0, image_index))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def vision_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
     """The image side of a student's model: ViT/CLIP in a vision encoder-decoder, BLIP's and BLIP-2's
     vision model, GIT's image encoder (None when it has none of these)."""

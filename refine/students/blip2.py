@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from refine.students.base import SpecialTokens, Student
+from refine.students.base import SpecialTokens, Student, image_rows_per_caption
 
 
 class Blip2Student(Student):
@@ -35,9 +35,10 @@ class Blip2Student(Student):
     def text_logits(self, model, pixel_values, captions, image_index):
         ids = captions.decoder_input_ids
         prefix = self._image_tokens(ids.shape[0])
-        logits = model(input_ids=torch.cat([prefix, ids], 1),
-                       attention_mask=torch.cat([torch.ones_like(prefix), captions.mask], 1),
-                       pixel_values=pixel_values.index_select(0, image_index)).logits
+        with image_rows_per_caption(model.language_projection, image_index):  # the Q-Former's tokens, per caption
+            logits = model(input_ids=torch.cat([prefix, ids], 1),
+                           attention_mask=torch.cat([torch.ones_like(prefix), captions.mask], 1),
+                           pixel_values=pixel_values).logits
         return logits[:, -ids.shape[1]:, :]
 
     def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """GIT students (``GitForCausalLM``, e.g. ``microsoft/git-base``): decoder-only. The image encoder's tokens
-come first in the sequence, then ``[CLS]`` and the caption, ended by ``[SEP]``. The image is encoded
-once per caption when scoring (GIT's forward takes pixels, not image features)."""
+come first in the sequence, then ``[CLS]`` and the caption, ended by ``[SEP]``. When scoring, the image
+encoder runs once per distinct image, as in the other students."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from refine.students.base import SpecialTokens, Student
+from refine.students.base import SpecialTokens, Student, image_rows_per_caption
 
 
 class GitStudent(Student):
@@ -22,8 +22,10 @@ class GitStudent(Student):
         return self.model.config.max_position_embeddings
 
     def text_logits(self, model, pixel_values, captions, image_index):
-        logits = model(input_ids=captions.decoder_input_ids, attention_mask=captions.mask,
-                       pixel_values=pixel_values.index_select(0, image_index)).logits
+        # GIT's forward takes pixels, and tiles the image tokens to the captions' batch (by 1, given these)
+        with image_rows_per_caption(model.git.visual_projection, image_index):
+            logits = model(input_ids=captions.decoder_input_ids, attention_mask=captions.mask,
+                           pixel_values=pixel_values).logits
         return logits[:, -captions.decoder_input_ids.shape[1]:, :]  # the text positions, after the image's
 
 
