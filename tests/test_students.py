@@ -116,6 +116,26 @@ def test_the_image_side_runs_once_per_distinct_image_when_scoring(student_dirs, 
     assert torch.allclose(together, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_runs_the_image_side_once_per_image(student_dirs, arch):
+    """n samples of an image read one pass of its image side, and each image's samples are still its
+    own: the same as when it is captioned alone with its seed."""
+    from refine.students.base import vision_encoder
+
+    student = load(student_dirs, arch)
+    kwargs = dict(n=3, sample=True, temperature=2.0, min_new_tokens=3, max_new_tokens=5)
+    rows = []
+    hook = vision_encoder(student.model).register_forward_hook(lambda _m, _i, out: rows.append(len(out[0])))
+    try:
+        together = student.caption(images(), seeds=[1, 2, 3], **kwargs)
+    finally:
+        hook.remove()
+    assert rows == [len(images())]
+    assert [len(c) for c in together] == [3, 3, 3]
+    for i, image in enumerate(images()):
+        assert student.caption([image], seeds=[i + 1], **kwargs)[0] == together[i]
+
+
 PAIRS = [PreferencePair(f"im{i}", chosen, rejected, "refined") for i, (chosen, rejected) in
          enumerate([("a red circle", "a red circle and a dog"), ("a blue square", "two cats on a bus"),
                     ("a picture of a ball", "a man and a woman")])]

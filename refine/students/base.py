@@ -183,8 +183,9 @@ class Student:
 
     def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:
         """Token ids of ``n`` captions per image (``n`` consecutive rows per image); only new tokens
-        matter (special ones are dropped when decoding). This default (BLIP, GIT) repeats each image
-        ``n`` times to sample; beam search returns ``n`` sequences itself."""
+        matter (special ones are dropped when decoding). Beam search returns ``n`` sequences itself; to
+        sample, this default repeats each image ``n`` times, so its image side runs ``n`` times (each
+        built-in student overrides it to run once per image)."""
         if sample:
             pixels = pixels.repeat_interleave(n, dim=0)
         return self.model.generate(pixel_values=pixels, **kwargs)
@@ -332,6 +333,11 @@ class Student:
             config.save_pretrained(os.path.join(out_dir, "adapter"))
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                       os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def sample_rows(images: int, n: int, device: torch.device) -> torch.Tensor:
+    """``[images * n]``: the image of each of ``n`` consecutive samples per image."""
+    return torch.arange(images, device=device).repeat_interleave(n)
 
 
 @contextlib.contextmanager

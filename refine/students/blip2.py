@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from refine.students.base import SpecialTokens, Student, image_rows_per_caption
+from refine.students.base import SpecialTokens, Student, image_rows_per_caption, sample_rows
 
 
 class Blip2Student(Student):
@@ -42,11 +42,11 @@ class Blip2Student(Student):
         return logits[:, -ids.shape[1]:, :]
 
     def generate_ids(self, pixels: torch.Tensor, n: int, sample: bool, kwargs: dict[str, Any]) -> torch.Tensor:
-        if sample:
-            pixels = pixels.repeat_interleave(n, dim=0)
-        start = torch.full((pixels.shape[0], 1), self.special_tokens().start, dtype=torch.long, device=self.device)
-        ids = torch.cat([self._image_tokens(pixels.shape[0]), start], 1)
-        out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        rows = sample_rows(len(pixels), n if sample else 1, self.device)  # the image side once per image
+        start = torch.full((len(rows), 1), self.special_tokens().start, dtype=torch.long, device=self.device)
+        ids = torch.cat([self._image_tokens(len(rows)), start], 1)
+        with image_rows_per_caption(self.model.language_projection, rows):
+            out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         return out[:, ids.shape[1]:] if out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids) else out
 
 
