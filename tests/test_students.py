@@ -8,6 +8,7 @@ the adapted model did. SFT and SFT+DPO train."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from refine.config import UpdateConfig
 from refine.stages.dpo import update
 from refine.stages.pairs import PreferencePair
 from refine.students import load_student
+from refine.students.base import vision_encoder
 
 ARCHS = ["vit-gpt2", "clip-gpt2", "vit-bert", "blip", "git", "blip-2"]
 
@@ -94,22 +96,26 @@ def test_logps_equal_the_models_own_labels_loss(student_dirs, arch):
     assert torch.allclose(again, alone, atol=1e-4)
 
 
+@contextlib.contextmanager
+def image_side_rows(student):
+    """The batch size of each pass of the student's image side (``vision_encoder``) while active."""
+    rows: list[int] = []
+    hook = vision_encoder(student.model).register_forward_hook(lambda _m, _i, out: rows.append(len(out[0])))
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_image_side_runs_once_per_distinct_image_when_scoring(student_dirs, arch):
     """A DPO pair's two captions share one image: scoring them encodes it once, and each caption still
     reads its own image (an index that is neither one caption per image nor the images tiled)."""
-    from refine.students.base import vision_encoder
-
     student = load(student_dirs, arch)
     captions = ["a red circle", "two blue dogs", "a cat", "a bus on a road", "a red circle"]
     index = [2, 0, 0, 1, 2]
-    rows = []
-    hook = vision_encoder(student.model).register_forward_hook(lambda _m, _i, out: rows.append(len(out[0])))
-    try:
-        with torch.no_grad():
-            together = student.logps(images(), captions, image_index=index)
-    finally:
-        hook.remove()
+    with image_side_rows(student) as rows, torch.no_grad():
+        together = student.logps(images(), captions, image_index=index)
     assert rows == [len(images())]
     with torch.no_grad():
         alone = torch.stack([student.logps([images()[i]], [c])[0] for i, c in zip(index, captions)])
@@ -120,16 +126,10 @@ def test_the_image_side_runs_once_per_distinct_image_when_scoring(student_dirs, 
 def test_sampling_runs_the_image_side_once_per_image(student_dirs, arch):
     """n samples of an image read one pass of its image side, and each image's samples are still its
     own: the same as when it is captioned alone with its seed."""
-    from refine.students.base import vision_encoder
-
     student = load(student_dirs, arch)
     kwargs = dict(n=3, sample=True, temperature=2.0, min_new_tokens=3, max_new_tokens=5)
-    rows = []
-    hook = vision_encoder(student.model).register_forward_hook(lambda _m, _i, out: rows.append(len(out[0])))
-    try:
+    with image_side_rows(student) as rows:
         together = student.caption(images(), seeds=[1, 2, 3], **kwargs)
-    finally:
-        hook.remove()
     assert rows == [len(images())]
     assert [len(c) for c in together] == [3, 3, 3]
     for i, image in enumerate(images()):
